@@ -1,0 +1,54 @@
+//! Typed errors. Every message names the file/key and what was expected versus found.
+
+use std::path::Path;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BeaconError {
+    #[error("{path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: cannot parse: {message}")]
+    Parse { path: String, message: String },
+    #[error("{source_name}: `{key}`: expected {expected}, found {found}")]
+    Config {
+        source_name: String,
+        key: String,
+        expected: String,
+        found: String,
+    },
+    #[error("{file}: tensor `{name}` is missing")]
+    MissingTensor { file: String, name: String },
+    #[error("{file}: tensor `{name}`: expected shape {expected:?}, found {found:?}")]
+    Shape {
+        file: String,
+        name: String,
+        expected: Vec<usize>,
+        found: Vec<usize>,
+    },
+    #[error("{0}")]
+    Invalid(String),
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+pub type Result<T, E = BeaconError> = std::result::Result<T, E>;
+
+impl BeaconError {
+    pub fn io(path: &Path, source: std::io::Error) -> Self {
+        BeaconError::Io { path: path.display().to_string(), source }
+    }
+    pub fn config(source: &str, key: &str, expected: &str, found: &str) -> Self {
+        BeaconError::Config {
+            source_name: source.to_string(),
+            key: key.to_string(),
+            expected: expected.to_string(),
+            found: found.to_string(),
+        }
+    }
+    pub fn invalid(msg: impl Into<String>) -> Self {
+        BeaconError::Invalid(msg.into())
+    }
+}

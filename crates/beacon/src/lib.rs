@@ -1,0 +1,23 @@
+//! beacon — Activation Beacon for long-context inference on candle.
+//!
+//! Data flow: [`tokenizer`] → ids → [`engine::Session`] splits them into windows, asking
+//! [`schedule`] for each window's compression ratio → beacons interleaved, positions assigned →
+//! [`model::Model::forward`] over `[sink | memory | window]` → the session keeps the window's beacon
+//! K/V and drops its raw K/V → logits of the last raw row → [`generate`] samples → the token is fed
+//! back through the same session.
+
+pub mod config;
+pub mod engine;
+pub mod error;
+
+pub mod loader;
+pub mod model;
+pub mod schedule;
+#[path = "tokenizer_stub.rs"]
+pub mod tokenizer;
+pub mod util;
+
+pub use config::{BeaconConfig, ModelConfig};
+pub use engine::{Mode, Session, Want};
+pub use error::{BeaconError, Result};
+pub use loader::{load, LoadOptions, Loaded};

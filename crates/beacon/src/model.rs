@@ -1,0 +1,468 @@
+//! The decoder backbone (Llama / Qwen2 / Mistral) with Activation Beacon's extra projections.
+//!
+//! One immutable [`Model`] serves any number of conversations: the K/V a chunk attends to lives
+//! outside it, behind [`AttentionContext`], so the inference engine can keep preallocated rotated
+//! caches while the trainer keeps everything in the autograd graph.
+//!
+//! A chunk is a run of entries (raw tokens and beacon tokens) fed in one forward. Beacon rows take
+//! `beacon_embed_tokens` and the `beacon_{q,k,v,o}_proj` weights (SPEC §1.2); everything else
+//! (norms, MLP, lm_head, RoPE) is shared with the backbone.
+
+use crate::config::ModelConfig;
+use crate::error::Result;
+use candle_core::quantized::{QMatMul, QTensor};
+use candle_core::{DType, Device, Module, Tensor, D};
+use std::sync::Arc;
+
+/// A projection `y = x Wᵀ (+ b)`. Quantized weights (from GGUF) stay quantized; a dense copy may be
+/// kept beside them because dense GEMM wins for prefill-sized chunks while the quantized vec-dot wins
+/// for single-row decode (PERF-NOTES).
+#[derive(Clone)]
+pub enum Weight {
+    /// `[out, in]` in the compute dtype.
+    Dense(Tensor),
+    Quantized {
+        q: Arc<QMatMul>,
+        qtensor: Arc<QTensor>,
+        /// Dequantized `[out, in]`, used for chunks of at least [`DENSE_MIN_ROWS`] rows.
+        dense: Option<Tensor>,
+    },
+    /// Low-rank beacon projection: `base + a·b` (a `[out, r]`, b `[r, in]`), our training extension.
+    LowRank { base: Box<Weight>, a: Tensor, b: Tensor },
+}
+
+/// Chunks with at least this many rows use the dense copy of a quantized weight.
+pub const DENSE_MIN_ROWS: usize = 8;
+
+impl Weight {
+    pub fn quantized(qtensor: QTensor, keep_dense: bool) -> Result<Self> {
+        let dense = if keep_dense { Some(qtensor.dequantize(&Device::Cpu)?) } else { None };
+        let qtensor = Arc::new(qtensor);
+        let q = Arc::new(QMatMul::from_arc(qtensor.clone())?);
+        Ok(Weight::Quantized { q, qtensor, dense })
+    }
+
+    /// `[out, in]`
+    pub fn dims(&self) -> (usize, usize) {
+        match self {
+            Weight::Dense(t) => t.dims2().unwrap_or((0, 0)),
+            Weight::Quantized { qtensor, .. } => qtensor.shape().dims2().unwrap_or((0, 0)),
+            Weight::LowRank { base, .. } => base.dims(),
+        }
+    }
+
+    /// A dense `[out, in]` f32 copy (for initialising beacon weights from the backbone).
+    pub fn to_dense(&self) -> Result<Tensor> {
+        Ok(match self {
+            Weight::Dense(t) => t.clone(),
+            Weight::Quantized { qtensor, dense, .. } => match dense {
+                Some(d) => d.clone(),
+                None => qtensor.dequantize(&Device::Cpu)?,
+            },
+            Weight::LowRank { base, a, b } => (base.to_dense()? + a.matmul(b)?)?,
+        })
+    }
+
+    /// x: `[n, in]` → `[n, out]`
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(match self {
+            Weight::Dense(w) => x.matmul(&w.t()?)?,
+            Weight::Quantized { q, dense, .. } => {
+                let rows = x.dim(0)?;
+                match dense {
+                    Some(w) if rows >= DENSE_MIN_ROWS => x.matmul(&w.t()?)?,
+                    _ => q.forward(x)?,
+                }
+            }
+            Weight::LowRank { base, a, b } => {
+                (base.forward(x)? + x.matmul(&b.t()?)?.matmul(&a.t()?)?)?
+            }
+        })
+    }
+}
+
+#[derive(Clone)]
+pub struct Linear {
+    pub weight: Weight,
+    pub bias: Option<Tensor>,
+}
+
+impl Linear {
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = self.weight.forward(x)?;
+        Ok(match &self.bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        })
+    }
+}
+
+/// Token embedding table, dense or quantized (GGUF keeps it Q8_0; rows are dequantized on lookup).
+#[derive(Clone)]
+pub enum Embedding {
+    Dense(Tensor),
+    Quantized(Arc<QTensor>),
+}
+
+impl Embedding {
+    pub fn lookup(&self, ids: &Tensor) -> Result<Tensor> {
+        Ok(match self {
+            Embedding::Dense(t) => t.embedding(ids)?,
+            Embedding::Quantized(q) => q.embedding(ids)?,
+        })
+    }
+    pub fn row(&self, id: u32) -> Result<Tensor> {
+        let ids = Tensor::new(&[id], &Device::Cpu)?;
+        Ok(self.lookup(&ids)?.squeeze(0)?)
+    }
+}
+
+#[derive(Clone)]
+pub struct Attention {
+    pub q_proj: Linear,
+    pub k_proj: Linear,
+    pub v_proj: Linear,
+    pub o_proj: Linear,
+}
+
+/// The separate beacon projections of one layer (`beacon_param`); `None` = use the backbone's.
+#[derive(Clone, Default)]
+pub struct BeaconProjections {
+    pub q: Option<Linear>,
+    pub k: Option<Linear>,
+    pub v: Option<Linear>,
+    pub o: Option<Linear>,
+}
+
+#[derive(Clone)]
+pub struct Mlp {
+    pub gate_proj: Linear,
+    pub up_proj: Linear,
+    pub down_proj: Linear,
+}
+
+#[derive(Clone)]
+pub struct Layer {
+    pub input_layernorm: Tensor,
+    pub attn: Attention,
+    pub beacon: BeaconProjections,
+    pub post_attention_layernorm: Tensor,
+    pub mlp: Mlp,
+}
+
+#[derive(Clone)]
+pub struct Model {
+    pub cfg: ModelConfig,
+    pub dtype: DType,
+    pub embed_tokens: Embedding,
+    /// `[1, hidden]`: the one embedding row all beacon tokens share.
+    pub beacon_embed: Tensor,
+    pub layers: Vec<Layer>,
+    pub norm: Tensor,
+    pub lm_head: Linear,
+    /// `[head_dim / 2]` RoPE inverse frequencies, f32.
+    inv_freq: Vec<f32>,
+}
+
+/// Which key columns a chunk's rows may see.
+pub enum Mask {
+    /// Every context entry, and the chunk causally (full-coverage / plain attention).
+    Causal,
+    /// Additive `[n, context + n]` mask (0 = visible, -inf = hidden), for append + step-expansion.
+    Explicit(Tensor),
+}
+
+/// One forward's input. Entries are in order; `is_beacon[i]` marks beacon tokens.
+pub struct Chunk<'a> {
+    pub ids: &'a [u32],
+    pub is_beacon: &'a [bool],
+    /// Absolute position of each entry.
+    pub positions: &'a [i64],
+    pub mask: Mask,
+    /// Rows whose logits are wanted (indices into the chunk). Empty = none.
+    pub logits_rows: &'a [usize],
+    /// Use ops that carry gradients (training); the inference kernels have no backward.
+    pub differentiable: bool,
+}
+
+/// Storage for K/V during a forward, kept outside the model.
+///
+/// Per layer the model asks for the `context` segments a chunk attends to (each `(k_rot, v)`,
+/// `[kv_heads, len, head_dim]`, in order), attends over them plus the chunk itself, then `commit`s the
+/// chunk's own entries. Segments avoid copying a long cache just to append a few rows.
+pub trait AttentionContext {
+    fn context(&mut self, layer: usize) -> Result<Vec<(Tensor, Tensor)>>;
+    fn commit(&mut self, layer: usize, k_rot: &Tensor, v: &Tensor) -> Result<()>;
+}
+
+/// Rotary tables for a list of positions: (cos, sin), each `[n, head_dim/2]`, computed in f32.
+pub fn rope_tables(inv_freq: &[f32], positions: &[i64]) -> Result<(Tensor, Tensor)> {
+    let half = inv_freq.len();
+    let mut cos = Vec::with_capacity(positions.len() * half);
+    let mut sin = Vec::with_capacity(positions.len() * half);
+    for &p in positions {
+        for &f in inv_freq {
+            // Matches torch: freqs = float32(p) * float32(inv_freq), then cos/sin in f32.
+            let a = p as f32 * f;
+            cos.push(a.cos());
+            sin.push(a.sin());
+        }
+    }
+    let n = positions.len();
+    Ok((
+        Tensor::from_vec(cos, (n, half), &Device::Cpu)?,
+        Tensor::from_vec(sin, (n, half), &Device::Cpu)?,
+    ))
+}
+
+/// Rotate `x` `[heads, n, d]` by (cos, sin) `[n, d/2]`.
+pub fn apply_rope(
+    x: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    interleaved: bool,
+    differentiable: bool,
+) -> Result<Tensor> {
+    let x4 = x.unsqueeze(0)?.contiguous()?;
+    let (cos, sin) = (cos.to_dtype(x.dtype())?, sin.to_dtype(x.dtype())?);
+    let y = match (interleaved, differentiable) {
+        (false, false) => candle_nn::rotary_emb::rope(&x4, &cos, &sin)?,
+        (false, true) => candle_nn::rotary_emb::rope_slow(&x4, &cos, &sin)?,
+        (true, false) => candle_nn::rotary_emb::rope_i(&x4, &cos, &sin)?,
+        (true, true) => candle_nn::rotary_emb::rope_i_slow(&x4, &cos, &sin)?,
+    };
+    Ok(y.squeeze(0)?)
+}
+
+fn rms_norm(x: &Tensor, w: &Tensor, eps: f64, differentiable: bool) -> Result<Tensor> {
+    if !differentiable {
+        return Ok(candle_nn::ops::rms_norm(x, w, eps as f32)?);
+    }
+    let dtype = x.dtype();
+    let xf = x.to_dtype(DType::F32)?;
+    let ms = xf.sqr()?.mean_keepdim(D::Minus1)?;
+    let y = xf.broadcast_div(&(ms + eps)?.sqrt()?)?;
+    Ok(y.to_dtype(dtype)?.broadcast_mul(w)?)
+}
+
+/// Query rows processed per attention block, so scores never exceed ~`SCORE_BUDGET` floats:
+/// attention memory is O(block × context), never O(context²).
+const SCORE_BUDGET: usize = 16 << 20;
+
+impl Model {
+    pub fn new(
+        cfg: ModelConfig,
+        dtype: DType,
+        embed_tokens: Embedding,
+        beacon_embed: Tensor,
+        layers: Vec<Layer>,
+        norm: Tensor,
+        lm_head: Linear,
+    ) -> Self {
+        let d = cfg.head_dim;
+        let inv_freq = (0..d / 2)
+            .map(|i| 1.0f32 / (cfg.rope_theta as f32).powf((2 * i) as f32 / d as f32))
+            .collect();
+        Model { cfg, dtype, embed_tokens, beacon_embed, layers, norm, lm_head, inv_freq }
+    }
+
+    pub fn inv_freq(&self) -> &[f32] {
+        &self.inv_freq
+    }
+
+    /// Embeddings of a chunk: raw ids from `embed_tokens`, beacons from `beacon_embed` → `[n, hidden]`.
+    fn embed(&self, ids: &[u32], is_beacon: &[bool]) -> Result<Tensor> {
+        let n = ids.len();
+        let raw_idx: Vec<u32> = (0..n as u32).filter(|&i| !is_beacon[i as usize]).collect();
+        let raw_ids: Vec<u32> = raw_idx.iter().map(|&i| ids[i as usize]).collect();
+        let dev = Device::Cpu;
+        let raw = if raw_ids.is_empty() {
+            None
+        } else {
+            Some(self.embed_tokens.lookup(&Tensor::new(raw_ids.as_slice(), &dev)?)?.to_dtype(self.dtype)?)
+        };
+        if raw_idx.len() == n {
+            return Ok(raw.expect("non-empty chunk"));
+        }
+        let beacon_idx: Vec<u32> = (0..n as u32).filter(|&i| is_beacon[i as usize]).collect();
+        let beacons = self.beacon_embed.to_dtype(self.dtype)?.broadcast_as((beacon_idx.len(), self.cfg.hidden_size))?;
+        scatter_rows(n, self.cfg.hidden_size, &raw_idx, raw.as_ref(), &beacon_idx, &beacons.contiguous()?, self.dtype)
+    }
+
+    /// Run one chunk through every layer. Returns the logits `[rows, vocab]` (f32) of `chunk.logits_rows`.
+    pub fn forward(&self, chunk: &Chunk, ctx: &mut dyn AttentionContext) -> Result<Option<Tensor>> {
+        let n = chunk.ids.len();
+        assert_eq!(chunk.is_beacon.len(), n);
+        let split = RowSplit::new(chunk.is_beacon);
+        let (cos, sin) = rope_tables(&self.inv_freq, chunk.positions)?;
+        let mut h = self.embed(chunk.ids, chunk.is_beacon)?; // [n, hidden]
+        let cfg = &self.cfg;
+        for (li, layer) in self.layers.iter().enumerate() {
+            let x = rms_norm(&h, &layer.input_layernorm, cfg.rms_norm_eps, chunk.differentiable)?;
+            let at = &layer.attn;
+            let b = &layer.beacon;
+            let q = split.project(&x, &at.q_proj, b.q.as_ref(), self.dtype)?; // [n, heads*d]
+            let k = split.project(&x, &at.k_proj, b.k.as_ref(), self.dtype)?; // [n, kv*d]
+            let v = split.project(&x, &at.v_proj, b.v.as_ref(), self.dtype)?; // [n, kv*d]
+            let q = q.reshape((n, cfg.num_heads, cfg.head_dim))?.transpose(0, 1)?.contiguous()?; // [heads, n, d]
+            let k_pre = k.reshape((n, cfg.num_kv_heads, cfg.head_dim))?.transpose(0, 1)?.contiguous()?; // [kv, n, d]
+            let v = v.reshape((n, cfg.num_kv_heads, cfg.head_dim))?.transpose(0, 1)?.contiguous()?; // [kv, n, d]
+            let q = apply_rope(&q, &cos, &sin, cfg.rope_interleaved, chunk.differentiable)?;
+            let k_rot = apply_rope(&k_pre, &cos, &sin, cfg.rope_interleaved, chunk.differentiable)?;
+            let mut segments = ctx.context(li)?; // [(kv, len_i, d)]
+            segments.push((k_rot.clone(), v.clone()));
+            let a = self.attend(&q, &segments, &chunk.mask, chunk.differentiable)?; // [n, heads*d]
+            ctx.commit(li, &k_rot, &v)?;
+            let o = split.project(&a, &at.o_proj, b.o.as_ref(), self.dtype)?;
+            h = (h + o)?;
+            let x = rms_norm(&h, &layer.post_attention_layernorm, cfg.rms_norm_eps, chunk.differentiable)?;
+            let m = &layer.mlp;
+            let gate = m.gate_proj.forward(&x)?;
+            let up = m.up_proj.forward(&x)?;
+            let y = m.down_proj.forward(&(candle_nn::ops::silu(&gate)? * up)?)?;
+            h = (h + y)?;
+        }
+        if chunk.logits_rows.is_empty() {
+            return Ok(None);
+        }
+        let rows = Tensor::new(chunk.logits_rows.iter().map(|&r| r as u32).collect::<Vec<_>>(), &Device::Cpu)?;
+        let h = h.index_select(&rows, 0)?;
+        let h = rms_norm(&h, &self.norm, cfg.rms_norm_eps, chunk.differentiable)?;
+        Ok(Some(self.lm_head.forward(&h)?.to_dtype(DType::F32)?))
+    }
+
+    /// Scaled dot-product attention with GQA over K/V segments (the last one is the chunk itself),
+    /// in query blocks. q `[heads, n, d]`, segments `[kv, len_i, d]` → `[n, heads*d]`.
+    fn attend(&self, q: &Tensor, segments: &[(Tensor, Tensor)], mask: &Mask, differentiable: bool) -> Result<Tensor> {
+        let cfg = &self.cfg;
+        let (heads, n, d) = q.dims3()?;
+        let kvh = cfg.num_kv_heads;
+        let g = heads / kvh;
+        let lens: Vec<usize> = segments.iter().map(|(k, _)| k.dim(1)).collect::<candle_core::Result<_>>()?;
+        let t: usize = lens.iter().sum();
+        let ctx = t - n;
+        let scale = 1.0 / (d as f64).sqrt();
+        let block = (SCORE_BUDGET / (heads * t).max(1)).clamp(1, n.max(1));
+        let q = q.reshape((kvh, g, n, d))?;
+        let mut outs = Vec::new();
+        let mut start = 0;
+        while start < n {
+            let nb = block.min(n - start);
+            // Rows of a block attend to the context plus chunk columns up to themselves.
+            let cols = ctx + start + nb;
+            let qb = q.narrow(2, start, nb)?.reshape((kvh, g * nb, d))?; // [kv, g*nb, d]
+            let mut used = Vec::new(); // (k, v) per segment, trimmed to `cols`
+            let mut off = 0;
+            for ((k, v), &len) in segments.iter().zip(&lens) {
+                if off >= cols || len == 0 {
+                    break;
+                }
+                let take = len.min(cols - off);
+                let (k, v) = if take == len { (k.clone(), v.clone()) } else { (k.narrow(1, 0, take)?, v.narrow(1, 0, take)?) };
+                used.push((k, v));
+                off += take;
+            }
+            let scores: Vec<Tensor> = used
+                .iter()
+                .map(|(k, _)| qb.matmul(&k.t()?))
+                .collect::<candle_core::Result<_>>()?; // [kv, g*nb, len_i]
+            let mut s = if scores.len() == 1 { scores[0].clone() } else { Tensor::cat(&scores, 2)? };
+            s = (s.to_dtype(DType::F32)? * scale)?; // [kv, g*nb, cols]
+            let m = match mask {
+                Mask::Causal if nb > 1 => Some(causal_mask(ctx, start, nb, cols)?),
+                Mask::Causal => None,
+                Mask::Explicit(full) => Some(full.narrow(0, start, nb)?.narrow(1, 0, cols)?),
+            };
+            if let Some(m) = m {
+                s = s.reshape((kvh, g, nb, cols))?.broadcast_add(&m)?.reshape((kvh, g * nb, cols))?;
+            }
+            let p = if differentiable {
+                candle_nn::ops::softmax(&s, D::Minus1)?
+            } else {
+                candle_nn::ops::softmax_last_dim(&s)?
+            };
+            let p = p.to_dtype(q.dtype())?;
+            let mut o: Option<Tensor> = None;
+            let mut off = 0;
+            for (k, v) in &used {
+                let len = k.dim(1)?;
+                let part = p.narrow(2, off, len)?.matmul(v)?; // [kv, g*nb, d]
+                o = Some(match o {
+                    None => part,
+                    Some(acc) => (acc + part)?,
+                });
+                off += len;
+            }
+            outs.push(o.expect("at least the chunk segment").reshape((heads, nb, d))?);
+            start += nb;
+        }
+        let o = if outs.len() == 1 { outs.pop().expect("one block") } else { Tensor::cat(&outs, 1)? };
+        Ok(o.transpose(0, 1)?.reshape((n, heads * d))?)
+    }
+}
+
+/// Additive causal mask `[nb, cols]` for query rows `start..start+nb` of a chunk after `ctx` entries.
+fn causal_mask(ctx: usize, start: usize, nb: usize, cols: usize) -> Result<Tensor> {
+    let mut m = vec![0f32; nb * cols];
+    for r in 0..nb {
+        let last_visible = ctx + start + r;
+        for c in (last_visible + 1)..cols {
+            m[r * cols + c] = f32::NEG_INFINITY;
+        }
+    }
+    Ok(Tensor::from_vec(m, (nb, cols), &Device::Cpu)?)
+}
+
+/// Raw vs beacon rows of a chunk, to route each to its projection.
+struct RowSplit {
+    n: usize,
+    raw: Vec<u32>,
+    beacon: Vec<u32>,
+}
+
+impl RowSplit {
+    fn new(is_beacon: &[bool]) -> Self {
+        let raw = (0..is_beacon.len() as u32).filter(|&i| !is_beacon[i as usize]).collect();
+        let beacon = (0..is_beacon.len() as u32).filter(|&i| is_beacon[i as usize]).collect();
+        RowSplit { n: is_beacon.len(), raw, beacon }
+    }
+
+    /// Project raw rows with `base` and beacon rows with `beacon` (or `base` when the layer has no
+    /// separate beacon weight). Rows are independent, so projecting the two subsets separately equals
+    /// the reference's "compute both and select" (SPEC §1.2) at half the cost.
+    fn project(&self, x: &Tensor, base: &Linear, beacon: Option<&Linear>, dtype: DType) -> Result<Tensor> {
+        let beacon = match beacon {
+            Some(b) if !self.beacon.is_empty() => b,
+            _ => return base.forward(x),
+        };
+        if self.raw.is_empty() {
+            return beacon.forward(x);
+        }
+        let dev = Device::Cpu;
+        let raw_idx = Tensor::new(self.raw.as_slice(), &dev)?;
+        let b_idx = Tensor::new(self.beacon.as_slice(), &dev)?;
+        let yr = base.forward(&x.index_select(&raw_idx, 0)?)?;
+        let yb = beacon.forward(&x.index_select(&b_idx, 0)?)?;
+        let out = yr.dim(1)?;
+        scatter_rows(self.n, out, &self.raw, Some(&yr), &self.beacon, &yb, dtype)
+    }
+}
+
+/// Interleave two row sets back into chunk order → `[n, width]`.
+fn scatter_rows(
+    n: usize,
+    width: usize,
+    raw_idx: &[u32],
+    raw: Option<&Tensor>,
+    beacon_idx: &[u32],
+    beacons: &Tensor,
+    dtype: DType,
+) -> Result<Tensor> {
+    let dev = Device::Cpu;
+    let zeros = Tensor::zeros((n, width), dtype, &dev)?;
+    let mut out = zeros.index_add(&Tensor::new(beacon_idx, &dev)?, beacons, 0)?;
+    if let Some(raw) = raw {
+        out = out.index_add(&Tensor::new(raw_idx, &dev)?, raw, 0)?;
+    }
+    Ok(out)
+}
