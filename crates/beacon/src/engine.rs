@@ -794,7 +794,8 @@ mod tests {
             let p = plan_step(layout, c, ratio, n, false);
             n -= p.n_raw;
             if p.closes_window {
-                layout.beacons += p.slots.iter().filter(|&&b| b).count();
+                let cached = layout.window_flags.iter().filter(|&&b| b).count();
+                layout.beacons += cached + p.slots.iter().filter(|&&b| b).count();
                 layout.window_flags.clear();
                 layout.window_raw = 0;
                 layout.remainder = 0;

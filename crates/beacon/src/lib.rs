@@ -8,10 +8,15 @@
 
 pub mod config;
 pub mod engine;
+pub mod generate;
 pub mod error;
+#[path = "fetch_stub.rs"]
+pub mod fetch;
 
 pub mod loader;
+pub mod metrics;
 pub mod model;
+pub mod options;
 pub mod schedule;
 #[path = "tokenizer_stub.rs"]
 pub mod tokenizer;

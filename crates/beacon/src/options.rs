@@ -1,0 +1,104 @@
+//! User-facing engine options (CLI flags, server settings) turned into validated engine values.
+
+use crate::config::{BeaconConfig, RatioMix};
+use crate::engine::Mode;
+use crate::error::{BeaconError, Result};
+use serde::{Deserialize, Serialize};
+
+/// Overrides of the model's beacon settings.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct EngineOptions {
+    /// `beacon` (default), `full`, `streaming`, `truncate`.
+    pub mode: Option<String>,
+    /// A ratio (`2`…`32`, `0` = no compression), `adapt` (= adapt-1024), `adapt-N`, or `random` (step-random).
+    pub ratio: Option<String>,
+    /// Raw tokens per window.
+    pub window: Option<usize>,
+    /// Sink entries.
+    pub sink: Option<usize>,
+    /// Tokens kept by `truncate` and `streaming` (default: the model's native window).
+    pub keep: Option<usize>,
+    /// Seed of random ratio draws.
+    pub seed: Option<u64>,
+}
+
+/// The ratio candidates `adapt` chooses from.
+pub const ADAPT_RATIOS: [usize; 5] = [2, 4, 8, 16, 32];
+
+impl EngineOptions {
+    /// Beacon settings after overrides, validated.
+    pub fn beacon_config(&self, base: &BeaconConfig) -> Result<BeaconConfig> {
+        let mut c = base.clone();
+        if let Some(w) = self.window {
+            c.window = w;
+            c.stride = w;
+        }
+        if let Some(s) = self.sink {
+            c.sink_size = s;
+        }
+        if let Some(seed) = self.seed {
+            c.seed = seed;
+        }
+        if let Some(r) = &self.ratio {
+            let r = r.trim();
+            if r == "adapt" || r.starts_with("adapt-") {
+                let n = if r == "adapt" { 1024 } else {
+                    r["adapt-".len()..].parse().map_err(|_| {
+                        BeaconError::config("--ratio", "ratio", "adapt-N with N an integer", r)
+                    })?
+                };
+                c.ratios = ADAPT_RATIOS.to_vec();
+                c.ratio_mix = RatioMix::Adapt(n);
+            } else if r == "random" {
+                c.ratios = ADAPT_RATIOS.to_vec();
+                c.ratio_mix = RatioMix::StepRandom;
+            } else {
+                let v: usize = r.parse().map_err(|_| {
+                    BeaconError::config("--ratio", "ratio", "an integer ratio, adapt, adapt-N or random", r)
+                })?;
+                c.ratios = vec![v];
+            }
+        }
+        c.validate("engine options")?;
+        Ok(c)
+    }
+
+    pub fn mode(&self, native_window: usize) -> Result<Mode> {
+        let keep = self.keep.unwrap_or(native_window);
+        Ok(match self.mode.as_deref().unwrap_or("beacon") {
+            "beacon" => Mode::Beacon,
+            "full" => Mode::Full,
+            "streaming" => Mode::Streaming { sink: self.sink.unwrap_or(4).max(1), recent: keep },
+            "truncate" => Mode::Truncate { keep },
+            other => {
+                return Err(BeaconError::config(
+                    "--mode",
+                    "mode",
+                    "beacon, full, streaming or truncate",
+                    other,
+                ))
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ratio_flags() {
+        let base = BeaconConfig { window: 512, stride: 512, ..Default::default() };
+        let o = EngineOptions { ratio: Some("8".into()), ..Default::default() };
+        assert_eq!(o.beacon_config(&base).unwrap().ratios, vec![8]);
+        let o = EngineOptions { ratio: Some("adapt".into()), ..Default::default() };
+        assert_eq!(o.beacon_config(&base).unwrap().ratio_mix, RatioMix::Adapt(1024));
+        let o = EngineOptions { ratio: Some("3".into()), ..Default::default() };
+        let e = o.beacon_config(&base).unwrap_err().to_string();
+        assert!(e.contains("beacon_ratio") && e.contains('3'), "{e}");
+        let o = EngineOptions { ratio: Some("x".into()), ..Default::default() };
+        assert!(o.beacon_config(&base).is_err());
+        let o = EngineOptions { mode: Some("nope".into()), ..Default::default() };
+        assert!(o.mode(8192).is_err());
+    }
+}
