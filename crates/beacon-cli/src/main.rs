@@ -1,1 +1,46 @@
-fn main() {}
+//! The `beacon` command line: run | bench | inspect (and train, eval, serve, compress as they land).
+
+mod bench;
+mod common;
+mod inspect;
+mod run;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "beacon", version, about = "Activation Beacon: read inputs far longer than the model's window by compressing them into beacon K/V")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Read a file and/or prompt, compress it window by window, and answer.
+    Run(run::RunArgs),
+    /// Prefill/decode speed and memory per context length and mode (optionally vs llama.cpp).
+    Bench(bench::BenchArgs),
+    /// One benchmark measurement (used by `bench`, one process per configuration).
+    #[command(hide = true)]
+    BenchOne(bench::BenchOneArgs),
+    /// Show a model's architecture, beacon settings and weights.
+    Inspect(common::ModelArgs),
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("BEACON_LOG").unwrap_or_else(|_| "warn".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run(a) => run::run(a),
+        Command::Bench(a) => bench::bench(a),
+        Command::BenchOne(a) => bench::bench_one(a),
+        Command::Inspect(a) => inspect::inspect(a),
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}

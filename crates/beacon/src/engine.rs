@@ -64,7 +64,7 @@ pub struct FeedOptions {
 }
 
 /// Counters every mode reports.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Stats {
     pub input_tokens: usize,
     pub windows_closed: usize,
@@ -656,6 +656,32 @@ impl Session {
                 })
             })
             .collect()
+    }
+
+    /// Training (window-level recomputation): replace the caches by per-layer `(k_rot, v)`
+    /// `[kv, len, d]` tensors **keeping their autograd graph** (e.g. variables standing for the memory
+    /// a window reads, so the backward yields the gradient with respect to that memory), and put the
+    /// session in differentiable mode. The caller sets `layout` to match.
+    pub fn set_graph_caches(&mut self, caches: Vec<(Tensor, Tensor)>) -> Result<()> {
+        if caches.len() != self.caches.len() {
+            return Err(BeaconError::invalid(format!(
+                "{} cache layers given, the model has {}",
+                caches.len(),
+                self.caches.len()
+            )));
+        }
+        self.differentiable = true;
+        self.caches = caches
+            .into_iter()
+            .map(|(k, v)| {
+                if k.dim(1).unwrap_or(0) == 0 {
+                    LayerCache::Graph { k: None, v: None }
+                } else {
+                    LayerCache::Graph { k: Some(k), v: Some(v) }
+                }
+            })
+            .collect();
+        Ok(())
     }
 
     /// Replace the caches with saved ones (shapes checked by the caller against the layout).

@@ -7,18 +7,16 @@
 //! back through the same session.
 
 pub mod config;
+pub mod context_file;
 pub mod engine;
 pub mod generate;
 pub mod error;
-#[path = "fetch_stub.rs"]
 pub mod fetch;
-
 pub mod loader;
 pub mod metrics;
 pub mod model;
 pub mod options;
 pub mod schedule;
-#[path = "tokenizer_stub.rs"]
 pub mod tokenizer;
 pub mod util;
 

@@ -1,0 +1,217 @@
+//! `beacon run`: read a (long) input, compress it progressively, answer, report what it cost.
+
+use crate::common::{load_model, EngineArgs, ModelArgs};
+use anyhow::{Context, Result};
+use beacon::engine::{Mode, Session};
+use beacon::generate::{generate, GenerateOptions, SamplingParams};
+use beacon::metrics::{human_bytes, peak_rss_bytes};
+use beacon::tokenizer::ChatMessage;
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::Serialize;
+use std::io::Write;
+use std::path::PathBuf;
+
+#[derive(clap::Args, Debug)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub engine: EngineArgs,
+    /// A file to read (the long context).
+    #[arg(short = 'f', long)]
+    pub file: Option<PathBuf>,
+    /// The prompt or question (after the file's text).
+    #[arg(short = 'p', long)]
+    pub prompt: Option<String>,
+    /// Wrap file + prompt as a user message in the model's chat template.
+    #[arg(long)]
+    pub chat: bool,
+    /// Keep only the first N tokens of the file (0 = all).
+    #[arg(long, default_value_t = 0)]
+    pub max_file_tokens: usize,
+    /// Maximum new tokens.
+    #[arg(short = 'n', long, default_value_t = 128)]
+    pub max_tokens: usize,
+    /// Sampling temperature (0 = greedy).
+    #[arg(long = "temp", default_value_t = 0.0)]
+    pub temperature: f32,
+    #[arg(long)]
+    pub top_k: Option<usize>,
+    #[arg(long)]
+    pub top_p: Option<f32>,
+    #[arg(long, default_value_t = 1.0)]
+    pub repeat_penalty: f32,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Stop string (repeatable).
+    #[arg(long = "stop")]
+    pub stop: Vec<String>,
+    /// Write the statistics as JSON here.
+    #[arg(long)]
+    pub stats_json: Option<PathBuf>,
+    /// Don't print the progress bar.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+/// What a run cost: the same fields for every mode, so comparisons are honest.
+#[derive(Debug, Serialize)]
+pub struct RunStats {
+    pub mode: String,
+    pub ratio: String,
+    pub window: usize,
+    pub input_tokens: usize,
+    pub windows: usize,
+    pub memory_entries: MemoryEntries,
+    pub kv_bytes: usize,
+    pub kv_bytes_full: usize,
+    pub prefill_seconds: f64,
+    pub prefill_tokens_per_second: f64,
+    pub decode_tokens: usize,
+    pub decode_seconds: f64,
+    pub decode_tokens_per_second: f64,
+    pub peak_rss_bytes: u64,
+    pub finish: String,
+}
+
+#[derive(Debug, Serialize)]
+pub struct MemoryEntries {
+    pub sink: usize,
+    pub beacon: usize,
+    pub raw: usize,
+}
+
+pub fn ratio_label(session: &Session) -> String {
+    match session.mode {
+        Mode::Beacon => {
+            let c = &session.beacon;
+            if c.ratios.len() == 1 {
+                c.ratios[0].to_string()
+            } else {
+                let chosen = session.chooser.cached.map(|r| format!(" (chose {r})")).unwrap_or_default();
+                format!("{}{chosen}", c.ratio_mix.name())
+            }
+        }
+        _ => "-".into(),
+    }
+}
+
+pub fn run(args: RunArgs) -> Result<()> {
+    let loaded = load_model(&args.model)?;
+    let tok = loaded.tokenizer.as_ref().context("this model has no tokenizer (tokenizer.json or GGUF metadata)")?;
+    let model = &loaded.model;
+    let opts = args.engine.options();
+    let cfg = opts.beacon_config(&loaded.beacon)?;
+    let mode = opts.mode(model.cfg.max_position_embeddings)?;
+    let mut text = String::new();
+    if let Some(f) = &args.file {
+        let mut body = std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?;
+        if args.max_file_tokens > 0 {
+            let ids = tok.encode(&body, false)?;
+            if ids.len() > args.max_file_tokens {
+                body = tok.decode(&ids[..args.max_file_tokens])?;
+            }
+        }
+        text.push_str(&body);
+    }
+    if let Some(p) = &args.prompt {
+        if !text.is_empty() {
+            text.push_str("\n\n");
+        }
+        text.push_str(p);
+    }
+    if text.is_empty() {
+        anyhow::bail!("nothing to read: give -f FILE and/or -p PROMPT");
+    }
+    let ids = if args.chat {
+        let templated = tok.apply_chat_template(&[ChatMessage { role: "user".into(), content: text }], true)?;
+        tok.encode(&templated, true)?
+    } else {
+        tok.encode(&text, false)?
+    };
+    let mut session = Session::new(model, mode, cfg);
+    let bar = if args.quiet { ProgressBar::hidden() } else { ProgressBar::new(ids.len() as u64) };
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} reading {pos}/{len} tokens [{bar:30}] {per_sec} eta {eta}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    let mut eos = tok.eos_ids();
+    eos.extend(model.cfg.eos_token_ids.iter().copied());
+    eos.sort_unstable();
+    eos.dedup();
+    let gen_opts = GenerateOptions {
+        max_new_tokens: args.max_tokens,
+        sampling: SamplingParams {
+            temperature: args.temperature,
+            top_k: args.top_k,
+            top_p: args.top_p,
+            repetition_penalty: args.repeat_penalty,
+            seed: args.seed,
+        },
+        stop_strings: args.stop.clone(),
+        eos_ids: eos,
+    };
+    let mut stdout = std::io::stdout();
+    let mut first = true;
+    let g = generate(
+        model,
+        &mut session,
+        tok,
+        &ids,
+        None,
+        &gen_opts,
+        &mut |piece| {
+            if first {
+                bar.finish_and_clear();
+                first = false;
+            }
+            let _ = stdout.write_all(piece.as_bytes());
+            let _ = stdout.flush();
+            true
+        },
+        &mut |done| bar.set_position(done as u64),
+    )?;
+    bar.finish_and_clear();
+    println!();
+    let l = &session.layout;
+    let stats = RunStats {
+        mode: session.mode.name().into(),
+        ratio: ratio_label(&session),
+        window: session.beacon.window,
+        input_tokens: ids.len(),
+        windows: session.stats.windows_closed + usize::from(l.window_raw > 0),
+        memory_entries: MemoryEntries { sink: l.sink, beacon: l.beacons, raw: l.window_flags.len() },
+        kv_bytes: session.stats.peak_kv_bytes,
+        kv_bytes_full: session.kv_bytes_full(),
+        prefill_seconds: g.prefill_seconds,
+        prefill_tokens_per_second: ids.len() as f64 / g.prefill_seconds.max(1e-9),
+        decode_tokens: g.tokens.len(),
+        decode_seconds: g.decode_seconds,
+        decode_tokens_per_second: g.tokens.len() as f64 / g.decode_seconds.max(1e-9),
+        peak_rss_bytes: peak_rss_bytes(),
+        finish: format!("{:?}", g.finish).to_lowercase(),
+    };
+    eprintln!(
+        "[{} ratio {}] {} tokens read in {:.2}s ({:.0} tok/s), {} generated at {:.1} tok/s | K/V peak {} vs {} full ({:.1}x less) | memory sink {} + beacon {} + raw {} | peak RSS {}",
+        stats.mode,
+        stats.ratio,
+        stats.input_tokens,
+        stats.prefill_seconds,
+        stats.prefill_tokens_per_second,
+        stats.decode_tokens,
+        stats.decode_tokens_per_second,
+        human_bytes(stats.kv_bytes as u64),
+        human_bytes(stats.kv_bytes_full as u64),
+        stats.kv_bytes_full as f64 / stats.kv_bytes.max(1) as f64,
+        l.sink,
+        l.beacons,
+        l.window_flags.len(),
+        human_bytes(stats.peak_rss_bytes),
+    );
+    if let Some(p) = &args.stats_json {
+        let json = serde_json::to_vec_pretty(&stats)?;
+        beacon::util::atomic_write(p, &json)?;
+    }
+    Ok(())
+}

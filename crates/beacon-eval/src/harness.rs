@@ -1,0 +1,535 @@
+//! What every evaluation shares: the model flags, loading, a tokenizer that falls back to raw bytes
+//! (the tiny test models have no tokenizer), the engine modes compared, greedy answering, progress
+//! bars and the output files (JSON + markdown + meta).
+
+use anyhow::{bail, Context, Result};
+use beacon::engine::{FeedOptions, Session, Want};
+use beacon::loader::BeaconSource;
+use beacon::options::EngineOptions;
+use beacon::tokenizer::{ChatMessage, Tokenizer};
+use beacon::{LoadOptions, Loaded};
+use candle_core::{DType, Tensor};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::Serialize;
+use std::path::{Path, PathBuf};
+
+/// Flags every subcommand takes.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct CommonArgs {
+    /// Model: a Hugging Face directory or a .gguf file. Default: the default model (SmolLM2-135M-Instruct).
+    #[arg(short = 'm', long)]
+    pub model: Option<PathBuf>,
+    /// Beacon weights (`beacon.safetensors`). Default: beside the model, else initialised from the backbone.
+    #[arg(long = "beacon")]
+    pub beacon_weights: Option<PathBuf>,
+    /// Beacon settings (`beacon_config.json`). Default: beside the model.
+    #[arg(long)]
+    pub beacon_config: Option<PathBuf>,
+    /// Ignore trained beacon weights; initialise them from the backbone.
+    #[arg(long)]
+    pub untrained: bool,
+    /// Seed of every random choice (samples, keys, values, positions, ratio draws).
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// Results directory (JSON, markdown table, PNG plot).
+    #[arg(long, default_value = "results")]
+    pub out: PathBuf,
+    /// Where to write the JSON records. Default: OUT/<subcommand>.json.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// At most N samples (files, prompts) per task and length.
+    #[arg(long)]
+    pub limit: Option<usize>,
+    /// Small grids for CI and documentation (minutes, not hours).
+    #[arg(long)]
+    pub quick: bool,
+    /// Data directory. Default: $BEACON_DATA, else ../shared/data (from the working directory or the repository).
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// Skip the PNG plot.
+    #[arg(long)]
+    pub no_plot: bool,
+}
+
+/// Which engine modes to compare.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ModeArgs {
+    /// Modes: full, truncate, streaming, beacon. Default: all four (efficiency: full,beacon).
+    #[arg(long, value_delimiter = ',')]
+    pub modes: Vec<String>,
+    /// Beacon ratios: integers dividing the beacon window, adapt, adapt-N, random. Default:
+    /// 2,4,8,16,32,adapt (--quick: 8,adapt).
+    #[arg(long, value_delimiter = ',')]
+    pub ratios: Vec<String>,
+    /// Tokens of K/V kept by truncate and streaming (several = several runs). Default: the native window.
+    #[arg(long, value_delimiter = ',')]
+    pub keep: Vec<usize>,
+    /// Beacon window (raw tokens). Default: the model's beacon config.
+    #[arg(long)]
+    pub window: Option<usize>,
+}
+
+impl Default for ModeArgs {
+    fn default() -> Self {
+        ModeArgs { modes: vec![], ratios: vec![], keep: vec![], window: None }
+    }
+}
+
+pub const DEFAULT_MODES: [&str; 4] = ["full", "truncate", "streaming", "beacon"];
+pub const DEFAULT_RATIOS: [&str; 6] = ["2", "4", "8", "16", "32", "adapt"];
+pub const QUICK_RATIOS: [&str; 2] = ["8", "adapt"];
+
+/// Fill unset `--modes/--ratios` with defaults.
+pub fn with_defaults(args: &ModeArgs, modes: &[&str], quick: bool) -> ModeArgs {
+    let mut a = args.clone();
+    if a.modes.is_empty() {
+        a.modes = modes.iter().map(|s| s.to_string()).collect();
+    }
+    if a.ratios.is_empty() {
+        let r: &[&str] = if quick { &QUICK_RATIOS } else { &DEFAULT_RATIOS };
+        a.ratios = r.iter().map(|s| s.to_string()).collect();
+    }
+    a
+}
+
+/// One engine configuration under test.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ModeSpec {
+    pub mode: String,
+    /// Beacon ratio (beacon mode only).
+    pub ratio: Option<String>,
+    /// K/V tokens kept (truncate/streaming only); None = native window.
+    pub keep: Option<usize>,
+    pub window: Option<usize>,
+}
+
+impl ModeSpec {
+    pub fn new(mode: &str, ratio: Option<&str>, keep: Option<usize>) -> Self {
+        ModeSpec { mode: mode.into(), ratio: ratio.map(String::from), keep, window: None }
+    }
+
+    /// Short stable name: `full`, `truncate-8192`, `streaming-8192`, `beacon-x8`, `beacon-adapt`.
+    pub fn label(&self, native: usize) -> String {
+        match self.mode.as_str() {
+            "beacon" => format!(
+                "beacon-{}",
+                match self.ratio.as_deref() {
+                    Some(r) if r.chars().all(|c| c.is_ascii_digit()) => format!("x{r}"),
+                    Some(r) => r.to_string(),
+                    None => "default".into(),
+                }
+            ),
+            "truncate" | "streaming" => format!("{}-{}", self.mode, self.keep.unwrap_or(native)),
+            m => m.to_string(),
+        }
+    }
+
+    pub fn options(&self, seed: u64) -> EngineOptions {
+        EngineOptions {
+            mode: Some(self.mode.clone()),
+            ratio: self.ratio.clone(),
+            keep: self.keep,
+            window: self.window,
+            sink: None,
+            seed: Some(seed),
+        }
+    }
+
+    /// A fresh session for this configuration.
+    pub fn session(&self, ev: &Evaluator, seed: u64) -> Result<Session> {
+        let o = self.options(seed);
+        let cfg = o.beacon_config(&ev.loaded.beacon)?;
+        let mode = o.mode(ev.native)?;
+        Ok(Session::new(&ev.loaded.model, mode, cfg))
+    }
+
+    /// Tokens of K/V this configuration keeps at most for raw context (truncate/streaming), else None.
+    pub fn keep_limit(&self, native: usize) -> Option<usize> {
+        match self.mode.as_str() {
+            "truncate" | "streaming" => Some(self.keep.unwrap_or(native)),
+            _ => None,
+        }
+    }
+}
+
+/// Expand `--modes/--ratios/--keep` into configurations, full first (others may reuse its results).
+pub fn expand_modes(args: &ModeArgs) -> Result<Vec<ModeSpec>> {
+    let mut out = Vec::new();
+    let mut modes: Vec<String> = args.modes.iter().map(|m| m.trim().to_lowercase()).filter(|m| !m.is_empty()).collect();
+    modes.sort_by_key(|m| if m == "full" { 0 } else { 1 });
+    modes.dedup();
+    for m in &modes {
+        match m.as_str() {
+            "full" => out.push(ModeSpec::new("full", None, None)),
+            "truncate" | "streaming" => {
+                if args.keep.is_empty() {
+                    out.push(ModeSpec::new(m, None, None));
+                }
+                for &k in &args.keep {
+                    out.push(ModeSpec::new(m, None, Some(k)));
+                }
+            }
+            "beacon" => {
+                if args.ratios.is_empty() {
+                    out.push(ModeSpec::new("beacon", None, None));
+                }
+                for r in &args.ratios {
+                    let r = r.trim();
+                    if !r.is_empty() {
+                        out.push(ModeSpec::new("beacon", Some(r), None));
+                    }
+                }
+            }
+            other => bail!("unknown mode {other:?} (expected full, truncate, streaming or beacon)"),
+        }
+    }
+    for s in &mut out {
+        if s.mode == "beacon" {
+            s.window = args.window;
+        }
+    }
+    if out.is_empty() {
+        bail!("no modes selected");
+    }
+    Ok(out)
+}
+
+/// Parse a token count: `4096`, `4K`, `4k`, `1M`.
+pub fn parse_len(s: &str) -> Result<usize, String> {
+    let s = s.trim();
+    let (num, mul) = match s.chars().last() {
+        Some('k') | Some('K') => (&s[..s.len() - 1], 1024),
+        Some('m') | Some('M') => (&s[..s.len() - 1], 1024 * 1024),
+        _ => (s, 1),
+    };
+    num.parse::<usize>().map(|n| n * mul).map_err(|_| format!("expected a token count like 4096 or 4K, found {s:?}"))
+}
+
+/// `4096` → `4K`.
+pub fn fmt_len(n: usize) -> String {
+    if n >= 1024 && n % 1024 == 0 {
+        format!("{}K", n / 1024)
+    } else {
+        n.to_string()
+    }
+}
+
+/// Text ↔ ids: the model's tokenizer, or raw bytes for tokenizer-free models (vocab ≥ 256).
+pub enum Tok<'a> {
+    Hf(&'a Tokenizer),
+    Bytes,
+}
+
+impl Tok<'_> {
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        Ok(match self {
+            Tok::Hf(t) => t.encode(text, false)?,
+            Tok::Bytes => text.bytes().map(u32::from).collect(),
+        })
+    }
+
+    /// Encode text that may hold special tokens (chat template pieces).
+    pub fn encode_special(&self, text: &str) -> Result<Vec<u32>> {
+        Ok(match self {
+            Tok::Hf(t) => t.encode(text, true)?,
+            Tok::Bytes => text.bytes().map(u32::from).collect(),
+        })
+    }
+
+    pub fn decode(&self, ids: &[u32]) -> String {
+        match self {
+            Tok::Hf(t) => t.decode(ids).unwrap_or_default(),
+            Tok::Bytes => String::from_utf8_lossy(&ids.iter().map(|&i| i as u8).collect::<Vec<_>>()).into_owned(),
+        }
+    }
+
+    /// The text before and after the user message in the chat template (with the generation prompt),
+    /// or None when there is no template.
+    pub fn chat_frame(&self) -> Option<(String, String)> {
+        let Tok::Hf(t) = self else { return None };
+        const MARK: &str = "\u{1}\u{2}USER\u{2}\u{1}";
+        let msg = ChatMessage { role: "user".into(), content: MARK.into() };
+        let s = t.apply_chat_template(&[msg], true).ok()?;
+        let i = s.find(MARK)?;
+        Some((s[..i].to_string(), s[i + MARK.len()..].to_string()))
+    }
+}
+
+/// A loaded model plus what the harness needs to know about it.
+pub struct Evaluator {
+    pub loaded: Loaded,
+    /// Native context window (max_position_embeddings).
+    pub native: usize,
+    /// Where the beacon weights came from: `untrained`, `checkpoint`, or the file.
+    pub weights: String,
+    pub model_path: PathBuf,
+}
+
+impl Evaluator {
+    pub fn load(c: &CommonArgs) -> Result<Self> {
+        let path = match &c.model {
+            Some(p) => p.clone(),
+            None => beacon::fetch::default_model_path().context("locating the default model")?,
+        };
+        let opts = LoadOptions {
+            beacon_weights: c.beacon_weights.clone(),
+            beacon_config: c.beacon_config.clone(),
+            untrained_beacons: c.untrained,
+            ..LoadOptions::default()
+        };
+        let loaded = beacon::load(&path, &opts).with_context(|| format!("loading {}", path.display()))?;
+        let native = loaded.model.cfg.max_position_embeddings;
+        let weights = match &loaded.beacon_source {
+            BeaconSource::Initialised => "untrained".to_string(),
+            BeaconSource::Checkpoint => "checkpoint".to_string(),
+            BeaconSource::File(p) => format!("trained ({})", p.display()),
+        };
+        if loaded.tokenizer.is_none() && loaded.model.cfg.vocab_size < 256 {
+            bail!("the model has no tokenizer and fewer than 256 ids: cannot encode text as bytes");
+        }
+        Ok(Evaluator { loaded, native, weights, model_path: path })
+    }
+
+    pub fn tok(&self) -> Tok<'_> {
+        match &self.loaded.tokenizer {
+            Some(t) => Tok::Hf(t),
+            None => Tok::Bytes,
+        }
+    }
+
+    pub fn eos_ids(&self) -> Vec<u32> {
+        let mut e = self.loaded.model.cfg.eos_token_ids.clone();
+        if let Some(t) = &self.loaded.tokenizer {
+            e.extend(t.eos_ids());
+        }
+        if self.loaded.tokenizer.is_none() {
+            // Byte models: ids are bytes, and the configured eos is a control byte that plain text never holds.
+            e.retain(|&i| i < 32);
+        }
+        e.sort_unstable();
+        e.dedup();
+        e
+    }
+
+    pub fn model_name(&self) -> String {
+        self.model_path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| self.model_path.display().to_string())
+    }
+}
+
+/// A prompt built from pieces so the long part is tokenized once.
+pub struct Prompt {
+    pub ids: Vec<u32>,
+}
+
+impl Prompt {
+    /// `[chat prefix] context question [chat suffix] answer_prefix`; plain text when no chat template
+    /// (or `chat` is false).
+    pub fn build(tok: &Tok, chat: bool, context: &[u32], question: &str, answer_prefix: &str) -> Result<Prompt> {
+        let frame = if chat { tok.chat_frame() } else { None };
+        let mut ids = Vec::with_capacity(context.len() + 128);
+        match frame {
+            Some((pre, post)) => {
+                ids.extend(tok.encode_special(&pre)?);
+                ids.extend_from_slice(context);
+                ids.extend(tok.encode(question)?);
+                ids.extend(tok.encode_special(&post)?);
+                ids.extend(tok.encode(answer_prefix)?);
+            }
+            None => {
+                ids.extend_from_slice(context);
+                ids.extend(tok.encode(question)?);
+                ids.extend(tok.encode(&format!("\n{answer_prefix}"))?);
+            }
+        }
+        Ok(Prompt { ids })
+    }
+
+    /// Tokens the frame adds around a context of this question (to size contexts to a target length).
+    pub fn overhead(tok: &Tok, chat: bool, question: &str, answer_prefix: &str) -> Result<usize> {
+        Ok(Prompt::build(tok, chat, &[], question, answer_prefix)?.ids.len())
+    }
+}
+
+/// Rows of a logits tensor as f32 vectors.
+pub fn logit_rows(t: &Tensor) -> Result<Vec<Vec<f32>>> {
+    let t = t.to_dtype(DType::F32)?;
+    let t = if t.rank() == 1 { t.unsqueeze(0)? } else { t };
+    Ok(t.to_vec2::<f32>()?)
+}
+
+/// Result of one greedy answer.
+#[derive(Debug, Clone)]
+pub struct Answer {
+    pub text: String,
+    pub prefill_seconds: f64,
+    pub peak_kv_bytes: usize,
+}
+
+/// Feed `prompt` into a fresh session and answer greedily: at most `max_new` tokens, stopping at an
+/// eos id or (when `stop_newline`) at a newline after some text.
+#[allow(clippy::too_many_arguments)]
+pub fn answer_greedy(
+    ev: &Evaluator,
+    session: &mut Session,
+    prompt: &[u32],
+    max_new: usize,
+    stop_newline: bool,
+    progress: &mut dyn FnMut(usize),
+) -> Result<Answer> {
+    let model = &ev.loaded.model;
+    let tok = ev.tok();
+    let eos = ev.eos_ids();
+    let t0 = std::time::Instant::now();
+    let mut logits = session
+        .feed_with(model, prompt, Want::Last, FeedOptions::default(), progress)?
+        .context("the prompt produced no logits")?;
+    let prefill_seconds = t0.elapsed().as_secs_f64();
+    let mut out = Vec::new();
+    while out.len() < max_new {
+        let rows = logit_rows(&logits)?;
+        let next = beacon::generate::argmax(rows.last().context("empty logits")?);
+        if eos.contains(&next) {
+            break;
+        }
+        out.push(next);
+        if stop_newline {
+            let text = tok.decode(&out);
+            if text.trim_start().contains('\n') {
+                break;
+            }
+        }
+        if out.len() == max_new {
+            break;
+        }
+        logits = session.feed(model, &[next], Want::Last)?.context("decode step produced no logits")?;
+    }
+    let mut text = tok.decode(&out);
+    if stop_newline {
+        let t = text.trim_start();
+        if let Some(i) = t.find('\n') {
+            text = t[..i].to_string();
+        }
+    }
+    Ok(Answer { text: text.trim().to_string(), prefill_seconds, peak_kv_bytes: session.stats.peak_kv_bytes })
+}
+
+/// A progress bar over `total` units (hidden when stderr is not a terminal).
+pub fn bar(total: u64, unit: &str) -> ProgressBar {
+    let pb = ProgressBar::new(total);
+    let style = ProgressStyle::with_template(&format!(
+        "{{msg:28}} [{{bar:30}}] {{human_pos}}/{{human_len}} {unit} ({{per_sec}}, eta {{eta}})"
+    ))
+    .unwrap_or_else(|_| ProgressStyle::default_bar())
+    .progress_chars("=> ");
+    pb.set_style(style);
+    pb
+}
+
+/// Where the data lives.
+pub fn data_dir(c: &CommonArgs) -> Result<PathBuf> {
+    if let Some(d) = &c.data {
+        return Ok(d.clone());
+    }
+    if let Ok(d) = std::env::var("BEACON_DATA") {
+        return Ok(PathBuf::from(d));
+    }
+    let mut cands = vec![PathBuf::from("../shared/data"), PathBuf::from("shared/data")];
+    cands.push(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data"));
+    for c in &cands {
+        if c.join("README.md").exists() || c.join("books").exists() {
+            return Ok(c.clone());
+        }
+    }
+    bail!("data directory not found (tried ../shared/data, shared/data); pass --data DIR or set BEACON_DATA")
+}
+
+/// Everything a run writes, under `out/`.
+pub struct Output<'a> {
+    pub common: &'a CommonArgs,
+    /// `ppl`, `needle`, `retrieval`, `efficiency`.
+    pub name: &'a str,
+    /// The command that reproduces the run.
+    pub command: &'a str,
+}
+
+#[derive(Serialize)]
+struct Meta<'a> {
+    command: &'a str,
+    seed: u64,
+    model: String,
+    beacon_weights: &'a str,
+    unix_time: u64,
+    seconds: f64,
+}
+
+impl Output<'_> {
+    pub fn json_path(&self) -> PathBuf {
+        self.common.json.clone().unwrap_or_else(|| self.common.out.join(format!("{}.json", self.name)))
+    }
+    pub fn png_path(&self, suffix: &str) -> PathBuf {
+        self.common.out.join(format!("{}{suffix}.png", self.name))
+    }
+
+    /// Write the JSON records, the markdown (with the command on top) and the meta file.
+    pub fn write<T: Serialize>(&self, ev: &Evaluator, records: &T, markdown: &str, seconds: f64) -> Result<()> {
+        std::fs::create_dir_all(&self.common.out).with_context(|| format!("creating {}", self.common.out.display()))?;
+        let jp = self.json_path();
+        if let Some(d) = jp.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(d)?;
+        }
+        beacon::util::atomic_write(&jp, serde_json::to_string_pretty(records)?.as_bytes())?;
+        let md = format!(
+            "Command (seed {}, model `{}`, beacon weights: {}):\n\n```\n{}\n```\n\n{}",
+            self.common.seed,
+            ev.model_name(),
+            ev.weights,
+            self.command,
+            markdown
+        );
+        beacon::util::atomic_write(&self.common.out.join(format!("{}.md", self.name)), md.as_bytes())?;
+        let meta = Meta {
+            command: self.command,
+            seed: self.common.seed,
+            model: ev.model_path.display().to_string(),
+            beacon_weights: &ev.weights,
+            unix_time: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+            seconds,
+        };
+        beacon::util::atomic_write(
+            &self.common.out.join(format!("{}.meta.json", self.name)),
+            serde_json::to_string_pretty(&meta)?.as_bytes(),
+        )?;
+        eprintln!("wrote {} and {}", jp.display(), self.common.out.join(format!("{}.md", self.name)).display());
+        Ok(())
+    }
+}
+
+/// A markdown table.
+pub fn md_table(header: &[String], rows: &[Vec<String>]) -> String {
+    let mut s = String::new();
+    s.push_str(&format!("| {} |\n", header.join(" | ")));
+    s.push_str(&format!("|{}\n", header.iter().enumerate().map(|(i, _)| if i == 0 { "---|" } else { "---:|" }).collect::<String>()));
+    for r in rows {
+        s.push_str(&format!("| {} |\n", r.join(" | ")));
+    }
+    s
+}
+
+/// Deterministic per-item seed.
+pub fn sub_seed(seed: u64, parts: &[u64]) -> u64 {
+    let mut h = seed ^ 0x9E37_79B9_7F4A_7C15;
+    for &p in parts {
+        h ^= p.wrapping_add(0x9E37_79B9_7F4A_7C15).wrapping_add(h << 6).wrapping_add(h >> 2);
+        h = h.wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        h ^= h >> 31;
+    }
+    h
+}
+
+/// A stable hash of a string (for per-file seeds).
+pub fn str_hash(s: &str) -> u64 {
+    s.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3))
+}

@@ -1,0 +1,463 @@
+//! The training loop: samples → per-sample gradients (objective.rs) → accumulation → clipping →
+//! AdamW with warm-up and decay → metrics, held-out evaluation, checkpoints, plot, export.
+
+use crate::checkpoint;
+use crate::data::{DataPosition, Packed, SampleStream};
+use crate::objective::{self, Models, Objective, WindowPlan};
+use crate::optim::{clip_grad_norm, AdamW, AdamWConfig, Decay, Schedule};
+use crate::params::{make_trainable, TrainableModel};
+use anyhow::{bail, Context, Result};
+use beacon::config::{BeaconConfig, BeaconKeys, BeaconParams, RatioMix};
+use beacon::engine::{position_budget, FeedOptions, Mode, Session, Want};
+use beacon::model::Model;
+use beacon::schedule::{RatioChooser, SplitMix64};
+use candle_core::{DType, Tensor};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+/// Hyper-parameters of a run (saved in every checkpoint).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Settings {
+    /// Tokens per training sample.
+    pub seq_len: usize,
+    pub objective: Objective,
+    /// Beacon projections as backbone + A·B of this rank (None = full matrices).
+    pub rank: Option<usize>,
+    pub params: BeaconParams,
+    pub schedule: Schedule,
+    pub adam: AdamWConfig,
+    /// Max global gradient norm (0 = off).
+    pub clip: f64,
+    /// Samples per optimiser update.
+    pub accum: usize,
+    pub seed: u64,
+    /// Held-out evaluation every this many updates (0 = never).
+    pub eval_every: u64,
+    /// Checkpoint every this many updates (0 = only on time / at the end).
+    pub checkpoint_every: u64,
+    /// Also checkpoint when this many minutes passed since the last one (0 = off).
+    pub checkpoint_minutes: f64,
+    pub keep_checkpoints: usize,
+}
+
+/// Everything besides tensors that a resumed run needs to continue identically.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TrainState {
+    /// Updates done.
+    pub step: u64,
+    pub data: DataPosition,
+    /// State of the per-window ratio draws.
+    pub ratio_rng: SplitMix64,
+    pub tokens_seen: u64,
+    /// Training wall time so far (all sessions).
+    pub elapsed_s: f64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CheckpointMeta {
+    pub state: TrainState,
+    pub settings: Settings,
+    pub beacon: BeaconKeys,
+    /// Parameter names, in optimiser order.
+    pub param_names: Vec<String>,
+}
+
+/// One line of metrics.jsonl.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StepMetrics {
+    pub step: u64,
+    pub loss: f64,
+    pub lr: f64,
+    pub grad_norm: f64,
+    pub tokens: u64,
+    pub tokens_per_s: f64,
+    pub step_s: f64,
+    pub elapsed_s: f64,
+    pub peak_rss_mib: f64,
+    /// Ratios of the windows of the step's samples.
+    pub ratios: Vec<usize>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EvalMetrics {
+    pub step: u64,
+    pub heldout_loss: f64,
+    pub heldout_ppl: f64,
+    pub heldout_tokens: usize,
+    pub eval_s: f64,
+    pub elapsed_s: f64,
+}
+
+/// Peak resident set size of this process (VmHWM), MiB.
+pub fn peak_rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse::<f64>().ok()))
+        })
+        .map(|kib| kib / 1024.0)
+        .unwrap_or(0.0)
+}
+
+pub struct Trainer {
+    pub tm: TrainableModel,
+    pub cfg: BeaconConfig,
+    pub settings: Settings,
+    pub opt: AdamW,
+    pub chooser: RatioChooser,
+    pub stream: SampleStream,
+    pub heldout: Vec<Vec<u32>>,
+    pub state: TrainState,
+    pub out_dir: PathBuf,
+    last_checkpoint: Instant,
+}
+
+impl Trainer {
+    /// A fresh run. `model` must carry initialised (or loaded) beacon projections.
+    pub fn new(
+        model: Model,
+        cfg: BeaconConfig,
+        settings: Settings,
+        train: Packed,
+        heldout: Vec<Vec<u32>>,
+        out_dir: &Path,
+    ) -> Result<Self> {
+        if train.seq_len != settings.seq_len {
+            bail!("packed samples have {} tokens, settings say {}", train.seq_len, settings.seq_len);
+        }
+        let tm = make_trainable(model, settings.params, settings.rank, settings.seed)?;
+        let opt = AdamW::new(&tm.vars(), settings.adam)?;
+        let mut chooser = RatioChooser::new(&cfg, position_budget(&tm.plain.cfg));
+        chooser.rng = SplitMix64(settings.seed);
+        let state = TrainState { step: 0, data: DataPosition::default(), ratio_rng: chooser.rng, tokens_seen: 0, elapsed_s: 0.0 };
+        let stream = SampleStream::new(train, settings.seed, state.data)?;
+        Ok(Trainer {
+            tm,
+            cfg,
+            settings,
+            opt,
+            chooser,
+            stream,
+            heldout,
+            state,
+            out_dir: out_dir.to_path_buf(),
+            last_checkpoint: Instant::now(),
+        })
+    }
+
+    pub fn checkpoint_dir(&self) -> PathBuf {
+        self.out_dir.join("checkpoints")
+    }
+
+    pub fn metrics_path(&self) -> PathBuf {
+        self.out_dir.join("metrics.jsonl")
+    }
+
+    fn models(&self) -> Models<'_> {
+        Models { train: &self.tm.train, plain: &self.tm.plain }
+    }
+
+    /// Continue from the newest valid checkpoint, if any. Metrics lines past it are dropped (those
+    /// steps will be redone). Returns whether a checkpoint was loaded.
+    pub fn resume(&mut self) -> Result<bool> {
+        let Some((env, tensors)) = checkpoint::load_latest::<CheckpointMeta>(&self.checkpoint_dir())? else {
+            return Ok(false);
+        };
+        let meta = env.meta;
+        let names: Vec<String> = self.tm.params.iter().map(|p| p.name.clone()).collect();
+        if meta.param_names != names {
+            bail!("checkpoint parameters differ from this model's (different --beacon-rank or beacon_param?)");
+        }
+        if meta.settings.seq_len != self.settings.seq_len || meta.settings.objective != self.settings.objective {
+            bail!(
+                "checkpoint was trained with seq_len {} / {:?}; resume with the same settings",
+                meta.settings.seq_len,
+                meta.settings.objective
+            );
+        }
+        let get = |k: String| tensors.get(&k).cloned().with_context(|| format!("checkpoint lacks {k}"));
+        let mut m = Vec::new();
+        let mut v = Vec::new();
+        for p in &self.tm.params {
+            p.var.set(&get(format!("param/{}", p.name))?)?;
+            m.push(get(format!("adam_m/{}", p.name))?);
+            v.push(get(format!("adam_v/{}", p.name))?);
+        }
+        self.opt.restore(meta.state.step, m, v)?;
+        self.state = meta.state;
+        self.chooser.rng = self.state.ratio_rng;
+        self.stream = SampleStream::new(self.stream.packed.clone(), self.settings.seed, self.state.data)?;
+        truncate_metrics(&self.metrics_path(), self.state.step)?;
+        self.last_checkpoint = Instant::now();
+        Ok(true)
+    }
+
+    pub fn save_checkpoint(&mut self) -> Result<PathBuf> {
+        let mut map = HashMap::new();
+        for (i, p) in self.tm.params.iter().enumerate() {
+            map.insert(format!("param/{}", p.name), p.var.as_tensor().clone());
+            map.insert(format!("adam_m/{}", p.name), self.opt.m[i].clone());
+            map.insert(format!("adam_v/{}", p.name), self.opt.v[i].clone());
+        }
+        let meta = CheckpointMeta {
+            state: self.state.clone(),
+            settings: self.settings.clone(),
+            beacon: BeaconKeys::from_config(&self.cfg),
+            param_names: self.tm.params.iter().map(|p| p.name.clone()).collect(),
+        };
+        let p = checkpoint::save(&self.checkpoint_dir(), self.state.step, &map, &meta, self.settings.keep_checkpoints)?;
+        self.last_checkpoint = Instant::now();
+        Ok(p)
+    }
+
+    /// One optimiser update over `accum` samples.
+    pub fn train_step(&mut self) -> Result<StepMetrics> {
+        let t0 = Instant::now();
+        let vars = self.tm.vars();
+        let accum = self.settings.accum.max(1);
+        let mut sum: Option<Vec<Tensor>> = None;
+        let mut loss = 0.0;
+        let mut ratios = Vec::new();
+        let mut tokens = 0u64;
+        for _ in 0..accum {
+            let sample = self.stream.next_sample();
+            let windows = objective::plan_windows(&self.cfg, &mut self.chooser, sample.len());
+            ratios.extend(windows.iter().map(|w| w.ratio));
+            let (res, grads) = objective::sample_gradients(
+                &self.models(),
+                &self.cfg,
+                &sample,
+                &windows,
+                self.settings.objective,
+                &vars,
+                1.0 / accum as f64,
+            )?;
+            loss += res.loss / accum as f64;
+            tokens += sample.len() as u64;
+            sum = Some(match sum {
+                None => grads,
+                Some(acc) => acc.iter().zip(&grads).map(|(a, g)| a + g).collect::<candle_core::Result<_>>()?,
+            });
+        }
+        let mut grads = sum.expect("accum ≥ 1");
+        let grad_norm = clip_grad_norm(&mut grads, self.settings.clip)?;
+        let lr = self.settings.schedule.lr(self.state.step);
+        if grad_norm.is_finite() {
+            self.opt.update(&vars, &grads, lr)?;
+        } else {
+            eprintln!("warning: non-finite gradient norm at step {}; update skipped", self.state.step + 1);
+        }
+        self.state.step += 1;
+        self.state.data = self.stream.pos;
+        self.state.ratio_rng = self.chooser.rng;
+        self.state.tokens_seen += tokens;
+        let step_s = t0.elapsed().as_secs_f64();
+        self.state.elapsed_s += step_s;
+        Ok(StepMetrics {
+            step: self.state.step,
+            loss,
+            lr,
+            grad_norm,
+            tokens: self.state.tokens_seen,
+            tokens_per_s: tokens as f64 / step_s,
+            step_s,
+            elapsed_s: self.state.elapsed_s,
+            peak_rss_mib: peak_rss_mib(),
+            ratios,
+        })
+    }
+
+    /// Mean next-token loss on the held-out samples under compression, with ratios drawn by a fixed
+    /// seed (the same draws at every evaluation, so the curve compares like with like).
+    pub fn evaluate(&self) -> Result<(f64, usize)> {
+        let mut chooser = RatioChooser::new(&self.cfg, position_budget(&self.tm.plain.cfg));
+        chooser.rng = SplitMix64(0xe7a1);
+        let (mut total, mut count) = (0f64, 0usize);
+        for sample in &self.heldout {
+            let windows = objective::plan_windows(&self.cfg, &mut chooser, sample.len());
+            let (l, n) = heldout_nll(&self.tm.plain, &self.cfg, sample, &windows)?;
+            total += l;
+            count += n;
+        }
+        Ok((if count > 0 { total / count as f64 } else { f64::NAN }, count))
+    }
+
+    /// Write `beacon.safetensors` (released tensor names; low-rank merged) and `beacon_config.json`
+    /// (the training settings with `adapt-1024` ratio choice for inference, as the reference evaluates).
+    pub fn export(&self, dir: &Path, dtype: DType) -> Result<()> {
+        beacon::loader::save_beacon_weights(&self.tm.plain, &dir.join("beacon.safetensors"), dtype)?;
+        let cfg = BeaconConfig { ratio_mix: RatioMix::Adapt(1024), ..self.cfg.clone() };
+        let text = serde_json::to_string_pretty(&BeaconKeys::from_config(&cfg))?;
+        beacon::util::atomic_write(&dir.join("beacon_config.json"), text.as_bytes())?;
+        Ok(())
+    }
+}
+
+/// Sum of next-token NLL and label count of one sample under compression, inference kernels only
+/// (one forward, window by window with the given ratios).
+pub fn heldout_nll(model: &Model, cfg: &BeaconConfig, sample: &[u32], windows: &[WindowPlan]) -> Result<(f64, usize)> {
+    let mut s = Session::new(model, Mode::Beacon, cfg.clone());
+    let first_labels = objective::first_window_trained(cfg);
+    let (mut total, mut count) = (0f64, 0usize);
+    for (i, w) in windows.iter().enumerate() {
+        s.chooser.candidates = vec![w.ratio];
+        let opts = FeedOptions { training_final: i + 1 == windows.len(), differentiable: false };
+        let logits = s
+            .feed_with(model, &sample[w.start..w.start + w.len], Want::From(0), opts, &mut |_| {})?
+            .context("no logits")?;
+        let labels = objective::window_labels(sample, w, first_labels);
+        let rows: Vec<Vec<f32>> = logits.to_vec2()?;
+        for (row, label) in rows.iter().zip(&labels) {
+            if let Some(l) = label {
+                let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let lse = m as f64 + row.iter().map(|&x| ((x - m) as f64).exp()).sum::<f64>().ln();
+                total += lse - row[*l as usize] as f64;
+                count += 1;
+            }
+        }
+    }
+    Ok((total, count))
+}
+
+/// Keep only the metrics lines of steps ≤ `step` (after a resume).
+fn truncate_metrics(path: &Path, step: u64) -> Result<()> {
+    let Ok(text) = std::fs::read_to_string(path) else { return Ok(()) };
+    let kept: String = text
+        .lines()
+        .filter(|l| {
+            serde_json::from_str::<serde_json::Value>(l)
+                .ok()
+                .and_then(|v| v.get("step").and_then(|s| s.as_u64()))
+                .is_some_and(|s| s <= step)
+        })
+        .map(|l| format!("{l}\n"))
+        .collect();
+    beacon::util::atomic_write(path, kept.as_bytes())?;
+    Ok(())
+}
+
+/// Append one JSON line.
+pub fn append_metrics<T: Serialize>(path: &Path, line: &T) -> Result<()> {
+    let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
+    writeln!(f, "{}", serde_json::to_string(line)?)?;
+    Ok(())
+}
+
+/// Read back (step, loss) of training lines and (step, held-out loss) of evaluation lines.
+#[allow(clippy::type_complexity)]
+pub fn read_curves(path: &Path) -> Result<(Vec<(f64, f64)>, Vec<(f64, f64)>)> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let (mut train, mut held) = (Vec::new(), Vec::new());
+    for l in text.lines() {
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(l) else { continue };
+        let step = v.get("step").and_then(|s| s.as_f64()).unwrap_or(0.0);
+        if let Some(x) = v.get("heldout_loss").and_then(|x| x.as_f64()) {
+            held.push((step, x));
+        } else if let Some(x) = v.get("loss").and_then(|x| x.as_f64()) {
+            train.push((step, x));
+        }
+    }
+    Ok((train, held))
+}
+
+/// Set by SIGINT/SIGTERM: finish the current update, checkpoint, stop.
+pub static STOP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_sig: libc::c_int) {
+    if STOP.swap(true, Ordering::SeqCst) {
+        // Second signal: leave at once (the last checkpoint is intact by construction).
+        unsafe { libc::_exit(130) };
+    }
+}
+
+/// Install the SIGINT/SIGTERM handler that sets [`STOP`].
+pub fn install_signal_handler() {
+    // SAFETY: the handler only touches an atomic and calls the async-signal-safe `_exit`.
+    unsafe {
+        libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
+    }
+}
+
+/// How a [`Trainer::run_loop`] reports progress.
+pub trait Progress {
+    fn step(&mut self, m: &StepMetrics, total: u64);
+    fn eval(&mut self, e: &EvalMetrics);
+    fn note(&mut self, msg: &str);
+}
+
+/// Silent progress (tests).
+pub struct Quiet;
+impl Progress for Quiet {
+    fn step(&mut self, _m: &StepMetrics, _total: u64) {}
+    fn eval(&mut self, _e: &EvalMetrics) {}
+    fn note(&mut self, _msg: &str) {}
+}
+
+impl Trainer {
+    /// Train until `schedule.total` updates (or `stop_after` more in this call, or a stop signal),
+    /// with metrics, evaluation, checkpoints and the plot. Returns the step metrics of this call.
+    pub fn run_loop(&mut self, stop_after: Option<u64>, progress: &mut dyn Progress) -> Result<Vec<StepMetrics>> {
+        std::fs::create_dir_all(&self.out_dir)?;
+        let total = self.settings.schedule.total;
+        let start_step = self.state.step;
+        let mut out = Vec::new();
+        while self.state.step < total && stop_after.is_none_or(|n| self.state.step - start_step < n) {
+            let m = self.train_step()?;
+            append_metrics(&self.metrics_path(), &m)?;
+            progress.step(&m, total);
+            out.push(m);
+            let step = self.state.step;
+            let s = &self.settings;
+            if s.eval_every > 0 && step % s.eval_every == 0 && !self.heldout.is_empty() {
+                let t = Instant::now();
+                let (loss, n) = self.evaluate()?;
+                let e = EvalMetrics {
+                    step,
+                    heldout_loss: loss,
+                    heldout_ppl: loss.exp(),
+                    heldout_tokens: n,
+                    eval_s: t.elapsed().as_secs_f64(),
+                    elapsed_s: self.state.elapsed_s,
+                };
+                append_metrics(&self.metrics_path(), &e)?;
+                progress.eval(&e);
+                self.plot()?;
+            }
+            let s = &self.settings;
+            let by_steps = s.checkpoint_every > 0 && step % s.checkpoint_every == 0;
+            let by_time = s.checkpoint_minutes > 0.0 && self.last_checkpoint.elapsed().as_secs_f64() >= s.checkpoint_minutes * 60.0;
+            let stopping = STOP.load(Ordering::SeqCst);
+            if by_steps || by_time || stopping || step == total {
+                let p = self.save_checkpoint()?;
+                progress.note(&format!("checkpoint {}", p.display()));
+            }
+            if stopping {
+                progress.note("stop requested: checkpoint written, exiting");
+                break;
+            }
+        }
+        self.plot()?;
+        Ok(out)
+    }
+
+    pub fn plot(&self) -> Result<()> {
+        let (train, held) = read_curves(&self.metrics_path())?;
+        let title = format!(
+            "beacon training: seq {} / W {} / {:?}",
+            self.settings.seq_len, self.cfg.window, self.settings.objective
+        );
+        crate::plot::loss_curve(&self.out_dir.join("loss.png"), &title, &train, &held)
+    }
+}
+
+/// The settings a fresh `Schedule` needs when only the peak and totals are known.
+pub fn schedule(peak: f64, warmup: u64, total: u64, min_ratio: f64, decay: Decay) -> Schedule {
+    Schedule { peak, warmup, total, min_ratio, decay }
+}
