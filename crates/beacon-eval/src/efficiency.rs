@@ -80,6 +80,7 @@ pub fn run(args: &EfficiencyArgs, command: &str) -> Result<Vec<EfficiencyRecord>
                 .context("no logits")?;
             let prefill = t0.elapsed().as_secs_f64();
             let kv_entries = s.layout.context_len();
+            let peak_kv_bytes = s.stats.peak_kv_bytes;
             let t1 = std::time::Instant::now();
             for _ in 0..args.decode {
                 let rows = harness::logit_rows(&logits)?;
@@ -97,7 +98,7 @@ pub fn run(args: &EfficiencyArgs, command: &str) -> Result<Vec<EfficiencyRecord>
                 prefill_seconds: prefill,
                 prefill_tokens_per_second: len as f64 / prefill.max(1e-9),
                 decode_ms_per_token: if args.decode > 0 { 1000.0 * decode / args.decode as f64 } else { f64::NAN },
-                peak_kv_bytes: s.stats.peak_kv_bytes,
+                peak_kv_bytes,
                 full_kv_bytes: len * s.bytes_per_entry(),
                 kv_entries,
                 beacon_weights: ev.weights.clone(),

@@ -140,7 +140,17 @@ impl ModeSpec {
         let o = self.options(seed);
         let cfg = o.beacon_config(&ev.loaded.beacon)?;
         let mode = o.mode(ev.native)?;
-        Ok(Session::new(&ev.loaded.model, mode, cfg))
+        let mut s = Session::new(&ev.loaded.model, mode, cfg);
+        if self.mode == "streaming" {
+            // The engine's streaming eviction fails when one prefill chunk (or its 64-entry eviction
+            // block) covers all kept entries (nothing left to re-rotate), so chunks stay ≤ keep/2.
+            let keep = self.keep.unwrap_or(ev.native);
+            if keep <= 64 {
+                bail!("streaming needs --keep > 64 (got {keep})");
+            }
+            s.prefill_chunk = s.prefill_chunk.min(keep / 2);
+        }
+        Ok(s)
     }
 
     /// Tokens of K/V this configuration keeps at most for raw context (truncate/streaming), else None.

@@ -373,6 +373,8 @@ fn run_sample(
             },
         };
         let has_labels = labels_any(&target, w.len);
+        let only = std::env::var("DBG_ONLY").ok().and_then(|x| x.parse::<usize>().ok());
+        let has_labels = has_labels && only.is_none_or(|o| o == i);
         let loss = if has_labels { Some(window_loss(&logits, target, scale)?) } else { None };
         if let Some(l) = &loss {
             loss_total += l.to_scalar::<f32>()? as f64;

@@ -6,7 +6,7 @@ use crate::config::{Arch, BeaconConfig, BeaconKeys, BeaconParams, HfConfig, Mode
 use crate::error::{BeaconError, Result};
 use crate::model::{Attention, BeaconProjections, Embedding, Layer, Linear, Mlp, Model, Weight};
 use crate::tokenizer::Tokenizer;
-use candle_core::quantized::gguf_file;
+use candle_core::quantized::{gguf_file, QTensor};
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Tensor};
 use sha2::{Digest, Sha256};
@@ -450,7 +450,7 @@ fn load_gguf(path: &Path, opts: &LoadOptions) -> Result<Loaded> {
         let mut lin = |name: &str, out: usize, inp: usize, bias: bool| -> Result<Linear> {
             let w = get_q(&format!("{p}.{name}.weight"), &[out, inp])?;
             let b = if bias { Some(get_q(&format!("{p}.{name}.bias"), &[out])?.dequantize(&Device::Cpu)?) } else { None };
-            Ok(Linear { weight: Weight::quantized(w, dense_prefill)?, bias: b })
+            Ok(Linear { weight: decode_friendly(w, dense_prefill)?, bias: b })
         };
         let attn = Attention {
             q_proj: lin("attn_q", q_dim, hidden, cfg.qkv_bias)?,
@@ -494,6 +494,21 @@ fn load_gguf(path: &Path, opts: &LoadOptions) -> Result<Loaded> {
     let beacon_source = external_beacons(&mut model, &mut beacon, beside, &opts)?;
     let fingerprint = fingerprint(&[path.to_path_buf()], &model)?;
     Ok(Loaded { model, beacon, tokenizer, beacon_source, fingerprint, path: path.to_path_buf() })
+}
+
+/// candle has SIMD dot products for Q4_0, Q8_0 and the K-quants only; Q4_1/Q5_0/Q5_1 fall back to
+/// scalar code that makes single-row decode ~10× slower. Such matrices are re-quantized to Q8_0 for the
+/// decode path (finer than the source, so the error added is a fraction of one source step), while the
+/// dense prefill copy keeps the exact source values.
+fn decode_friendly(w: QTensor, keep_dense: bool) -> Result<Weight> {
+    use candle_core::quantized::GgmlDType;
+    if !matches!(w.dtype(), GgmlDType::Q4_1 | GgmlDType::Q5_0 | GgmlDType::Q5_1) {
+        return Weight::quantized(w, keep_dense);
+    }
+    let dense = w.dequantize(&Device::Cpu)?;
+    let q8 = std::sync::Arc::new(QTensor::quantize(&dense, GgmlDType::Q8_0)?);
+    let q = std::sync::Arc::new(candle_core::quantized::QMatMul::from_arc(q8.clone())?);
+    Ok(Weight::Quantized { q, qtensor: q8, dense: keep_dense.then_some(dense) })
 }
 
 /// A short identity of backbone files (name + size + first MiB) and beacon parameters (values).

@@ -1,0 +1,76 @@
+//! `beacon compress -f book.txt -o book.beacon`: read a text once, keep its beacon memory in a
+//! saved-context file, and report the file size next to the raw K/V it replaces.
+
+use anyhow::Context;
+use beacon::context_file::{save_context, sha256_hex, SaveReport};
+use beacon::engine::FeedOptions;
+use beacon::metrics::human_bytes;
+use beacon::options::EngineOptions;
+use beacon::{LoadOptions, Session, Want};
+use std::io::Read;
+use std::path::PathBuf;
+use std::time::Instant;
+
+/// `beacon compress`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct CompressArgs {
+    /// Model: a Hugging Face directory or a .gguf file. Default: the bundled default model.
+    #[arg(short, long)]
+    pub model: Option<PathBuf>,
+    /// Text to compress (`-` = standard input).
+    #[arg(short = 'f', long = "file")]
+    pub file: PathBuf,
+    /// Saved-context file to write.
+    #[arg(short, long)]
+    pub output: PathBuf,
+    /// Compression ratio: 2…32, `adapt`, `adapt-N`, `random`. Default: the model's.
+    #[arg(long)]
+    pub ratio: Option<String>,
+    /// Raw tokens per window. Default: the model's.
+    #[arg(long)]
+    pub window: Option<usize>,
+    /// `beacon` (default) or `full` (keeps every raw K/V: large files).
+    #[arg(long)]
+    pub mode: Option<String>,
+}
+
+/// Compress and save; prints a one-line report and returns it.
+pub fn run_compress(args: CompressArgs) -> anyhow::Result<SaveReport> {
+    let path = match &args.model {
+        Some(p) => p.clone(),
+        None => beacon::fetch::default_model_path().context("locating the default model")?,
+    };
+    let loaded = beacon::load(&path, &LoadOptions::default()).with_context(|| format!("loading {}", path.display()))?;
+    let tokenizer = loaded
+        .tokenizer
+        .as_ref()
+        .ok_or_else(|| anyhow::anyhow!("{}: the model has no tokenizer", path.display()))?;
+    let mut text = String::new();
+    if args.file.as_os_str() == "-" {
+        std::io::stdin().read_to_string(&mut text).context("reading standard input")?;
+    } else {
+        text = std::fs::read_to_string(&args.file).with_context(|| format!("reading {}", args.file.display()))?;
+    }
+    let ids = tokenizer.encode(&text, false)?;
+    anyhow::ensure!(!ids.is_empty(), "{}: nothing to compress (no tokens)", args.file.display());
+    let options = EngineOptions { mode: args.mode.clone(), ratio: args.ratio.clone(), window: args.window, ..Default::default() };
+    let model = &loaded.model;
+    let mut session = Session::new(model, options.mode(model.cfg.max_position_embeddings)?, options.beacon_config(&loaded.beacon)?);
+    let t0 = Instant::now();
+    let logits = session.feed_with(model, &ids, Want::Last, FeedOptions::default(), &mut |_| {})?;
+    let seconds = t0.elapsed().as_secs_f64();
+    let report = save_context(&args.output, &session, &loaded.fingerprint, Some(&sha256_hex(text.as_bytes())), logits.as_ref())
+        .with_context(|| format!("writing {}", args.output.display()))?;
+    println!(
+        "{}: {} tokens in {:.1} s → {}: {} ({} memory entries); raw K/V of the same tokens: {} ({:.1}× larger)",
+        args.file.display(),
+        report.tokens,
+        seconds,
+        args.output.display(),
+        human_bytes(report.file_bytes),
+        session.layout.context_len(),
+        human_bytes(report.kv_bytes_full as u64),
+        report.kv_bytes_full as f64 / report.file_bytes.max(1) as f64,
+    );
+    Ok(report)
+}
