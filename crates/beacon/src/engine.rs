@@ -703,6 +703,9 @@ impl Session {
 
 /// Rotate keys `[kv, n, d]` by per-entry position offsets (may be negative).
 pub fn rotate_by(model: &Model, k: &Tensor, offsets: &[i64], differentiable: bool) -> Result<Tensor> {
+    if offsets.is_empty() {
+        return Ok(k.clone());
+    }
     let (cos, sin) = rope_tables(model.inv_freq(), offsets)?;
     apply_rope(&k.contiguous()?, &cos, &sin, model.cfg.rope_interleaved, differentiable)
 }
