@@ -2,8 +2,8 @@
 
 use anyhow::{Context, Result};
 use beacon::options::EngineOptions;
-use beacon::{load, LoadOptions, Loaded};
-use std::path::{Path, PathBuf};
+use beacon::{LoadOptions, Loaded};
+use std::path::PathBuf;
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct ModelArgs {
@@ -60,9 +60,8 @@ impl EngineArgs {
     }
 }
 
-/// Where the repository ships beacon files for the default model.
 pub fn shipped_default_beacons() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/smollm2-135m-instruct")
+    beacon::loader::shipped_default_beacons()
 }
 
 pub fn load_model(args: &ModelArgs) -> Result<Loaded> {
@@ -71,28 +70,17 @@ pub fn load_model(args: &ModelArgs) -> Result<Loaded> {
         "bf16" => candle_core::DType::BF16,
         other => anyhow::bail!("--dtype: expected f32 or bf16, found {other}"),
     };
-    let mut opts = LoadOptions {
+    let opts = LoadOptions {
         dtype,
         beacon_weights: args.beacon_weights.clone(),
         beacon_config: args.beacon_config.clone(),
         untrained_beacons: args.untrained,
         ..Default::default()
     };
-    let path = match &args.model {
-        Some(p) => p.clone(),
-        None => {
-            let p = beacon::fetch::default_model_path().context("fetching the default model")?;
-            let shipped = shipped_default_beacons();
-            if opts.beacon_config.is_none() && shipped.join("beacon_config.json").exists() {
-                opts.beacon_config = Some(shipped.join("beacon_config.json"));
-            }
-            if opts.beacon_weights.is_none() && shipped.join("beacon.safetensors").exists() {
-                opts.beacon_weights = Some(shipped.join("beacon.safetensors"));
-            }
-            p
-        }
-    };
-    let loaded = load(&path, &opts).with_context(|| format!("loading model {}", path.display()))?;
+    let opts = LoadOptions { dtype, ..opts };
+    let loaded = beacon::loader::load_model(args.model.as_deref(), &opts)
+        .with_context(|| format!("loading model {}", args.model.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "(default)".into())))?;
+    let path = loaded.path.clone();
     if loaded.beacon_source == beacon::loader::BeaconSource::Initialised && !args.untrained {
         eprintln!("warning: no beacon weights found for {}: beacons are initialised from the backbone (untrained); compressed quality will be poor", path.display());
     }

@@ -25,6 +25,10 @@ enum Command {
     BenchOne(bench::BenchOneArgs),
     /// Show a model's architecture, beacon settings and weights.
     Inspect(common::ModelArgs),
+    /// Compress a file into a saved context (`beacon run --context FILE` continues from it).
+    Compress(beacon_server::CompressArgs),
+    /// OpenAI-compatible HTTP server that reuses each conversation's beacon memory.
+    Serve(beacon_server::ServeArgs),
 }
 
 fn main() {
@@ -38,6 +42,8 @@ fn main() {
         Command::Bench(a) => bench::bench(a),
         Command::BenchOne(a) => bench::bench_one(a),
         Command::Inspect(a) => inspect::inspect(a),
+        Command::Compress(a) => beacon_server::run_compress(a).map(|_| ()),
+        Command::Serve(a) => beacon_server::run(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -46,6 +46,9 @@ pub struct RunArgs {
     /// Stop string (repeatable).
     #[arg(long = "stop")]
     pub stop: Vec<String>,
+    /// Continue from a saved compressed context (`beacon compress`) instead of reading a file.
+    #[arg(long, conflicts_with = "file")]
+    pub context: Option<PathBuf>,
     /// Write the statistics as JSON here.
     #[arg(long)]
     pub stats_json: Option<PathBuf>,
@@ -96,13 +99,8 @@ pub fn ratio_label(session: &Session) -> String {
     }
 }
 
-pub fn run(args: RunArgs) -> Result<()> {
-    let loaded = load_model(&args.model)?;
-    let tok = loaded.tokenizer.as_ref().context("this model has no tokenizer (tokenizer.json or GGUF metadata)")?;
-    let model = &loaded.model;
-    let opts = args.engine.options();
-    let cfg = opts.beacon_config(&loaded.beacon)?;
-    let mode = opts.mode(model.cfg.max_position_embeddings)?;
+/// File and prompt as token ids (in the chat template with `--chat`).
+fn read_input(args: &RunArgs, tok: &beacon::tokenizer::Tokenizer) -> Result<Vec<u32>> {
     let mut text = String::new();
     if let Some(f) = &args.file {
         let mut body = std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?;
@@ -123,13 +121,54 @@ pub fn run(args: RunArgs) -> Result<()> {
     if text.is_empty() {
         anyhow::bail!("nothing to read: give -f FILE and/or -p PROMPT");
     }
-    let ids = if args.chat {
+    Ok(if args.chat {
         let templated = tok.apply_chat_template(&[ChatMessage { role: "user".into(), content: text }], true)?;
         tok.encode(&templated, true)?
     } else {
         tok.encode(&text, false)?
+    })
+}
+
+pub fn run(args: RunArgs) -> Result<()> {
+    let loaded = load_model(&args.model)?;
+    let tok = loaded.tokenizer.as_ref().context("this model has no tokenizer (tokenizer.json or GGUF metadata)")?;
+    let model = &loaded.model;
+    let opts = args.engine.options();
+    let cfg = opts.beacon_config(&loaded.beacon)?;
+    let mode = opts.mode(model.cfg.max_position_embeddings)?;
+    let (mut session, ids, first_logits) = match &args.context {
+        Some(path) => {
+            let saved = beacon::context_file::load_context(path, model, &loaded.fingerprint)
+                .with_context(|| format!("loading saved context {}", path.display()))?;
+            if args.engine.mode.is_some() || args.engine.ratio.is_some() || args.engine.window.is_some() {
+                eprintln!("note: --mode/--ratio/--window are fixed by the saved context and are ignored");
+            }
+            // The question continues the saved text exactly as `-f FILE -p PROMPT` would: after a blank
+            // line, inside the same user message when the context was compressed with --chat.
+            let prompt = args.prompt.clone().unwrap_or_default();
+            let cont = if args.chat {
+                let (_, close) = beacon::tokenizer::user_turn_parts(tok)?;
+                format!("\n\n{prompt}{close}")
+            } else if prompt.is_empty() {
+                String::new()
+            } else {
+                format!("\n\n{prompt}")
+            };
+            let ids = if cont.is_empty() { Vec::new() } else { tok.encode(&cont, args.chat)? };
+            eprintln!(
+                "continuing from {} ({} tokens read earlier, {} memory entries)",
+                path.display(),
+                saved.session.tokens.len(),
+                saved.session.layout.context_len()
+            );
+            (saved.session, ids, saved.logits)
+        }
+        None => {
+            let ids = read_input(&args, tok)?;
+            (Session::new(model, mode, cfg), ids, None)
+        }
     };
-    let mut session = Session::new(model, mode, cfg);
+    let input_tokens = session.tokens.len() + ids.len();
     let bar = if args.quiet { ProgressBar::hidden() } else { ProgressBar::new(ids.len() as u64) };
     bar.set_style(
         ProgressStyle::with_template("{spinner} reading {pos}/{len} tokens [{bar:30}] {per_sec} eta {eta}")
@@ -159,7 +198,7 @@ pub fn run(args: RunArgs) -> Result<()> {
         &mut session,
         tok,
         &ids,
-        None,
+        first_logits,
         &gen_opts,
         &mut |piece| {
             if first {
@@ -179,7 +218,7 @@ pub fn run(args: RunArgs) -> Result<()> {
         mode: session.mode.name().into(),
         ratio: ratio_label(&session),
         window: session.beacon.window,
-        input_tokens: ids.len(),
+        input_tokens,
         windows: session.stats.windows_closed + usize::from(l.window_raw > 0),
         memory_entries: MemoryEntries { sink: l.sink, beacon: l.beacons, raw: l.window_flags.len() },
         kv_bytes: session.stats.peak_kv_bytes,

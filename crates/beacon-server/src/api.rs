@@ -29,7 +29,9 @@ pub enum RequestError {
     BodyTooLarge { limit: usize },
     #[error("`messages` must contain at least one message")]
     EmptyMessages,
-    #[error("`messages[{index}].role` must be one of system, user, assistant, tool; found `{role}`")]
+    #[error(
+        "`messages[{index}].role` must be one of system, user, assistant, tool; found `{role}`"
+    )]
     BadRole { index: usize, role: String },
     #[error("`prompt` must not be empty")]
     EmptyPrompt,
@@ -79,7 +81,9 @@ impl RequestError {
             RequestError::N(_) => "n",
             RequestError::TooManyStops(_) => "stop",
             RequestError::UnknownModel { .. } => "model",
-            RequestError::Engine(EngineError::PromptTooLong { .. } | EngineError::EmptyPrompt) => "messages",
+            RequestError::Engine(EngineError::PromptTooLong { .. } | EngineError::EmptyPrompt) => {
+                "messages"
+            }
             _ => return None,
         })
     }
@@ -199,16 +203,28 @@ pub fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, RequestEr
     })
 }
 
-fn validate_common(c: &Common, served: &str, limits: &Limits) -> Result<(usize, SamplingParams, Vec<String>), RequestError> {
+fn validate_common(
+    c: &Common,
+    served: &str,
+    limits: &Limits,
+) -> Result<(usize, SamplingParams, Vec<String>), RequestError> {
     if let Some(asked) = &c.model {
         if !asked.is_empty() && asked != served {
-            return Err(RequestError::UnknownModel { asked: asked.clone(), served: served.to_string() });
+            return Err(RequestError::UnknownModel {
+                asked: asked.clone(),
+                served: served.to_string(),
+            });
         }
     }
     let max_tokens = match c.max_completion_tokens.or(c.max_tokens) {
         None => limits.default_max_tokens,
         Some(m) if m >= 1 && (m as u64) <= limits.max_tokens as u64 => m as usize,
-        Some(m) => return Err(RequestError::MaxTokens { found: m, max: limits.max_tokens }),
+        Some(m) => {
+            return Err(RequestError::MaxTokens {
+                found: m,
+                max: limits.max_tokens,
+            })
+        }
     };
     if let Some(n) = c.n {
         if n != 1 {
@@ -247,7 +263,9 @@ fn validate_common(c: &Common, served: &str, limits: &Limits) -> Result<(usize, 
         repetition_penalty: repetition_penalty as f32,
         seed,
     };
-    sampling.validate().map_err(|e| RequestError::BadField(e.to_string()))?;
+    sampling
+        .validate()
+        .map_err(|e| RequestError::BadField(e.to_string()))?;
     Ok((max_tokens, sampling, stop))
 }
 
@@ -259,17 +277,29 @@ impl ChatRequest {
         }
         let mut messages = Vec::with_capacity(self.messages.len());
         for (index, m) in self.messages.into_iter().enumerate() {
-            if !matches!(m.role.as_str(), "system" | "user" | "assistant" | "tool" | "developer") {
-                return Err(RequestError::BadRole { index, role: m.role });
+            if !matches!(
+                m.role.as_str(),
+                "system" | "user" | "assistant" | "tool" | "developer"
+            ) {
+                return Err(RequestError::BadRole {
+                    index,
+                    role: m.role,
+                });
             }
             let content = match m.content {
                 None => String::new(),
                 Some(Content::Text(t)) => t,
-                Some(Content::Parts(parts)) => {
-                    parts.into_iter().filter(|p| p.kind == "text").filter_map(|p| p.text).collect::<Vec<_>>().join("")
-                }
+                Some(Content::Parts(parts)) => parts
+                    .into_iter()
+                    .filter(|p| p.kind == "text")
+                    .filter_map(|p| p.text)
+                    .collect::<Vec<_>>()
+                    .join(""),
             };
-            messages.push(ChatMessage { role: m.role, content });
+            messages.push(ChatMessage {
+                role: m.role,
+                content,
+            });
         }
         Ok(Validated {
             prompt: PromptInput::Chat(messages),
@@ -277,7 +307,11 @@ impl ChatRequest {
             sampling,
             stop,
             stream: self.common.stream.unwrap_or(false),
-            include_usage: self.common.stream_options.map(|o| o.include_usage).unwrap_or(false),
+            include_usage: self
+                .common
+                .stream_options
+                .map(|o| o.include_usage)
+                .unwrap_or(false),
         })
     }
 }
@@ -290,7 +324,9 @@ impl CompletionRequest {
             PromptField::Text(t) => PromptInput::Text(t),
             PromptField::Ids(ids) if ids.is_empty() => return Err(RequestError::EmptyPrompt),
             PromptField::Ids(ids) => PromptInput::Ids(ids),
-            PromptField::Texts(mut v) if v.len() == 1 && !v[0].is_empty() => PromptInput::Text(v.remove(0)),
+            PromptField::Texts(mut v) if v.len() == 1 && !v[0].is_empty() => {
+                PromptInput::Text(v.remove(0))
+            }
             PromptField::Texts(v) if v.is_empty() => return Err(RequestError::EmptyPrompt),
             PromptField::Texts(_) => return Err(RequestError::PromptShape),
         };
@@ -300,7 +336,11 @@ impl CompletionRequest {
             sampling,
             stop,
             stream: self.common.stream.unwrap_or(false),
-            include_usage: self.common.stream_options.map(|o| o.include_usage).unwrap_or(false),
+            include_usage: self
+                .common
+                .stream_options
+                .map(|o| o.include_usage)
+                .unwrap_or(false),
         })
     }
 }
@@ -337,7 +377,14 @@ pub fn finish_reason(f: FinishReason) -> &'static str {
 }
 
 /// A whole (non-stream) response.
-pub fn response(endpoint: Endpoint, id: &str, created: u64, model: &str, text: String, done: &Done) -> Value {
+pub fn response(
+    endpoint: Endpoint,
+    id: &str,
+    created: u64,
+    model: &str,
+    text: String,
+    done: &Done,
+) -> Value {
     let reason = finish_reason(done.finish);
     let choice = match endpoint {
         Endpoint::Chat => json!({
@@ -346,7 +393,9 @@ pub fn response(endpoint: Endpoint, id: &str, created: u64, model: &str, text: S
             "logprobs": null,
             "finish_reason": reason,
         }),
-        Endpoint::Completions => json!({"index": 0, "text": text, "logprobs": null, "finish_reason": reason}),
+        Endpoint::Completions => {
+            json!({"index": 0, "text": text, "logprobs": null, "finish_reason": reason})
+        }
     };
     json!({
         "id": id,
@@ -382,7 +431,9 @@ pub fn chunk(
             };
             json!({"index": 0, "delta": delta, "logprobs": null, "finish_reason": reason})
         }
-        Endpoint::Completions => json!({"index": 0, "text": delta.unwrap_or(""), "logprobs": null, "finish_reason": reason}),
+        Endpoint::Completions => {
+            json!({"index": 0, "text": delta.unwrap_or(""), "logprobs": null, "finish_reason": reason})
+        }
     };
     let mut v = json!({
         "id": id,
@@ -415,14 +466,28 @@ mod tests {
     use super::*;
 
     fn limits() -> Limits {
-        Limits { max_body_bytes: 1 << 20, max_tokens: 100, default_max_tokens: 16 }
+        Limits {
+            max_body_bytes: 1 << 20,
+            max_tokens: 100,
+            default_max_tokens: 16,
+        }
     }
 
     #[test]
     fn max_tokens_bounds() {
-        for (v, ok) in [(0i64, false), (-5, false), (1, true), (100, true), (101, false), (i64::MAX, false)] {
-            let r: ChatRequest =
-                parse(format!(r#"{{"messages":[{{"role":"user","content":"hi"}}],"max_tokens":{v}}}"#).as_bytes()).unwrap();
+        for (v, ok) in [
+            (0i64, false),
+            (-5, false),
+            (1, true),
+            (100, true),
+            (101, false),
+            (i64::MAX, false),
+        ] {
+            let r: ChatRequest = parse(
+                format!(r#"{{"messages":[{{"role":"user","content":"hi"}}],"max_tokens":{v}}}"#)
+                    .as_bytes(),
+            )
+            .unwrap();
             assert_eq!(r.validate("m", &limits()).is_ok(), ok, "{v}");
         }
     }
@@ -446,9 +511,20 @@ mod tests {
 
     #[test]
     fn prompt_shapes() {
-        let ok = |b: &[u8]| parse::<CompletionRequest>(b).unwrap().validate("m", &limits()).map(|v| v.prompt);
-        assert!(matches!(ok(br#"{"prompt":[1,2,3]}"#), Ok(PromptInput::Ids(_))));
-        assert!(matches!(ok(br#"{"prompt":["a"]}"#), Ok(PromptInput::Text(_))));
+        let ok = |b: &[u8]| {
+            parse::<CompletionRequest>(b)
+                .unwrap()
+                .validate("m", &limits())
+                .map(|v| v.prompt)
+        };
+        assert!(matches!(
+            ok(br#"{"prompt":[1,2,3]}"#),
+            Ok(PromptInput::Ids(_))
+        ));
+        assert!(matches!(
+            ok(br#"{"prompt":["a"]}"#),
+            Ok(PromptInput::Text(_))
+        ));
         assert!(ok(br#"{"prompt":""}"#).is_err());
         assert!(ok(br#"{"prompt":["a","b"]}"#).is_err());
     }

@@ -56,7 +56,13 @@ pub struct ConversationCache {
 
 impl ConversationCache {
     pub fn new(budget: usize, fingerprint: &str) -> Self {
-        ConversationCache { budget, entries: Vec::new(), held_bytes: 0, clock: 0, fingerprint: fingerprint.into() }
+        ConversationCache {
+            budget,
+            entries: Vec::new(),
+            held_bytes: 0,
+            clock: 0,
+            fingerprint: fingerprint.into(),
+        }
     }
 
     pub fn enabled(&self) -> bool {
@@ -77,13 +83,19 @@ impl ConversationCache {
 
     /// The memory holding the longest prefix of `prompt`: a live session is taken out (it will be
     /// extended), a snapshot is copied into a new session (it stays for other requests).
-    pub fn take_longest_prefix(&mut self, prompt: &[u32], model: &Model) -> beacon::Result<Option<Reused>> {
+    pub fn take_longest_prefix(
+        &mut self,
+        prompt: &[u32],
+        model: &Model,
+    ) -> beacon::Result<Option<Reused>> {
         let usable = |e: &Entry| {
             let t = e.held.tokens();
             let fits = match e.held {
                 // No logits: something must be left to feed.
                 Held::Live(_) => t.len() < prompt.len(),
-                Held::Saved(ref s) => t.len() < prompt.len() || (t.len() == prompt.len() && s.logits.is_some()),
+                Held::Saved(ref s) => {
+                    t.len() < prompt.len() || (t.len() == prompt.len() && s.logits.is_some())
+                }
             };
             !t.is_empty() && fits && prompt.starts_with(t)
         };
@@ -100,14 +112,26 @@ impl ConversationCache {
         if matches!(self.entries[i].held, Held::Live(_)) {
             let e = self.entries.swap_remove(i);
             self.held_bytes -= e.bytes;
-            let Held::Live(session) = e.held else { unreachable!("checked above") };
+            let Held::Live(session) = e.held else {
+                unreachable!("checked above")
+            };
             let tokens = session.tokens.len();
-            return Ok(Some(Reused { session, logits: None, tokens }));
+            return Ok(Some(Reused {
+                session,
+                logits: None,
+                tokens,
+            }));
         }
         let e = &mut self.entries[i];
         e.last_used = self.clock;
-        let Held::Saved(snap) = &e.held else { unreachable!("checked above") };
-        Ok(Some(Reused { session: snap.restore(model)?, logits: snap.logits.clone(), tokens: snap.tokens.len() }))
+        let Held::Saved(snap) = &e.held else {
+            unreachable!("checked above")
+        };
+        Ok(Some(Reused {
+            session: snap.restore(model)?,
+            logits: snap.logits.clone(),
+            tokens: snap.tokens.len(),
+        }))
     }
 
     /// Keep a session as a request left it.
@@ -127,7 +151,11 @@ impl ConversationCache {
             return;
         }
         // One entry per token sequence; a snapshot (with logits) beats a live session.
-        if let Some(i) = self.entries.iter().position(|e| e.held.tokens() == held.tokens()) {
+        if let Some(i) = self
+            .entries
+            .iter()
+            .position(|e| e.held.tokens() == held.tokens())
+        {
             if matches!(held, Held::Live(_)) && matches!(self.entries[i].held, Held::Saved(_)) {
                 self.clock += 1;
                 self.entries[i].last_used = self.clock;
@@ -137,13 +165,24 @@ impl ConversationCache {
             self.held_bytes -= old.bytes;
         }
         while self.held_bytes + bytes > self.budget {
-            let Some((lru, _)) = self.entries.iter().enumerate().min_by_key(|(_, e)| e.last_used) else { break };
+            let Some((lru, _)) = self
+                .entries
+                .iter()
+                .enumerate()
+                .min_by_key(|(_, e)| e.last_used)
+            else {
+                break;
+            };
             let old = self.entries.swap_remove(lru);
             self.held_bytes -= old.bytes;
         }
         self.clock += 1;
         self.held_bytes += bytes;
-        self.entries.push(Entry { held, bytes, last_used: self.clock });
+        self.entries.push(Entry {
+            held,
+            bytes,
+            last_used: self.clock,
+        });
     }
 
     /// Write every held conversation to `dir` in the saved-context format. Returns files written.
@@ -156,7 +195,11 @@ impl ConversationCache {
                 Held::Saved(s) => s.clone(),
             };
             let name = beacon::context_file::sha256_hex(
-                &snap.tokens.iter().flat_map(|t| t.to_le_bytes()).collect::<Vec<u8>>(),
+                &snap
+                    .tokens
+                    .iter()
+                    .flat_map(|t| t.to_le_bytes())
+                    .collect::<Vec<u8>>(),
             );
             snap.save(&dir.join(format!("conversation-{}.beacon", &name[..16])))?;
             n += 1;

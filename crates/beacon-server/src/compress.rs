@@ -32,35 +32,64 @@ pub struct CompressArgs {
     /// `beacon` (default) or `full` (keeps every raw K/V: large files).
     #[arg(long)]
     pub mode: Option<String>,
+    /// Open a user turn of the chat template before the text, so `beacon run --context FILE --chat -p Q`
+    /// asks Q inside the same user message (as `beacon run --chat -f FILE -p Q` would).
+    #[arg(long)]
+    pub chat: bool,
 }
 
 /// Compress and save; prints a one-line report and returns it.
 pub fn run_compress(args: CompressArgs) -> anyhow::Result<SaveReport> {
-    let path = match &args.model {
-        Some(p) => p.clone(),
-        None => beacon::fetch::default_model_path().context("locating the default model")?,
-    };
-    let loaded = beacon::load(&path, &LoadOptions::default()).with_context(|| format!("loading {}", path.display()))?;
+    let loaded = beacon::loader::load_model(args.model.as_deref(), &LoadOptions::default())
+        .context("loading the model")?;
+    let path = loaded.path.clone();
     let tokenizer = loaded
         .tokenizer
         .as_ref()
         .ok_or_else(|| anyhow::anyhow!("{}: the model has no tokenizer", path.display()))?;
     let mut text = String::new();
     if args.file.as_os_str() == "-" {
-        std::io::stdin().read_to_string(&mut text).context("reading standard input")?;
+        std::io::stdin()
+            .read_to_string(&mut text)
+            .context("reading standard input")?;
     } else {
-        text = std::fs::read_to_string(&args.file).with_context(|| format!("reading {}", args.file.display()))?;
+        text = std::fs::read_to_string(&args.file)
+            .with_context(|| format!("reading {}", args.file.display()))?;
     }
-    let ids = tokenizer.encode(&text, false)?;
-    anyhow::ensure!(!ids.is_empty(), "{}: nothing to compress (no tokens)", args.file.display());
-    let options = EngineOptions { mode: args.mode.clone(), ratio: args.ratio.clone(), window: args.window, ..Default::default() };
+    let ids = if args.chat {
+        let (open, _) = beacon::tokenizer::user_turn_parts(tokenizer)?;
+        tokenizer.encode(&format!("{open}{text}"), true)?
+    } else {
+        tokenizer.encode(&text, false)?
+    };
+    anyhow::ensure!(
+        !ids.is_empty(),
+        "{}: nothing to compress (no tokens)",
+        args.file.display()
+    );
+    let options = EngineOptions {
+        mode: args.mode.clone(),
+        ratio: args.ratio.clone(),
+        window: args.window,
+        ..Default::default()
+    };
     let model = &loaded.model;
-    let mut session = Session::new(model, options.mode(model.cfg.max_position_embeddings)?, options.beacon_config(&loaded.beacon)?);
+    let mut session = Session::new(
+        model,
+        options.mode(model.cfg.max_position_embeddings)?,
+        options.beacon_config(&loaded.beacon)?,
+    );
     let t0 = Instant::now();
     let logits = session.feed_with(model, &ids, Want::Last, FeedOptions::default(), &mut |_| {})?;
     let seconds = t0.elapsed().as_secs_f64();
-    let report = save_context(&args.output, &session, &loaded.fingerprint, Some(&sha256_hex(text.as_bytes())), logits.as_ref())
-        .with_context(|| format!("writing {}", args.output.display()))?;
+    let report = save_context(
+        &args.output,
+        &session,
+        &loaded.fingerprint,
+        Some(&sha256_hex(text.as_bytes())),
+        logits.as_ref(),
+    )
+    .with_context(|| format!("writing {}", args.output.display()))?;
     println!(
         "{}: {} tokens in {:.1} s → {}: {} ({} memory entries); raw K/V of the same tokens: {} ({:.1}× larger)",
         args.file.display(),

@@ -208,7 +208,10 @@ impl Engine {
         let mut cache = ConversationCache::new(settings.cache_bytes, &fingerprint);
         if let Some(dir) = &settings.persist_dir {
             let (loaded, skipped) = cache.restore_dir(dir)?;
-            tracing::info!("restored {loaded} saved conversations from {} ({skipped} skipped)", dir.display());
+            tracing::info!(
+                "restored {loaded} saved conversations from {} ({skipped} skipped)",
+                dir.display()
+            );
         }
         let (tx, rx) = sync_channel::<(Job, Instant)>(settings.queue);
         let rx = Arc::new(Mutex::new(rx));
@@ -220,7 +223,10 @@ impl Engine {
             eos_ids,
             settings,
             cache: Mutex::new(cache),
-            turns: Turns { state: Mutex::new((0, 0)), changed: Condvar::new() },
+            turns: Turns {
+                state: Mutex::new((0, 0)),
+                changed: Condvar::new(),
+            },
             metrics,
         });
         let handles = (0..workers)
@@ -231,13 +237,19 @@ impl Engine {
                     .spawn(move || worker(&shared, &rx))
             })
             .collect::<std::io::Result<Vec<_>>>()?;
-        Ok(Engine { queue: Mutex::new(Some(tx)), shared, workers: Mutex::new(handles) })
+        Ok(Engine {
+            queue: Mutex::new(Some(tx)),
+            shared,
+            workers: Mutex::new(handles),
+        })
     }
 
     /// Queue a job; refused when the queue is full or the engine is stopping.
     pub fn submit(&self, job: Job) -> Result<(), EngineError> {
         let queue = self.queue.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(tx) = queue.as_ref() else { return Err(EngineError::ShuttingDown) };
+        let Some(tx) = queue.as_ref() else {
+            return Err(EngineError::ShuttingDown);
+        };
         let m = &self.shared.metrics;
         m.queued.fetch_add(1, Ordering::Relaxed);
         match tx.try_send((job, Instant::now())) {
@@ -265,7 +277,12 @@ impl Engine {
             let _ = h.join();
         }
         if let Some(dir) = &self.shared.settings.persist_dir {
-            let n = self.shared.cache.lock().unwrap_or_else(|p| p.into_inner()).persist(dir)?;
+            let n = self
+                .shared
+                .cache
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .persist(dir)?;
             tracing::info!("saved {n} conversations to {}", dir.display());
         }
         Ok(())
@@ -309,10 +326,15 @@ fn tokenize(shared: &Shared, prompt: &PromptInput) -> Result<Vec<u32>, EngineErr
     let tok = &shared.tokenizer;
     let ids = match prompt {
         PromptInput::Ids(ids) => ids.clone(),
-        PromptInput::Text(text) => tok.encode(text, true).map_err(|e| EngineError::Prompt(e.to_string()))?,
+        PromptInput::Text(text) => tok
+            .encode(text, true)
+            .map_err(|e| EngineError::Prompt(e.to_string()))?,
         PromptInput::Chat(messages) => {
-            let text = tok.apply_chat_template(messages, true).map_err(|e| EngineError::Prompt(e.to_string()))?;
-            tok.encode(&text, true).map_err(|e| EngineError::Prompt(e.to_string()))?
+            let text = tok
+                .apply_chat_template(messages, true)
+                .map_err(|e| EngineError::Prompt(e.to_string()))?;
+            tok.encode(&text, true)
+                .map_err(|e| EngineError::Prompt(e.to_string()))?
         }
     };
     let vocab = shared.model.cfg.vocab_size;
@@ -324,7 +346,10 @@ fn tokenize(shared: &Shared, prompt: &PromptInput) -> Result<Vec<u32>, EngineErr
     }
     let max = shared.settings.max_prompt_tokens;
     if ids.len() > max {
-        return Err(EngineError::PromptTooLong { tokens: ids.len(), max });
+        return Err(EngineError::PromptTooLong {
+            tokens: ids.len(),
+            max,
+        });
     }
     Ok(ids)
 }
@@ -347,33 +372,59 @@ fn run_job(shared: &Shared, job: Job, enqueued: Instant) -> Result<(), EngineErr
         }
         None => {
             m.cache_misses.fetch_add(1, Ordering::Relaxed);
-            (Session::new(model, shared.settings.mode.clone(), shared.settings.beacon.clone()), None, 0)
+            (
+                Session::new(
+                    model,
+                    shared.settings.mode.clone(),
+                    shared.settings.beacon.clone(),
+                ),
+                None,
+                0,
+            )
         }
     };
     let suffix = &ids[tokens_reused..];
-    let started = Started { prompt_tokens: ids.len(), tokens_encoded: suffix.len(), queue_seconds };
+    let started = Started {
+        prompt_tokens: ids.len(),
+        tokens_encoded: suffix.len(),
+        queue_seconds,
+    };
     if job.events.send(Event::Started(started)).is_err() {
         m.cancelled.fetch_add(1, Ordering::Relaxed);
         return Ok(());
     }
-    m.prompt_tokens.fetch_add(ids.len() as u64, Ordering::Relaxed);
-    m.tokens_encoded.fetch_add(suffix.len() as u64, Ordering::Relaxed);
-    m.tokens_reused.fetch_add(tokens_reused as u64, Ordering::Relaxed);
+    m.prompt_tokens
+        .fetch_add(ids.len() as u64, Ordering::Relaxed);
+    m.tokens_encoded
+        .fetch_add(suffix.len() as u64, Ordering::Relaxed);
+    m.tokens_reused
+        .fetch_add(tokens_reused as u64, Ordering::Relaxed);
 
     let t0 = Instant::now();
     let logits = if suffix.is_empty() {
-        held_logits.ok_or_else(|| EngineError::Internal("held memory has no logits to continue from".into()))?
+        held_logits.ok_or_else(|| {
+            EngineError::Internal("held memory has no logits to continue from".into())
+        })?
     } else {
         // Between prefill steps (one window each) the other streams get a turn.
         let logits = session
-            .feed_with(model, suffix, Want::Last, FeedOptions::default(), &mut |_| turn.yield_now())
+            .feed_with(
+                model,
+                suffix,
+                Want::Last,
+                FeedOptions::default(),
+                &mut |_| turn.yield_now(),
+            )
             .map_err(internal)?
             .ok_or_else(|| EngineError::Internal("the prompt produced no logits".into()))?;
         let mut cache = shared.cache.lock().unwrap_or_else(|p| p.into_inner());
         if cache.enabled() {
             // The end of the prompt, with its logits: later turns, retries and replies that
             // re-tokenize differently continue from here.
-            cache.put_saved(Snapshot::capture(&session, &shared.fingerprint, Some(&logits)).map_err(internal)?);
+            cache.put_saved(
+                Snapshot::capture(&session, &shared.fingerprint, Some(&logits))
+                    .map_err(internal)?,
+            );
         }
         logits
     };
@@ -392,12 +443,24 @@ fn run_job(shared: &Shared, job: Job, enqueued: Instant) -> Result<(), EngineErr
         open
     };
     let t1 = Instant::now();
-    let generation = generate(model, &mut session, &shared.tokenizer, &[], Some(logits), &opts, &mut on_text, &mut |_| {})
-        .map_err(internal)?;
+    let generation = generate(
+        model,
+        &mut session,
+        &shared.tokenizer,
+        &[],
+        Some(logits),
+        &opts,
+        &mut on_text,
+        &mut |_| {},
+    )
+    .map_err(internal)?;
     let decode_seconds = t1.elapsed().as_secs_f64();
-    m.completion_tokens.fetch_add(generation.tokens.len() as u64, Ordering::Relaxed);
-    m.decode_seconds_micros.fetch_add((decode_seconds * 1e6) as u64, Ordering::Relaxed);
-    m.prefill_seconds_micros.fetch_add((prefill_seconds * 1e6) as u64, Ordering::Relaxed);
+    m.completion_tokens
+        .fetch_add(generation.tokens.len() as u64, Ordering::Relaxed);
+    m.decode_seconds_micros
+        .fetch_add((decode_seconds * 1e6) as u64, Ordering::Relaxed);
+    m.prefill_seconds_micros
+        .fetch_add((prefill_seconds * 1e6) as u64, Ordering::Relaxed);
     if generation.finish == FinishReason::Cancelled {
         m.cancelled.fetch_add(1, Ordering::Relaxed);
     }
@@ -424,7 +487,8 @@ fn run_job(shared: &Shared, job: Job, enqueued: Instant) -> Result<(), EngineErr
     {
         let mut cache = shared.cache.lock().unwrap_or_else(|p| p.into_inner());
         cache.put_live(session);
-        m.cache_bytes.store(cache.held_bytes() as u64, Ordering::Relaxed);
+        m.cache_bytes
+            .store(cache.held_bytes() as u64, Ordering::Relaxed);
         m.cache_entries.store(cache.len() as u64, Ordering::Relaxed);
     }
     drop(turn);

@@ -30,8 +30,20 @@ pub struct AppState {
 }
 
 impl AppState {
-    pub fn new(engine: Arc<Engine>, model_id: String, limits: Limits, metrics: Arc<Metrics>) -> Self {
-        AppState { engine, model_id, limits, metrics, started: unix_now(), next_id: AtomicU64::new(1) }
+    pub fn new(
+        engine: Arc<Engine>,
+        model_id: String,
+        limits: Limits,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        AppState {
+            engine,
+            model_id,
+            limits,
+            metrics,
+            started: unix_now(),
+            next_id: AtomicU64::new(1),
+        }
     }
 }
 
@@ -49,7 +61,10 @@ pub fn router(state: Arc<AppState>) -> Router {
 }
 
 fn unix_now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 fn error_response(e: &RequestError) -> Response {
@@ -74,9 +89,15 @@ async fn models(State(s): State<Arc<AppState>>) -> Json<serde_json::Value> {
 
 async fn metrics(State(s): State<Arc<AppState>>) -> Response {
     let (entries, bytes) = s.engine.cache_stats();
-    s.metrics.cache_entries.store(entries as u64, Ordering::Relaxed);
+    s.metrics
+        .cache_entries
+        .store(entries as u64, Ordering::Relaxed);
     s.metrics.cache_bytes.store(bytes as u64, Ordering::Relaxed);
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], s.metrics.render()).into_response()
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        s.metrics.render(),
+    )
+        .into_response()
 }
 
 async fn chat(State(s): State<Arc<AppState>>, body: Result<Bytes, BytesRejection>) -> Response {
@@ -87,7 +108,10 @@ async fn chat(State(s): State<Arc<AppState>>, body: Result<Bytes, BytesRejection
     respond(s, Endpoint::Chat, validated, t0).await
 }
 
-async fn completions(State(s): State<Arc<AppState>>, body: Result<Bytes, BytesRejection>) -> Response {
+async fn completions(
+    State(s): State<Arc<AppState>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
     let t0 = Instant::now();
     let validated = read_body(&s, body)
         .and_then(|b| api::parse::<CompletionRequest>(&b))
@@ -98,7 +122,9 @@ async fn completions(State(s): State<Arc<AppState>>, body: Result<Bytes, BytesRe
 fn read_body(s: &AppState, body: Result<Bytes, BytesRejection>) -> Result<Bytes, RequestError> {
     body.map_err(|rejection| {
         if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            RequestError::BodyTooLarge { limit: s.limits.max_body_bytes }
+            RequestError::BodyTooLarge {
+                limit: s.limits.max_body_bytes,
+            }
         } else {
             RequestError::BadJson(rejection.body_text())
         }
@@ -112,35 +138,55 @@ fn endpoint_name(e: Endpoint) -> &'static str {
     }
 }
 
-async fn respond(s: Arc<AppState>, endpoint: Endpoint, validated: Result<Validated, RequestError>, t0: Instant) -> Response {
+async fn respond(
+    s: Arc<AppState>,
+    endpoint: Endpoint,
+    validated: Result<Validated, RequestError>,
+    t0: Instant,
+) -> Response {
     let name = endpoint_name(endpoint);
     let v = match validated {
         Ok(v) => v,
         Err(e) => {
-            s.metrics.record_request(name, e.status().as_u16(), t0.elapsed().as_secs_f64());
+            s.metrics
+                .record_request(name, e.status().as_u16(), t0.elapsed().as_secs_f64());
             return error_response(&e);
         }
     };
     let (tx, mut rx) = unbounded_channel();
-    let job = Job { prompt: v.prompt, max_tokens: v.max_tokens, sampling: v.sampling, stop: v.stop, events: tx };
+    let job = Job {
+        prompt: v.prompt,
+        max_tokens: v.max_tokens,
+        sampling: v.sampling,
+        stop: v.stop,
+        events: tx,
+    };
     // Errors found by the engine before generation starts (prompt too long, busy) are still 4xx.
     let started = match s.engine.submit(job) {
         Err(e) => Err(RequestError::from(e)),
         Ok(()) => match rx.recv().await {
             Some(Event::Started(st)) => Ok(st),
             Some(Event::Failed(e)) => Err(e.into()),
-            _ => Err(crate::engine::EngineError::Internal("the engine dropped the request".into()).into()),
+            _ => Err(
+                crate::engine::EngineError::Internal("the engine dropped the request".into())
+                    .into(),
+            ),
         },
     };
     if let Err(e) = started {
-        s.metrics.record_request(name, e.status().as_u16(), t0.elapsed().as_secs_f64());
+        s.metrics
+            .record_request(name, e.status().as_u16(), t0.elapsed().as_secs_f64());
         return error_response(&e);
     }
     let prefix = match endpoint {
         Endpoint::Chat => "chatcmpl",
         Endpoint::Completions => "cmpl",
     };
-    let id = format!("{prefix}-{}-{}", s.started, s.next_id.fetch_add(1, Ordering::Relaxed));
+    let id = format!(
+        "{prefix}-{}-{}",
+        s.started,
+        s.next_id.fetch_add(1, Ordering::Relaxed)
+    );
     let created = unix_now();
     if v.stream {
         let stream = sse_stream(s, endpoint, id, created, v.include_usage, rx, t0);
@@ -152,18 +198,30 @@ async fn respond(s: Arc<AppState>, endpoint: Endpoint, validated: Result<Validat
         match event {
             Event::Text(t) => text.push_str(&t),
             Event::Done(done) => {
-                s.metrics.record_request(name, 200, t0.elapsed().as_secs_f64());
-                return Json(api::response(endpoint, &id, created, &s.model_id, text, &done)).into_response();
+                s.metrics
+                    .record_request(name, 200, t0.elapsed().as_secs_f64());
+                return Json(api::response(
+                    endpoint,
+                    &id,
+                    created,
+                    &s.model_id,
+                    text,
+                    &done,
+                ))
+                .into_response();
             }
             Event::Failed(e) => {
                 let e = RequestError::from(e);
-                s.metrics.record_request(name, e.status().as_u16(), t0.elapsed().as_secs_f64());
+                s.metrics
+                    .record_request(name, e.status().as_u16(), t0.elapsed().as_secs_f64());
                 return error_response(&e);
             }
             Event::Started(_) => {}
         }
     }
-    let e = RequestError::from(crate::engine::EngineError::Internal("the engine dropped the request".into()));
+    let e = RequestError::from(crate::engine::EngineError::Internal(
+        "the engine dropped the request".into(),
+    ));
     error_response(&e)
 }
 
@@ -180,44 +238,69 @@ fn sse_stream(
 ) -> impl Stream<Item = Result<SseEvent, Infallible>> {
     let data = |v: serde_json::Value| SseEvent::default().data(v.to_string());
     let first = match endpoint {
-        Endpoint::Chat => vec![data(api::chunk(endpoint, &id, created, &s.model_id, None, None))],
+        Endpoint::Chat => vec![data(api::chunk(
+            endpoint,
+            &id,
+            created,
+            &s.model_id,
+            None,
+            None,
+        ))],
         Endpoint::Completions => vec![],
     };
     struct St {
         rx: UnboundedReceiver<Event>,
         finished: bool,
     }
-    let body = stream::unfold(St { rx, finished: false }, move |mut st| {
-        let (s, id) = (s.clone(), id.clone());
-        async move {
-            if st.finished {
-                return None;
+    let body = stream::unfold(
+        St {
+            rx,
+            finished: false,
+        },
+        move |mut st| {
+            let (s, id) = (s.clone(), id.clone());
+            async move {
+                if st.finished {
+                    return None;
+                }
+                let name = endpoint_name(endpoint);
+                loop {
+                    let out: Vec<SseEvent> = match st.rx.recv().await {
+                        Some(Event::Text(t)) => vec![data(api::chunk(
+                            endpoint,
+                            &id,
+                            created,
+                            &s.model_id,
+                            Some(&t),
+                            None,
+                        ))],
+                        Some(Event::Started(_)) => continue,
+                        Some(Event::Done(done)) => {
+                            st.finished = true;
+                            s.metrics
+                                .record_request(name, 200, t0.elapsed().as_secs_f64());
+                            done_events(endpoint, &id, created, &s.model_id, &done, include_usage)
+                        }
+                        Some(Event::Failed(e)) => {
+                            st.finished = true;
+                            let e = RequestError::from(e);
+                            s.metrics.record_request(
+                                name,
+                                e.status().as_u16(),
+                                t0.elapsed().as_secs_f64(),
+                            );
+                            vec![data(e.body())]
+                        }
+                        None => {
+                            st.finished = true;
+                            vec![]
+                        }
+                    };
+                    return Some((stream::iter(out), st));
+                }
             }
-            let name = endpoint_name(endpoint);
-            loop {
-                let out: Vec<SseEvent> = match st.rx.recv().await {
-                    Some(Event::Text(t)) => vec![data(api::chunk(endpoint, &id, created, &s.model_id, Some(&t), None))],
-                    Some(Event::Started(_)) => continue,
-                    Some(Event::Done(done)) => {
-                        st.finished = true;
-                        s.metrics.record_request(name, 200, t0.elapsed().as_secs_f64());
-                        done_events(endpoint, &id, created, &s.model_id, &done, include_usage)
-                    }
-                    Some(Event::Failed(e)) => {
-                        st.finished = true;
-                        let e = RequestError::from(e);
-                        s.metrics.record_request(name, e.status().as_u16(), t0.elapsed().as_secs_f64());
-                        vec![data(e.body())]
-                    }
-                    None => {
-                        st.finished = true;
-                        vec![]
-                    }
-                };
-                return Some((stream::iter(out), st));
-            }
-        }
-    })
+        },
+    )
     .flatten();
     stream::iter(first)
         .chain(body)
@@ -225,9 +308,23 @@ fn sse_stream(
         .map(Ok)
 }
 
-fn done_events(endpoint: Endpoint, id: &str, created: u64, model: &str, done: &Done, include_usage: bool) -> Vec<SseEvent> {
+fn done_events(
+    endpoint: Endpoint,
+    id: &str,
+    created: u64,
+    model: &str,
+    done: &Done,
+    include_usage: bool,
+) -> Vec<SseEvent> {
     let data = |v: serde_json::Value| SseEvent::default().data(v.to_string());
-    let mut out = vec![data(api::chunk(endpoint, id, created, model, None, Some(done)))];
+    let mut out = vec![data(api::chunk(
+        endpoint,
+        id,
+        created,
+        model,
+        None,
+        Some(done),
+    ))];
     if include_usage {
         out.push(data(api::usage_chunk(endpoint, id, created, model, done)));
     }

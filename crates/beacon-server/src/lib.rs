@@ -100,15 +100,23 @@ impl Default for ServeArgs {
 /// `512`, `64KiB`, `512MiB`, `1GiB` (also KB/MB/GB as powers of 1024, and `k`/`m`/`g`).
 pub fn parse_bytes(s: &str) -> Result<u64, String> {
     let t = s.trim();
-    let split = t.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(t.len());
+    let split = t
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
-    let n: f64 = num.parse().map_err(|_| format!("`{s}`: expected a size such as 512MiB or 1GiB"))?;
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("`{s}`: expected a size such as 512MiB or 1GiB"))?;
     let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
         "" | "b" => 1,
         "k" | "kb" | "kib" => 1 << 10,
         "m" | "mb" | "mib" => 1 << 20,
         "g" | "gb" | "gib" => 1 << 30,
-        _ => return Err(format!("`{s}`: unknown unit `{unit}` (use B, KiB, MiB or GiB)")),
+        _ => {
+            return Err(format!(
+                "`{s}`: unknown unit `{unit}` (use B, KiB, MiB or GiB)"
+            ))
+        }
     };
     Ok((n * mult as f64) as u64)
 }
@@ -131,7 +139,9 @@ impl ServerHandle {
             let _ = tx.send(());
         }
         match self.thread.take() {
-            Some(t) => t.join().map_err(|_| anyhow::anyhow!("server thread panicked"))?,
+            Some(t) => t
+                .join()
+                .map_err(|_| anyhow::anyhow!("server thread panicked"))?,
             None => Ok(()),
         }
     }
@@ -150,14 +160,21 @@ struct Prepared {
 }
 
 fn prepare(args: &ServeArgs) -> anyhow::Result<Prepared> {
-    let path = match &args.model {
-        Some(p) => p.clone(),
-        None => beacon::fetch::default_model_path().context("locating the default model")?,
-    };
-    let Loaded { model, beacon: beacon_cfg, tokenizer, fingerprint, .. } =
-        beacon::load(&path, &LoadOptions::default()).with_context(|| format!("loading {}", path.display()))?;
+    let loaded = beacon::loader::load_model(args.model.as_deref(), &LoadOptions::default())
+        .context("loading the model")?;
+    let path = loaded.path.clone();
+    let Loaded {
+        model,
+        beacon: beacon_cfg,
+        tokenizer,
+        fingerprint,
+        ..
+    } = loaded;
     let tokenizer = tokenizer.ok_or_else(|| {
-        anyhow::anyhow!("{}: the model has no tokenizer (put tokenizer.json beside it)", path.display())
+        anyhow::anyhow!(
+            "{}: the model has no tokenizer (put tokenizer.json beside it)",
+            path.display()
+        )
     })?;
     let options = EngineOptions {
         mode: args.mode.clone(),
@@ -175,27 +192,56 @@ fn prepare(args: &ServeArgs) -> anyhow::Result<Prepared> {
         queue: args.queue,
     };
     let model_id = args.served_model_name.clone().unwrap_or_else(|| {
-        let stem = if path.is_dir() { path.file_name() } else { path.file_stem() };
-        stem.map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "beacon".into())
+        let stem = if path.is_dir() {
+            path.file_name()
+        } else {
+            path.file_stem()
+        };
+        stem.map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "beacon".into())
     });
     let metrics = Arc::new(metrics::Metrics::default());
-    let engine = Arc::new(Engine::start(model, tokenizer, fingerprint, settings, metrics.clone())?);
+    let engine = Arc::new(Engine::start(
+        model,
+        tokenizer,
+        fingerprint,
+        settings,
+        metrics.clone(),
+    )?);
     let limits = api::Limits {
         max_body_bytes: args.max_body_bytes as usize,
         max_tokens: args.max_tokens_limit,
         default_max_tokens: args.default_max_tokens.min(args.max_tokens_limit),
     };
-    let state = Arc::new(http::AppState::new(engine.clone(), model_id, limits, metrics));
+    let state = Arc::new(http::AppState::new(
+        engine.clone(),
+        model_id,
+        limits,
+        metrics,
+    ));
     let addr = format!("{}:{}", args.host, args.port);
     let listener = std::net::TcpListener::bind(&addr).with_context(|| format!("binding {addr}"))?;
     listener.set_nonblocking(true)?;
-    Ok(Prepared { state, engine, listener })
+    Ok(Prepared {
+        state,
+        engine,
+        listener,
+    })
 }
 
-async fn serve_prepared(p: Prepared, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+async fn serve_prepared(
+    p: Prepared,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::from_std(p.listener)?;
-    tracing::info!("serving {} on http://{}", p.state.model_id, listener.local_addr()?);
-    axum::serve(listener, http::router(p.state)).with_graceful_shutdown(shutdown).await?;
+    tracing::info!(
+        "serving {} on http://{}",
+        p.state.model_id,
+        listener.local_addr()?
+    );
+    axum::serve(listener, http::router(p.state))
+        .with_graceful_shutdown(shutdown)
+        .await?;
     // The server is closed; running jobs finish, then held conversations are saved if asked.
     let engine = p.engine;
     tokio::task::spawn_blocking(move || engine.shutdown()).await??;
@@ -211,7 +257,10 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
 /// `beacon serve`: build a runtime and serve until Ctrl-C or SIGTERM.
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let p = prepare(&args)?;
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
     rt.block_on(serve_prepared(p, shutdown_signal()))
 }
 
@@ -220,13 +269,22 @@ pub fn spawn(args: ServeArgs) -> anyhow::Result<ServerHandle> {
     let p = prepare(&args)?;
     let addr = p.listener.local_addr()?;
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let thread = std::thread::Builder::new().name("beacon-http".into()).spawn(move || {
-        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-        rt.block_on(serve_prepared(p, async {
-            let _ = rx.await;
-        }))
-    })?;
-    Ok(ServerHandle { addr, shutdown: Some(tx), thread: Some(thread) })
+    let thread = std::thread::Builder::new()
+        .name("beacon-http".into())
+        .spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()?;
+            rt.block_on(serve_prepared(p, async {
+                let _ = rx.await;
+            }))
+        })?;
+    Ok(ServerHandle {
+        addr,
+        shutdown: Some(tx),
+        thread: Some(thread),
+    })
 }
 
 async fn shutdown_signal() {

@@ -10,11 +10,22 @@ use candle_core::Tensor;
 use common::*;
 
 fn ids(n: usize, seed: u32) -> Vec<u32> {
-    (0..n as u32).map(|i| 3 + (i * 37 + seed * 11) % 250).collect()
+    (0..n as u32)
+        .map(|i| 3 + (i * 37 + seed * 11) % 250)
+        .collect()
 }
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap()
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar()
+        .unwrap()
 }
 
 #[test]
@@ -29,20 +40,39 @@ fn round_trip_continues_exactly() {
     let mut original = Session::new(model, Mode::Beacon, loaded.beacon.clone());
     let logits = original.feed(model, &book, Want::Last).unwrap();
     let file = scratch("ctx").join("book.beacon");
-    let report = save_context(&file, &original, &loaded.fingerprint, Some("abc"), logits.as_ref()).unwrap();
+    let report = save_context(
+        &file,
+        &original,
+        &loaded.fingerprint,
+        Some("abc"),
+        logits.as_ref(),
+    )
+    .unwrap();
     assert_eq!(report.tokens, book.len());
-    assert!(report.file_bytes < report.kv_bytes_full as u64, "{report:?}: the file is smaller than the raw K/V it replaces");
+    assert!(
+        report.file_bytes < report.kv_bytes_full as u64,
+        "{report:?}: the file is smaller than the raw K/V it replaces"
+    );
     assert!(!file.with_file_name(".book.beacon.tmp").exists());
 
     let restored = load_context(&file, model, &loaded.fingerprint).unwrap();
     assert_eq!(restored.header.input_sha256.as_deref(), Some("abc"));
-    assert_eq!(max_abs_diff(&restored.logits.unwrap(), &logits.unwrap().squeeze(0).unwrap()), 0.0);
+    assert_eq!(
+        max_abs_diff(
+            &restored.logits.unwrap(),
+            &logits.unwrap().squeeze(0).unwrap()
+        ),
+        0.0
+    );
     let mut resumed = restored.session;
     assert_eq!(resumed.tokens, original.tokens);
     assert_eq!(resumed.layout, original.layout);
 
     // Continuing from the file is bit-identical to continuing the original session…
-    let a = original.feed(model, &question, Want::Last).unwrap().unwrap();
+    let a = original
+        .feed(model, &question, Want::Last)
+        .unwrap()
+        .unwrap();
     let b = resumed.feed(model, &question, Want::Last).unwrap().unwrap();
     assert_eq!(max_abs_diff(&a, &b), 0.0);
     let opts = GenerateOptions {
@@ -51,8 +81,28 @@ fn round_trip_continues_exactly() {
         stop_strings: vec![],
         eos_ids: vec![],
     };
-    let g1 = generate(model, &mut original, tok, &[], Some(a.clone()), &opts, &mut |_| true, &mut |_| {}).unwrap();
-    let g2 = generate(model, &mut resumed, tok, &[], Some(b), &opts, &mut |_| true, &mut |_| {}).unwrap();
+    let g1 = generate(
+        model,
+        &mut original,
+        tok,
+        &[],
+        Some(a.clone()),
+        &opts,
+        &mut |_| true,
+        &mut |_| {},
+    )
+    .unwrap();
+    let g2 = generate(
+        model,
+        &mut resumed,
+        tok,
+        &[],
+        Some(b),
+        &opts,
+        &mut |_| true,
+        &mut |_| {},
+    )
+    .unwrap();
     assert_eq!(g1.tokens, g2.tokens);
     assert_eq!(g1.text, g2.text);
 
@@ -61,7 +111,17 @@ fn round_trip_continues_exactly() {
     let all: Vec<u32> = book.iter().chain(&question).copied().collect();
     let c = one_run.feed(model, &all, Want::Last).unwrap().unwrap();
     assert!(max_abs_diff(&a, &c) < 1e-4, "diff {}", max_abs_diff(&a, &c));
-    let g3 = generate(model, &mut one_run, tok, &[], Some(c), &opts, &mut |_| true, &mut |_| {}).unwrap();
+    let g3 = generate(
+        model,
+        &mut one_run,
+        tok,
+        &[],
+        Some(c),
+        &opts,
+        &mut |_| true,
+        &mut |_| {},
+    )
+    .unwrap();
     assert_eq!(g1.tokens, g3.tokens);
 }
 
@@ -94,7 +154,10 @@ fn bad_files_are_clear_errors() {
     let e = err("truncated.beacon", &bytes[..bytes.len() - 333]);
     assert!(e.contains("truncated"), "{e}");
     let e = err("stub.beacon", &bytes[..5]);
-    assert!(e.contains("truncated") || e.contains("not a saved context"), "{e}");
+    assert!(
+        e.contains("truncated") || e.contains("not a saved context"),
+        "{e}"
+    );
 
     let text = String::from_utf8_lossy(&bytes[..200]).into_owned();
     assert!(text.contains("\"version\":\"1\""), "{text}");
@@ -104,10 +167,16 @@ fn bad_files_are_clear_errors() {
 
     let p = scratch.join("other-model.beacon");
     save_context(&p, &s, "0123456789abcdef01234567", None, None).unwrap();
-    let e = load_context(&p, model, &loaded.fingerprint).err().expect("another model").to_string();
+    let e = load_context(&p, model, &loaded.fingerprint)
+        .err()
+        .expect("another model")
+        .to_string();
     assert!(e.contains("another model"), "{e}");
 
-    let e = err("not-safetensors.beacon", b"hello world, this is not a context file at all");
+    let e = err(
+        "not-safetensors.beacon",
+        b"hello world, this is not a context file at all",
+    );
     assert!(e.contains("not a saved context"), "{e}");
 
     // Saving over an existing file replaces it whole.
@@ -116,8 +185,37 @@ fn bad_files_are_clear_errors() {
 }
 
 fn replace_once(haystack: &[u8], from: &[u8], to: &[u8]) -> Vec<u8> {
-    let i = haystack.windows(from.len()).position(|w| w == from).expect("pattern present");
+    let i = haystack
+        .windows(from.len())
+        .position(|w| w == from)
+        .expect("pattern present");
     let mut out = haystack.to_vec();
     out[i..i + from.len()].copy_from_slice(to);
     out
+}
+
+#[test]
+fn compress_command_writes_a_loadable_context() {
+    let dir = tiny_model();
+    let scratch = scratch("compress");
+    let book = scratch.join("book.txt");
+    std::fs::write(&book, "A lighthouse keeper counted ships at night. ".repeat(8)).unwrap();
+    let out = scratch.join("book.beacon");
+    let report = beacon_server::run_compress(beacon_server::CompressArgs {
+        model: Some(dir.clone()),
+        file: book.clone(),
+        output: out.clone(),
+        ratio: Some("4".into()),
+        window: None,
+        mode: None,
+    })
+    .unwrap();
+    assert_eq!(report.file_bytes, std::fs::metadata(&out).unwrap().len());
+    assert!(report.file_bytes < report.kv_bytes_full as u64, "{report:?}");
+    let loaded = beacon::load(&dir, &LoadOptions::default()).unwrap();
+    let ctx = load_context(&out, &loaded.model, &loaded.fingerprint).unwrap();
+    assert_eq!(ctx.session.tokens.len(), report.tokens);
+    assert!(ctx.logits.is_some());
+    let text = std::fs::read(&book).unwrap();
+    assert_eq!(ctx.header.input_sha256, Some(beacon::context_file::sha256_hex(&text)));
 }

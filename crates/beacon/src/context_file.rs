@@ -67,13 +67,21 @@ pub struct Snapshot {
 
 impl Snapshot {
     /// Copy a session's memory. `logits` are those of its last token, if the caller has them.
-    pub fn capture(session: &Session, model_fingerprint: &str, logits: Option<&Tensor>) -> Result<Self> {
+    pub fn capture(
+        session: &Session,
+        model_fingerprint: &str,
+        logits: Option<&Tensor>,
+    ) -> Result<Self> {
         let caches = session.export_caches()?;
         let kv_dtype = caches.first().map(|(k, _)| k.dtype()).unwrap_or(DType::F32);
         let logits = match logits {
             Some(l) => {
                 // `[rows, vocab]` from a feed keeps only its last row.
-                let l = if l.rank() == 2 { l.get(l.dim(0)? - 1)? } else { l.clone() };
+                let l = if l.rank() == 2 {
+                    l.get(l.dim(0)? - 1)?
+                } else {
+                    l.clone()
+                };
                 Some(l.to_dtype(DType::F32)?.contiguous()?)
             }
             None => None,
@@ -148,7 +156,12 @@ impl Snapshot {
             .iter()
             .map(|(k, v)| (k.elem_count() + v.elem_count()) * k.dtype().size_in_bytes())
             .sum();
-        kv + self.logits.as_ref().map(|l| l.elem_count() * 4).unwrap_or(0) + self.tokens.len() * 4
+        kv + self
+            .logits
+            .as_ref()
+            .map(|l| l.elem_count() * 4)
+            .unwrap_or(0)
+            + self.tokens.len() * 4
     }
 
     /// Write atomically. Returns the file size in bytes.
@@ -157,11 +170,21 @@ impl Snapshot {
             .map_err(|e| BeaconError::invalid(format!("cannot encode the context header: {e}")))?;
         let mut named: Vec<(String, StDtype, Vec<usize>, Vec<u8>)> = Vec::new();
         let tokens: Vec<u8> = self.tokens.iter().flat_map(|t| t.to_le_bytes()).collect();
-        named.push(("tokens".into(), StDtype::U32, vec![self.tokens.len()], tokens));
+        named.push((
+            "tokens".into(),
+            StDtype::U32,
+            vec![self.tokens.len()],
+            tokens,
+        ));
         for (i, (k, v)) in self.caches.iter().enumerate() {
             for (name, t) in [("k", k), ("v", v)] {
                 let (dtype, bytes) = tensor_bytes(t)?;
-                named.push((format!("layers.{i}.{name}"), dtype, t.dims().to_vec(), bytes));
+                named.push((
+                    format!("layers.{i}.{name}"),
+                    dtype,
+                    t.dims().to_vec(),
+                    bytes,
+                ));
             }
         }
         if let Some(l) = &self.logits {
@@ -169,7 +192,12 @@ impl Snapshot {
             named.push(("logits".into(), dtype, l.dims().to_vec(), bytes));
         }
         named.sort_by(|a, b| a.0.cmp(&b.0));
-        let checksum = checksum(&header_json, named.iter().map(|(n, d, s, b)| (n.as_str(), *d, s.as_slice(), b.as_slice())));
+        let checksum = checksum(
+            &header_json,
+            named
+                .iter()
+                .map(|(n, d, s, b)| (n.as_str(), *d, s.as_slice(), b.as_slice())),
+        );
         let views = named
             .iter()
             .map(|(n, d, s, b)| {
@@ -184,8 +212,9 @@ impl Snapshot {
             ("header".to_string(), header_json),
             ("checksum".to_string(), checksum),
         ]);
-        let bytes = safetensors::serialize(views, Some(metadata))
-            .map_err(|e| BeaconError::invalid(format!("{}: cannot serialise: {e}", path.display())))?;
+        let bytes = safetensors::serialize(views, Some(metadata)).map_err(|e| {
+            BeaconError::invalid(format!("{}: cannot serialise: {e}", path.display()))
+        })?;
         crate::util::atomic_write(path, &bytes)?;
         Ok(bytes.len() as u64)
     }
@@ -198,16 +227,28 @@ impl Snapshot {
     }
 
     fn from_bytes(bytes: &[u8], file: &str) -> Result<Self> {
-        let bad = |message: String| BeaconError::Parse { path: file.to_string(), message };
-        let (_, meta) = SafeTensors::read_metadata(bytes)
-            .map_err(|e| bad(format!("not a saved context, or truncated or corrupted ({e})")))?;
+        let bad = |message: String| BeaconError::Parse {
+            path: file.to_string(),
+            message,
+        };
+        let (_, meta) = SafeTensors::read_metadata(bytes).map_err(|e| {
+            bad(format!(
+                "not a saved context, or truncated or corrupted ({e})"
+            ))
+        })?;
         let info = meta.metadata().clone().unwrap_or_default();
         let get = |key: &str| {
-            info.get(key)
-                .ok_or_else(|| bad(format!("not a saved context: metadata key `{key}` is missing")))
+            info.get(key).ok_or_else(|| {
+                bad(format!(
+                    "not a saved context: metadata key `{key}` is missing"
+                ))
+            })
         };
         if get("format")? != FORMAT {
-            return Err(bad(format!("not a saved context: format is `{}`, expected `{FORMAT}`", get("format")?)));
+            return Err(bad(format!(
+                "not a saved context: format is `{}`, expected `{FORMAT}`",
+                get("format")?
+            )));
         }
         let version = get("version")?;
         if version.parse::<u32>().ok() != Some(VERSION) {
@@ -225,15 +266,23 @@ impl Snapshot {
             .map(|n| st.tensor(n).map(|v| (n.clone(), v)))
             .collect::<std::result::Result<Vec<_>, _>>()
             .map_err(|e| bad(format!("corrupted ({e})")))?;
-        let sum = checksum(header_json, views.iter().map(|(n, v)| (n.as_str(), v.dtype(), v.shape(), v.data())));
+        let sum = checksum(
+            header_json,
+            views
+                .iter()
+                .map(|(n, v)| (n.as_str(), v.dtype(), v.shape(), v.data())),
+        );
         if &sum != get("checksum")? {
             return Err(bad("checksum mismatch: the file is corrupted".to_string()));
         }
         let header: ContextHeader =
             serde_json::from_str(header_json).map_err(|e| bad(format!("header: {e}")))?;
-        let by_name: HashMap<&str, &TensorView> = views.iter().map(|(n, v)| (n.as_str(), v)).collect();
+        let by_name: HashMap<&str, &TensorView> =
+            views.iter().map(|(n, v)| (n.as_str(), v)).collect();
         let tensor = |name: &str| -> Result<Tensor> {
-            let v = by_name.get(name).ok_or_else(|| bad(format!("tensor `{name}` is missing")))?;
+            let v = by_name
+                .get(name)
+                .ok_or_else(|| bad(format!("tensor `{name}` is missing")))?;
             let dtype = match v.dtype() {
                 StDtype::F32 => DType::F32,
                 StDtype::BF16 => DType::BF16,
@@ -241,14 +290,33 @@ impl Snapshot {
                 StDtype::U32 => DType::U32,
                 other => return Err(bad(format!("tensor `{name}`: unsupported dtype {other:?}"))),
             };
-            Ok(Tensor::from_raw_buffer(v.data(), dtype, v.shape(), &Device::Cpu)?)
+            Ok(Tensor::from_raw_buffer(
+                v.data(),
+                dtype,
+                v.shape(),
+                &Device::Cpu,
+            )?)
         };
         let tokens: Vec<u32> = tensor("tokens")?.to_vec1()?;
         let caches = (0..header.num_layers)
-            .map(|i| Ok((tensor(&format!("layers.{i}.k"))?, tensor(&format!("layers.{i}.v"))?)))
+            .map(|i| {
+                Ok((
+                    tensor(&format!("layers.{i}.k"))?,
+                    tensor(&format!("layers.{i}.v"))?,
+                ))
+            })
             .collect::<Result<Vec<_>>>()?;
-        let logits = if header.has_logits { Some(tensor("logits")?) } else { None };
-        Ok(Snapshot { header, tokens, caches, logits })
+        let logits = if header.has_logits {
+            Some(tensor("logits")?)
+        } else {
+            None
+        };
+        Ok(Snapshot {
+            header,
+            tokens,
+            caches,
+            logits,
+        })
     }
 }
 
@@ -301,15 +369,25 @@ pub fn load_context(path: &Path, model: &Model, model_fingerprint: &str) -> Resu
         )));
     }
     let session = snap.restore(model)?;
-    Ok(LoadedContext { session, logits: snap.logits, header: snap.header })
+    Ok(LoadedContext {
+        session,
+        logits: snap.logits,
+        header: snap.header,
+    })
 }
 
 /// SHA-256 (hex) of bytes, e.g. an input file's text for [`ContextHeader::input_sha256`].
 pub fn sha256_hex(bytes: &[u8]) -> String {
-    Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
-fn checksum<'a>(header: &str, tensors: impl Iterator<Item = (&'a str, StDtype, &'a [usize], &'a [u8])>) -> String {
+fn checksum<'a>(
+    header: &str,
+    tensors: impl Iterator<Item = (&'a str, StDtype, &'a [usize], &'a [u8])>,
+) -> String {
     let mut h = Sha256::new();
     h.update((header.len() as u64).to_le_bytes());
     h.update(header.as_bytes());
@@ -339,10 +417,32 @@ fn dtype_name(d: DType) -> &'static str {
 fn tensor_bytes(t: &Tensor) -> Result<(StDtype, Vec<u8>)> {
     let flat = t.flatten_all()?;
     Ok(match t.dtype() {
-        DType::F32 => (StDtype::F32, flat.to_vec1::<f32>()?.iter().flat_map(|x| x.to_le_bytes()).collect()),
-        DType::BF16 => (StDtype::BF16, flat.to_vec1::<half::bf16>()?.iter().flat_map(|x| x.to_le_bytes()).collect()),
-        DType::F16 => (StDtype::F16, flat.to_vec1::<half::f16>()?.iter().flat_map(|x| x.to_le_bytes()).collect()),
-        other => return Err(BeaconError::invalid(format!("saved context: unsupported K/V dtype {other:?}"))),
+        DType::F32 => (
+            StDtype::F32,
+            flat.to_vec1::<f32>()?
+                .iter()
+                .flat_map(|x| x.to_le_bytes())
+                .collect(),
+        ),
+        DType::BF16 => (
+            StDtype::BF16,
+            flat.to_vec1::<half::bf16>()?
+                .iter()
+                .flat_map(|x| x.to_le_bytes())
+                .collect(),
+        ),
+        DType::F16 => (
+            StDtype::F16,
+            flat.to_vec1::<half::f16>()?
+                .iter()
+                .flat_map(|x| x.to_le_bytes())
+                .collect(),
+        ),
+        other => {
+            return Err(BeaconError::invalid(format!(
+                "saved context: unsupported K/V dtype {other:?}"
+            )))
+        }
     })
 }
 
@@ -352,9 +452,18 @@ mod tests {
 
     #[test]
     fn checksum_covers_names_and_bytes() {
-        let a = checksum("{}", [("x", StDtype::F32, &[1usize][..], &[0u8, 0, 0, 0][..])].into_iter());
-        let b = checksum("{}", [("x", StDtype::F32, &[1usize][..], &[0u8, 0, 0, 1][..])].into_iter());
-        let c = checksum("{}", [("y", StDtype::F32, &[1usize][..], &[0u8, 0, 0, 0][..])].into_iter());
+        let a = checksum(
+            "{}",
+            [("x", StDtype::F32, &[1usize][..], &[0u8, 0, 0, 0][..])].into_iter(),
+        );
+        let b = checksum(
+            "{}",
+            [("x", StDtype::F32, &[1usize][..], &[0u8, 0, 0, 1][..])].into_iter(),
+        );
+        let c = checksum(
+            "{}",
+            [("y", StDtype::F32, &[1usize][..], &[0u8, 0, 0, 0][..])].into_iter(),
+        );
         assert_ne!(a, b);
         assert_ne!(a, c);
     }

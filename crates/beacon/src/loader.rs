@@ -141,6 +141,33 @@ fn dense_linear(src: &dyn Tensors, prefix: &str, out: usize, inp: usize, bias: b
     Ok(Linear { weight: Weight::Dense(w), bias: b })
 }
 
+/// Where this repository ships beacon weights and settings for the default model
+/// (`models/smollm2-135m-instruct/`, resolved at build time).
+pub fn shipped_default_beacons() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/smollm2-135m-instruct")
+}
+
+/// Load `model`, or the default model (fetched on first use) with the beacon weights and settings
+/// shipped for it, unless `opts` names others. Every front end (run, compress, serve, eval) loads
+/// through here, so they agree on the weights and thus on saved-context fingerprints.
+pub fn load_model(model: Option<&Path>, opts: &LoadOptions) -> Result<Loaded> {
+    match model {
+        Some(p) => load(p, opts),
+        None => {
+            let path = crate::fetch::default_model_path()?;
+            let mut opts = opts.clone();
+            let shipped = shipped_default_beacons();
+            if opts.beacon_config.is_none() && shipped.join("beacon_config.json").exists() {
+                opts.beacon_config = Some(shipped.join("beacon_config.json"));
+            }
+            if opts.beacon_weights.is_none() && !opts.untrained_beacons && shipped.join("beacon.safetensors").exists() {
+                opts.beacon_weights = Some(shipped.join("beacon.safetensors"));
+            }
+            load(&path, &opts)
+        }
+    }
+}
+
 /// Load a model from a Hugging Face directory, a `config.json`'s directory, or a `.gguf` file.
 pub fn load(path: &Path, opts: &LoadOptions) -> Result<Loaded> {
     if path.is_dir() {

@@ -959,3 +959,15 @@ mod tests {
         assert!(pre_tokenizer_regexes("no-such-pre").is_none());
     }
 }
+
+/// The chat template around one user message, split at the message's content: (text before it,
+/// text after it incl. the assistant turn's opening). Lets a long document be read first and a
+/// question appended later inside the same user message.
+pub fn user_turn_parts(tok: &Tokenizer) -> Result<(String, String)> {
+    const MARK: &str = "\u{1}BEACON-CONTENT\u{1}";
+    let full = tok.apply_chat_template(&[ChatMessage { role: "user".into(), content: MARK.into() }], true)?;
+    match full.split_once(MARK) {
+        Some((a, b)) => Ok((a.to_string(), b.to_string())),
+        None => Err(BeaconError::invalid("the chat template does not contain the user message verbatim")),
+    }
+}

@@ -2,7 +2,8 @@
 //! and a small HTTP client.
 #![allow(dead_code)]
 
-use beacon_server::{spawn, ServeArgs, ServerHandle};
+pub use beacon_server::ServeArgs;
+use beacon_server::{spawn, ServerHandle};
 use serde_json::{json, Value};
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -74,7 +75,8 @@ pub fn tiny_model() -> PathBuf {
     for f in ["config.json", "generation_config.json", "model.safetensors"] {
         std::fs::copy(fixture_dir().join(f), dir.join(f)).expect("copy fixture");
     }
-    std::fs::write(dir.join("tokenizer.json"), tokenizer_json().to_string()).expect("write tokenizer");
+    std::fs::write(dir.join("tokenizer.json"), tokenizer_json().to_string())
+        .expect("write tokenizer");
     dir
 }
 
@@ -96,12 +98,18 @@ pub fn start(args: ServeArgs) -> (ServerHandle, String) {
 }
 
 fn agent() -> ureq::Agent {
-    ureq::AgentBuilder::new().timeout(std::time::Duration::from_secs(60)).build()
+    ureq::AgentBuilder::new()
+        .timeout(std::time::Duration::from_secs(60))
+        .build()
 }
 
 /// POST raw bytes; returns (status, body text).
 pub fn post_raw(url: &str, body: &[u8]) -> (u16, String) {
-    match agent().post(url).set("Content-Type", "application/json").send_bytes(body) {
+    match agent()
+        .post(url)
+        .set("Content-Type", "application/json")
+        .send_bytes(body)
+    {
         Ok(r) => (r.status(), r.into_string().expect("body")),
         Err(ureq::Error::Status(code, r)) => (code, r.into_string().unwrap_or_default()),
         Err(e) => panic!("transport error: {e}"),
@@ -110,7 +118,8 @@ pub fn post_raw(url: &str, body: &[u8]) -> (u16, String) {
 
 pub fn post(url: &str, body: &Value) -> (u16, Value) {
     let (status, text) = post_raw(url, body.to_string().as_bytes());
-    let v = serde_json::from_str(&text).unwrap_or_else(|e| panic!("response is not JSON ({e}): {text}"));
+    let v = serde_json::from_str(&text)
+        .unwrap_or_else(|e| panic!("response is not JSON ({e}): {text}"));
     (status, v)
 }
 
@@ -133,14 +142,21 @@ pub fn post_stream(url: &str, body: &Value) -> Streamed {
     let r = match agent().post(url).send_string(&body.to_string()) {
         Ok(r) => r,
         Err(ureq::Error::Status(code, r)) => {
-            let v: Value = serde_json::from_str(&r.into_string().unwrap_or_default()).expect("JSON error body");
-            return Streamed { status: code, chunks: vec![v], done: false };
+            let v: Value = serde_json::from_str(&r.into_string().unwrap_or_default())
+                .expect("JSON error body");
+            return Streamed {
+                status: code,
+                chunks: vec![v],
+                done: false,
+            };
         }
         Err(e) => panic!("transport error: {e}"),
     };
     let status = r.status();
     assert!(
-        r.header("content-type").unwrap_or("").starts_with("text/event-stream"),
+        r.header("content-type")
+            .unwrap_or("")
+            .starts_with("text/event-stream"),
         "content type {:?}",
         r.header("content-type")
     );
@@ -148,15 +164,24 @@ pub fn post_stream(url: &str, body: &Value) -> Streamed {
     let mut done = false;
     for line in BufReader::new(r.into_reader()).lines() {
         let line = line.expect("stream line");
-        let Some(data) = line.strip_prefix("data: ") else { continue };
+        let Some(data) = line.strip_prefix("data: ") else {
+            continue;
+        };
         assert!(!done, "data after [DONE]");
         if data == "[DONE]" {
             done = true;
         } else {
-            chunks.push(serde_json::from_str(data).unwrap_or_else(|e| panic!("chunk is not JSON ({e}): {data}")));
+            chunks.push(
+                serde_json::from_str(data)
+                    .unwrap_or_else(|e| panic!("chunk is not JSON ({e}): {data}")),
+            );
         }
     }
-    Streamed { status, chunks, done }
+    Streamed {
+        status,
+        chunks,
+        done,
+    }
 }
 
 /// Concatenated text of a chat or completion stream.
