@@ -25,6 +25,8 @@ enum Command {
     BenchOne(bench::BenchOneArgs),
     /// Show a model's architecture, beacon settings and weights.
     Inspect(common::ModelArgs),
+    /// Train beacon parameters on a frozen backbone (resumable).
+    Train(beacon_train::TrainArgs),
     /// Compress a file into a saved context (`beacon run --context FILE` continues from it).
     Compress(beacon_server::CompressArgs),
     /// OpenAI-compatible HTTP server that reuses each conversation's beacon memory.
@@ -42,6 +44,7 @@ fn main() {
         Command::Bench(a) => bench::bench(a),
         Command::BenchOne(a) => bench::bench_one(a),
         Command::Inspect(a) => inspect::inspect(a),
+        Command::Train(a) => beacon_train::run(a),
         Command::Compress(a) => beacon_server::run_compress(a).map(|_| ()),
         Command::Serve(a) => beacon_server::run(a),
     };

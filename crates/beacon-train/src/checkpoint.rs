@@ -35,7 +35,13 @@ fn stem(step: u64) -> String {
 }
 
 /// Write checkpoint `step` into `dir`, then keep only the newest `keep` checkpoints.
-pub fn save<M: Serialize>(dir: &Path, step: u64, tensors: &HashMap<String, Tensor>, meta: &M, keep: usize) -> Result<PathBuf> {
+pub fn save<M: Serialize>(
+    dir: &Path,
+    step: u64,
+    tensors: &HashMap<String, Tensor>,
+    meta: &M,
+    keep: usize,
+) -> Result<PathBuf> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let tensors_name = format!("{}.safetensors", stem(step));
     let tensors_path = dir.join(&tensors_name);
@@ -45,7 +51,12 @@ pub fn save<M: Serialize>(dir: &Path, step: u64, tensors: &HashMap<String, Tenso
         digest = sha256_file(tmp).map_err(|e| beacon::BeaconError::invalid(e.to_string()))?;
         Ok(())
     })?;
-    let env = Envelope { step, tensors_file: tensors_name, tensors_sha256: digest, meta };
+    let env = Envelope {
+        step,
+        tensors_file: tensors_name,
+        tensors_sha256: digest,
+        meta,
+    };
     let json_path = dir.join(format!("{}.json", stem(step)));
     let text = serde_json::to_string_pretty(&env)?;
     beacon::util::atomic_write(&json_path, text.as_bytes())?;
@@ -56,10 +67,15 @@ pub fn save<M: Serialize>(dir: &Path, step: u64, tensors: &HashMap<String, Tenso
 /// Checkpoint steps present in `dir` (by their JSON marker), newest first.
 pub fn list(dir: &Path) -> Result<Vec<u64>> {
     let mut steps = Vec::new();
-    let Ok(rd) = std::fs::read_dir(dir) else { return Ok(steps) };
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return Ok(steps);
+    };
     for e in rd.flatten() {
         let name = e.file_name().to_string_lossy().to_string();
-        if let Some(n) = name.strip_prefix("ckpt-").and_then(|s| s.strip_suffix(".json")) {
+        if let Some(n) = name
+            .strip_prefix("ckpt-")
+            .and_then(|s| s.strip_suffix(".json"))
+        {
             if let Ok(s) = n.parse() {
                 steps.push(s);
             }
@@ -74,7 +90,9 @@ fn prune(dir: &Path, keep: usize) -> Result<()> {
     let kept: Vec<u64> = steps.iter().copied().take(keep.max(1)).collect();
     for e in std::fs::read_dir(dir)?.flatten() {
         let name = e.file_name().to_string_lossy().to_string();
-        let Some(rest) = name.strip_prefix("ckpt-") else { continue };
+        let Some(rest) = name.strip_prefix("ckpt-") else {
+            continue;
+        };
         let num: String = rest.chars().take_while(|c| c.is_ascii_digit()).collect();
         if let Ok(s) = num.parse::<u64>() {
             if !kept.contains(&s) {
@@ -85,15 +103,23 @@ fn prune(dir: &Path, keep: usize) -> Result<()> {
     Ok(())
 }
 
+/// A loaded checkpoint: its JSON envelope and its tensors by name.
+pub type Loaded<M> = (Envelope<M>, HashMap<String, Tensor>);
+
 /// Load checkpoint `step`, verifying the tensor file's checksum.
-pub fn load<M: DeserializeOwned>(dir: &Path, step: u64) -> Result<(Envelope<M>, HashMap<String, Tensor>)> {
+pub fn load<M: DeserializeOwned>(dir: &Path, step: u64) -> Result<Loaded<M>> {
     let json_path = dir.join(format!("{}.json", stem(step)));
-    let text = std::fs::read_to_string(&json_path).with_context(|| format!("reading {}", json_path.display()))?;
-    let env: Envelope<M> = serde_json::from_str(&text).with_context(|| format!("parsing {}", json_path.display()))?;
+    let text = std::fs::read_to_string(&json_path)
+        .with_context(|| format!("reading {}", json_path.display()))?;
+    let env: Envelope<M> =
+        serde_json::from_str(&text).with_context(|| format!("parsing {}", json_path.display()))?;
     let tensors_path = dir.join(&env.tensors_file);
     let digest = sha256_file(&tensors_path)?;
     if digest != env.tensors_sha256 {
-        bail!("{}: checksum mismatch (file damaged)", tensors_path.display());
+        bail!(
+            "{}: checksum mismatch (file damaged)",
+            tensors_path.display()
+        );
     }
     let tensors = candle_core::safetensors::load(&tensors_path, &Device::Cpu)
         .with_context(|| format!("loading {}", tensors_path.display()))?;
@@ -101,7 +127,7 @@ pub fn load<M: DeserializeOwned>(dir: &Path, step: u64) -> Result<(Envelope<M>, 
 }
 
 /// The newest checkpoint of `dir` that verifies; damaged ones are reported and skipped.
-pub fn load_latest<M: DeserializeOwned>(dir: &Path) -> Result<Option<(Envelope<M>, HashMap<String, Tensor>)>> {
+pub fn load_latest<M: DeserializeOwned>(dir: &Path) -> Result<Option<Loaded<M>>> {
     for step in list(dir)? {
         match load(dir, step) {
             Ok(c) => return Ok(Some(c)),
@@ -121,7 +147,10 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
         let mut t = HashMap::new();
         for step in 1..=3u64 {
-            t.insert("x".to_string(), Tensor::new(&[step as f32, 2.0], &Device::Cpu)?);
+            t.insert(
+                "x".to_string(),
+                Tensor::new(&[step as f32, 2.0], &Device::Cpu)?,
+            );
             save(&dir, step, &t, &format!("meta{step}"), 2)?;
         }
         assert_eq!(list(&dir)?, vec![3, 2]);

@@ -13,7 +13,9 @@ use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
 
 /// The books held out for perplexity evaluation ("Suggested split" in shared/data/README.md).
-pub const DEFAULT_HELDOUT: &[&str] = &["pg28054", "pg6593", "pg3300", "pg4300", "pg4276", "pg6688", "pg2600", "pg1023"];
+pub const DEFAULT_HELDOUT: &[&str] = &[
+    "pg28054", "pg6593", "pg3300", "pg4300", "pg4276", "pg6688", "pg2600", "pg1023",
+];
 
 /// A text-to-ids function (the model's tokenizer, without special tokens).
 pub type Encode<'a> = dyn Fn(&str) -> Result<Vec<u32>> + 'a;
@@ -29,7 +31,11 @@ pub struct DocRef {
 impl DocRef {
     /// The name used to match the held-out list: the file stem (`pg1023`), or `stem:line`.
     pub fn name(&self) -> String {
-        let stem = self.file.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_default();
+        let stem = self
+            .file
+            .file_stem()
+            .map(|s| s.to_string_lossy().to_string())
+            .unwrap_or_default();
         match self.line {
             None => stem,
             Some(l) => format!("{stem}:{l}"),
@@ -38,7 +44,10 @@ impl DocRef {
 }
 
 fn is_data_file(p: &Path) -> bool {
-    matches!(p.extension().and_then(|e| e.to_str()), Some("txt" | "jsonl" | "md"))
+    matches!(
+        p.extension().and_then(|e| e.to_str()),
+        Some("txt" | "jsonl" | "md")
+    )
 }
 
 /// The data files under `paths` (files as given, directories expanded, sorted). Manifest and
@@ -52,8 +61,13 @@ pub fn data_files(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
                 .filter_map(|e| e.ok().map(|e| e.path()))
                 .filter(|f| f.is_file() && is_data_file(f))
                 .filter(|f| {
-                    let n = f.file_name().map(|n| n.to_string_lossy().to_lowercase()).unwrap_or_default();
-                    !n.starts_with("manifest") && !n.starts_with("readme") && !n.starts_with("license")
+                    let n = f
+                        .file_name()
+                        .map(|n| n.to_string_lossy().to_lowercase())
+                        .unwrap_or_default();
+                    !n.starts_with("manifest")
+                        && !n.starts_with("readme")
+                        && !n.starts_with("license")
                 })
                 .collect();
             files.sort();
@@ -72,21 +86,34 @@ pub fn data_files(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
 
 /// The texts of one file: one document for a text file, one per record (`"text"`) for JSONL.
 pub fn read_documents(file: &Path) -> Result<Vec<(DocRef, String)>> {
-    let text = std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+    let text =
+        std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
     if file.extension().and_then(|e| e.to_str()) != Some("jsonl") {
-        return Ok(vec![(DocRef { file: file.to_path_buf(), line: None }, text)]);
+        return Ok(vec![(
+            DocRef {
+                file: file.to_path_buf(),
+                line: None,
+            },
+            text,
+        )]);
     }
     let mut docs = Vec::new();
     for (i, line) in text.lines().enumerate() {
         if line.trim().is_empty() {
             continue;
         }
-        let v: serde_json::Value =
-            serde_json::from_str(line).with_context(|| format!("{}:{}: not JSON", file.display(), i + 1))?;
+        let v: serde_json::Value = serde_json::from_str(line)
+            .with_context(|| format!("{}:{}: not JSON", file.display(), i + 1))?;
         let Some(t) = v.get("text").and_then(|t| t.as_str()) else {
             bail!("{}:{}: no \"text\" field", file.display(), i + 1);
         };
-        docs.push((DocRef { file: file.to_path_buf(), line: Some(i) }, t.to_string()));
+        docs.push((
+            DocRef {
+                file: file.to_path_buf(),
+                line: Some(i),
+            },
+            t.to_string(),
+        ));
     }
     Ok(docs)
 }
@@ -106,13 +133,27 @@ impl Split {
 /// Cache key of a file's tokens: path, size, mtime and the tokenizer's identity.
 fn cache_key(file: &Path, tokenizer_id: &str) -> Result<String> {
     let meta = std::fs::metadata(file)?;
-    let mtime = meta.modified().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).map(|d| d.as_secs()).unwrap_or(0);
+    let mtime = meta
+        .modified()
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
     let mut h = Sha256::new();
-    h.update(file.canonicalize().unwrap_or(file.to_path_buf()).to_string_lossy().as_bytes());
+    h.update(
+        file.canonicalize()
+            .unwrap_or(file.to_path_buf())
+            .to_string_lossy()
+            .as_bytes(),
+    );
     h.update(meta.len().to_le_bytes());
     h.update(mtime.to_le_bytes());
     h.update(tokenizer_id.as_bytes());
-    Ok(h.finalize().iter().take(10).map(|b| format!("{b:02x}")).collect())
+    Ok(h.finalize()
+        .iter()
+        .take(10)
+        .map(|b| format!("{b:02x}"))
+        .collect())
 }
 
 #[derive(Serialize, Deserialize)]
@@ -121,13 +162,24 @@ struct CachedFile {
 }
 
 /// Tokenize one file, through an on-disk cache (`<cache>/<key>.json` + `<key>.bin`, u32 LE).
-fn tokenize_file(file: &Path, encode: &Encode, cache: Option<&Path>, tokenizer_id: &str) -> Result<Vec<(String, Vec<u32>)>> {
+fn tokenize_file(
+    file: &Path,
+    encode: &Encode,
+    cache: Option<&Path>,
+    tokenizer_id: &str,
+) -> Result<Vec<(String, Vec<u32>)>> {
     let key = cache_key(file, tokenizer_id)?;
     if let Some(dir) = cache {
-        let (jp, bp) = (dir.join(format!("{key}.json")), dir.join(format!("{key}.bin")));
+        let (jp, bp) = (
+            dir.join(format!("{key}.json")),
+            dir.join(format!("{key}.bin")),
+        );
         if let (Ok(j), Ok(b)) = (std::fs::read_to_string(&jp), std::fs::read(&bp)) {
             if let Ok(c) = serde_json::from_str::<CachedFile>(&j) {
-                let ids: Vec<u32> = b.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+                let ids: Vec<u32> = b
+                    .chunks_exact(4)
+                    .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                    .collect();
                 if c.docs.iter().map(|d| d.1).sum::<usize>() == ids.len() {
                     let mut off = 0;
                     return Ok(c
@@ -148,10 +200,18 @@ fn tokenize_file(file: &Path, encode: &Encode, cache: Option<&Path>, tokenizer_i
         .map(|(d, text)| Ok((d.name(), encode(&text)?)))
         .collect::<Result<_>>()?;
     if let Some(dir) = cache {
-        let bytes: Vec<u8> = docs.iter().flat_map(|(_, t)| t.iter().flat_map(|x| x.to_le_bytes())).collect();
+        let bytes: Vec<u8> = docs
+            .iter()
+            .flat_map(|(_, t)| t.iter().flat_map(|x| x.to_le_bytes()))
+            .collect();
         beacon::util::atomic_write(&dir.join(format!("{key}.bin")), &bytes)?;
-        let c = CachedFile { docs: docs.iter().map(|(n, t)| (n.clone(), t.len())).collect() };
-        beacon::util::atomic_write(&dir.join(format!("{key}.json")), serde_json::to_string(&c)?.as_bytes())?;
+        let c = CachedFile {
+            docs: docs.iter().map(|(n, t)| (n.clone(), t.len())).collect(),
+        };
+        beacon::util::atomic_write(
+            &dir.join(format!("{key}.json")),
+            serde_json::to_string(&c)?.as_bytes(),
+        )?;
     }
     Ok(docs)
 }
@@ -172,8 +232,11 @@ pub fn load_splits(
     let mut held = Split::default();
     for file in data_files(paths)? {
         progress(&file);
-        let stem = file.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_default();
-        let file_held = heldout.iter().any(|h| *h == stem);
+        let stem = file
+            .file_stem()
+            .map(|s| s.to_string_lossy().to_string())
+            .unwrap_or_default();
+        let file_held = heldout.contains(&stem);
         if !file_held && max_docs.is_some_and(|m| train.docs.len() >= m) {
             continue;
         }
@@ -264,16 +327,27 @@ pub struct SampleStream {
 impl SampleStream {
     pub fn new(packed: Packed, seed: u64, pos: DataPosition) -> Result<Self> {
         if packed.is_empty() {
-            bail!("the training split has fewer tokens than one sample of {}", packed.seq_len);
+            bail!(
+                "the training split has fewer tokens than one sample of {}",
+                packed.seq_len
+            );
         }
         let order = packed.epoch_order(seed, pos.epoch);
-        Ok(SampleStream { packed, seed, pos, order })
+        Ok(SampleStream {
+            packed,
+            seed,
+            pos,
+            order,
+        })
     }
 
     /// The next sample (advances the position).
     pub fn next_sample(&mut self) -> Vec<u32> {
         if self.pos.index >= self.order.len() {
-            self.pos = DataPosition { epoch: self.pos.epoch + 1, index: 0 };
+            self.pos = DataPosition {
+                epoch: self.pos.epoch + 1,
+                index: 0,
+            };
             self.order = self.packed.epoch_order(self.seed, self.pos.epoch);
         }
         let s = self.packed.sample(self.order[self.pos.index]).to_vec();
@@ -297,14 +371,33 @@ mod tests {
         std::fs::create_dir_all(dir.join("cache"))?;
         std::fs::write(dir.join("a.txt"), "hello world, this is a book")?;
         std::fs::write(dir.join("held.txt"), "never train on me")?;
-        std::fs::write(dir.join("c.jsonl"), "{\"text\": \"fn main() {}\"}\n{\"text\": \"x = 1\"}\n")?;
+        std::fs::write(
+            dir.join("c.jsonl"),
+            "{\"text\": \"fn main() {}\"}\n{\"text\": \"x = 1\"}\n",
+        )?;
         let held = vec!["held".to_string()];
-        let (train, heldout) = load_splits(&[dir.clone()], &held, &bytes, Some(&dir.join("cache")), "bytes", None, &mut |_| {})?;
+        let (train, heldout) = load_splits(
+            std::slice::from_ref(&dir),
+            &held,
+            &bytes,
+            Some(&dir.join("cache")),
+            "bytes",
+            None,
+            &mut |_| {},
+        )?;
         assert_eq!(train.docs.len(), 3);
         assert_eq!(heldout.docs.len(), 1);
         assert!(train.docs.iter().all(|(n, _)| !n.starts_with("held")));
         // Cached tokens are identical.
-        let (train2, _) = load_splits(&[dir.clone()], &held, &|_| bail!("must come from the cache"), Some(&dir.join("cache")), "bytes", None, &mut |_| {})?;
+        let (train2, _) = load_splits(
+            std::slice::from_ref(&dir),
+            &held,
+            &|_| bail!("must come from the cache"),
+            Some(&dir.join("cache")),
+            "bytes",
+            None,
+            &mut |_| {},
+        )?;
         assert_eq!(train.docs, train2.docs);
         let packed = Packed::new(&train, 8, Some(0))?;
         assert_eq!(packed.len(), (train.tokens() + 3) / 8);

@@ -24,7 +24,7 @@ use candle_core::DType;
 use objective::Objective;
 use optim::{AdamWConfig, Decay, Schedule};
 use std::io::IsTerminal;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use trainer::{EvalMetrics, Progress, Settings, StepMetrics, Trainer};
 
 /// `beacon train`: train the beacon parameters of a model.
@@ -123,15 +123,16 @@ pub struct TrainArgs {
 /// Text → ids with the model's tokenizer.
 fn encoder(loaded: &beacon::Loaded) -> Result<Box<data::Encode<'_>>> {
     let Some(tok) = loaded.tokenizer.as_ref() else {
-        bail!("{} has no tokenizer; training needs one to read text", loaded.path.display());
+        bail!(
+            "{} has no tokenizer; training needs one to read text",
+            loaded.path.display()
+        );
     };
     tokenize_with(tok)
 }
 
-// TODO(lead): when `beacon::tokenizer` is the real module (not the stub), replace the body by
-// `Ok(Box::new(move |text: &str| Ok(tok.encode(text, false)?)))`.
-fn tokenize_with(_tok: &beacon::tokenizer::Tokenizer) -> Result<Box<data::Encode<'_>>> {
-    bail!("this build has no tokenizer yet (beacon::tokenizer is a stub)")
+fn tokenize_with(tok: &beacon::tokenizer::Tokenizer) -> Result<Box<data::Encode<'_>>> {
+    Ok(Box::new(move |text: &str| Ok(tok.encode(text, false)?)))
 }
 
 fn export_dtype(s: &str) -> Result<DType> {
@@ -165,7 +166,10 @@ impl Console {
 
 impl Progress for Console {
     fn step(&mut self, m: &StepMetrics, total: u64) {
-        let msg = format!("loss {:.4} | {:.1} tok/s | lr {:.2e} | |g| {:.3}", m.loss, m.tokens_per_s, m.lr, m.grad_norm);
+        let msg = format!(
+            "loss {:.4} | {:.1} tok/s | lr {:.2e} | |g| {:.3}",
+            m.loss, m.tokens_per_s, m.lr, m.grad_norm
+        );
         match &self.bar {
             Some(b) => {
                 b.set_position(m.step);
@@ -173,12 +177,22 @@ impl Progress for Console {
             }
             None => {
                 let eta_s = (total - m.step) as f64 * m.step_s;
-                eprintln!("step {}/{} {msg} | {:.0} s/step | ETA {:.1} h | RSS {:.0} MiB", m.step, total, m.step_s, eta_s / 3600.0, m.peak_rss_mib);
+                eprintln!(
+                    "step {}/{} {msg} | {:.0} s/step | ETA {:.1} h | RSS {:.0} MiB",
+                    m.step,
+                    total,
+                    m.step_s,
+                    eta_s / 3600.0,
+                    m.peak_rss_mib
+                );
             }
         }
     }
     fn eval(&mut self, e: &EvalMetrics) {
-        self.note(&format!("step {} held-out loss {:.4} (ppl {:.2}) over {} tokens", e.step, e.heldout_loss, e.heldout_ppl, e.heldout_tokens));
+        self.note(&format!(
+            "step {} held-out loss {:.4} (ppl {:.2}) over {} tokens",
+            e.step, e.heldout_loss, e.heldout_ppl, e.heldout_tokens
+        ));
     }
     fn note(&mut self, msg: &str) {
         match &self.bar {
@@ -199,11 +213,21 @@ pub fn run(args: TrainArgs) -> Result<()> {
         None => beacon::fetch::default_model_path()?,
     };
     // Train from the backbone's initialisation unless resuming (the checkpoint then restores the values).
-    let opts = LoadOptions { dtype: DType::F32, untrained_beacons: true, dense_prefill: true, ..Default::default() };
-    let loaded = load(&model_path, &opts).with_context(|| format!("loading {}", model_path.display()))?;
+    let opts = LoadOptions {
+        dtype: DType::F32,
+        untrained_beacons: true,
+        dense_prefill: true,
+        ..Default::default()
+    };
+    let loaded =
+        load(&model_path, &opts).with_context(|| format!("loading {}", model_path.display()))?;
     let param_names: Vec<String> = args.beacon_param.clone();
     let keys = BeaconKeys {
-        beacon_window: Some(args.window.unwrap_or(if loaded.beacon.window == 1024 { 512 } else { loaded.beacon.window })),
+        beacon_window: Some(args.window.unwrap_or(if loaded.beacon.window == 1024 {
+            512
+        } else {
+            loaded.beacon.window
+        })),
         beacon_stride: None,
         beacon_ratio: Some(args.ratios.clone()),
         beacon_ratio_mix: Some(RatioMix::StepRandom.name()),
@@ -216,18 +240,36 @@ pub fn run(args: TrainArgs) -> Result<()> {
     let cfg = keys.resolve(loaded.beacon.clone(), "beacon train arguments")?;
     let params = BeaconParams::parse(&param_names, "--beacon-param")?;
     let mut model = loaded.model.clone();
-    let init_cfg = beacon::BeaconConfig { params, ..cfg.clone() };
+    let init_cfg = beacon::BeaconConfig {
+        params,
+        ..cfg.clone()
+    };
     beacon::loader::init_beacons(&mut model, &init_cfg)?;
 
     std::fs::create_dir_all(&args.out)?;
     let encode = encoder(&loaded)?;
     let cache = args.out.join("token-cache");
     std::fs::create_dir_all(&cache)?;
-    let tok_id = format!("{}:{}", model_path.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default(), model.cfg.vocab_size);
+    let tok_id = format!(
+        "{}:{}",
+        model_path
+            .file_name()
+            .map(|n| n.to_string_lossy().to_string())
+            .unwrap_or_default(),
+        model.cfg.vocab_size
+    );
     let t = std::time::Instant::now();
-    let (train, held) = data::load_splits(&args.data, &args.heldout, &*encode, Some(&cache), &tok_id, args.max_docs, &mut |f| {
-        tracing::debug!("reading {}", f.display());
-    })?;
+    let (train, held) = data::load_splits(
+        &args.data,
+        &args.heldout,
+        &*encode,
+        Some(&cache),
+        &tok_id,
+        args.max_docs,
+        &mut |f| {
+            tracing::debug!("reading {}", f.display());
+        },
+    )?;
     eprintln!(
         "data: {} training documents ({} tokens), {} held-out ({} tokens), read in {:.0} s",
         train.docs.len(),
@@ -239,15 +281,28 @@ pub fn run(args: TrainArgs) -> Result<()> {
     let eos = model.cfg.eos_token_ids.first().copied();
     let packed = data::Packed::new(&train, args.seq_len, eos)?;
     let held_packed = data::Packed::new(&held, args.seq_len, eos)?;
-    let heldout: Vec<Vec<u32>> = held_packed.spread(args.eval_samples).into_iter().map(|i| held_packed.sample(i).to_vec()).collect();
+    let heldout: Vec<Vec<u32>> = held_packed
+        .spread(args.eval_samples)
+        .into_iter()
+        .map(|i| held_packed.sample(i).to_vec())
+        .collect();
 
     let settings = Settings {
         seq_len: args.seq_len,
         objective: args.objective,
         rank: (args.beacon_rank > 0).then_some(args.beacon_rank),
         params,
-        schedule: Schedule { peak: args.lr, warmup: args.warmup, total: args.steps, min_ratio: args.min_lr_ratio, decay: args.decay },
-        adam: AdamWConfig { weight_decay: args.weight_decay, ..Default::default() },
+        schedule: Schedule {
+            peak: args.lr,
+            warmup: args.warmup,
+            total: args.steps,
+            min_ratio: args.min_lr_ratio,
+            decay: args.decay,
+        },
+        adam: AdamWConfig {
+            weight_decay: args.weight_decay,
+            ..Default::default()
+        },
         clip: args.clip,
         accum: args.accum,
         seed: args.seed,
@@ -259,12 +314,21 @@ pub fn run(args: TrainArgs) -> Result<()> {
     let mut trainer = Trainer::new(model, cfg.clone(), settings, packed, heldout, &args.out)?;
     if args.resume {
         if trainer.resume()? {
-            eprintln!("resumed at step {} (data epoch {}, sample {})", trainer.state.step, trainer.state.data.epoch, trainer.state.data.index);
+            eprintln!(
+                "resumed at step {} (data epoch {}, sample {})",
+                trainer.state.step, trainer.state.data.epoch, trainer.state.data.index
+            );
         } else {
-            eprintln!("no checkpoint in {}: starting fresh", trainer.checkpoint_dir().display());
+            eprintln!(
+                "no checkpoint in {}: starting fresh",
+                trainer.checkpoint_dir().display()
+            );
         }
     } else if !checkpoint::list(&trainer.checkpoint_dir())?.is_empty() {
-        bail!("{} already holds checkpoints: pass --resume to continue, or choose another --out", trainer.checkpoint_dir().display());
+        bail!(
+            "{} already holds checkpoints: pass --resume to continue, or choose another --out",
+            trainer.checkpoint_dir().display()
+        );
     }
     eprintln!(
         "training {} values ({} tensors) of {}: seq {} W {} sink {} ratios {:?} objective {:?} threads {}",
@@ -282,14 +346,10 @@ pub fn run(args: TrainArgs) -> Result<()> {
     let mut console = Console::new(args.steps, trainer.state.step);
     trainer.run_loop(args.stop_after, &mut console)?;
     trainer.export(&args.out, export_dtype(&args.export_dtype)?)?;
-    eprintln!("exported {} and {}", args.out.join("beacon.safetensors").display(), args.out.join("beacon_config.json").display());
+    eprintln!(
+        "exported {} and {}",
+        args.out.join("beacon.safetensors").display(),
+        args.out.join("beacon_config.json").display()
+    );
     Ok(())
-}
-
-/// Where the run's outputs are (for documentation and the CLI's messages).
-pub fn describe_outputs(out: &Path) -> String {
-    format!(
-        "{0}/metrics.jsonl, {0}/loss.png, {0}/checkpoints/, {0}/beacon.safetensors",
-        out.display()
-    )
 }

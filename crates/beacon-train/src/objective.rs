@@ -62,7 +62,11 @@ pub fn plan_windows(cfg: &BeaconConfig, chooser: &mut RatioChooser, len: usize) 
             let start = i * w;
             let later_full = start + 2 * w <= len;
             let ratio = chooser.next_window(len, Some(later_full));
-            WindowPlan { start, len: w.min(len - start), ratio }
+            WindowPlan {
+                start,
+                len: w.min(len - start),
+                ratio,
+            }
         })
         .collect()
 }
@@ -126,7 +130,10 @@ impl SoftCrossEntropy {
             (_, Some(t)) => {
                 let tl = logsumexp(t);
                 // KL = Σ q (log q − log p) = Σ q ((t − tl) − (s − lse))
-                t.iter().zip(s).map(|(&ti, &si)| (ti - tl).exp() * ((ti - tl) - (si - lse))).sum()
+                t.iter()
+                    .zip(s)
+                    .map(|(&ti, &si)| (ti - tl).exp() * ((ti - tl) - (si - lse)))
+                    .sum()
             }
             _ => unreachable!("teacher rows present for a teacher target"),
         };
@@ -166,10 +173,18 @@ impl candle_core::CustomOp1 for SoftCrossEntropy {
             let t = teacher.as_ref().map(|t| &t[r * v..(r + 1) * v]);
             total += self.row(r, &data[r * v..(r + 1) * v], t, None) as f64;
         }
-        Ok((CpuStorage::F32(vec![(total * self.scale as f64) as f32]), Shape::from(())))
+        Ok((
+            CpuStorage::F32(vec![(total * self.scale as f64) as f32]),
+            Shape::from(()),
+        ))
     }
 
-    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> candle_core::Result<Option<Tensor>> {
+    fn bwd(
+        &self,
+        arg: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
         let (n, v) = arg.dims2()?;
         let g_out = grad_res.to_dtype(DType::F32)?.to_scalar::<f32>()?;
         let arg = arg.contiguous()?;
@@ -182,7 +197,12 @@ impl candle_core::CustomOp1 for SoftCrossEntropy {
         let mut grad = vec![0f32; n * v];
         for r in (0..n).filter(|&r| self.target.valid(r)) {
             let t = teacher.as_ref().map(|t| &t[r * v..(r + 1) * v]);
-            self.row(r, &data[r * v..(r + 1) * v], t, Some(&mut grad[r * v..(r + 1) * v]));
+            self.row(
+                r,
+                &data[r * v..(r + 1) * v],
+                t,
+                Some(&mut grad[r * v..(r + 1) * v]),
+            );
         }
         if g_out != 1.0 {
             grad.iter_mut().for_each(|x| *x *= g_out);
@@ -193,7 +213,9 @@ impl candle_core::CustomOp1 for SoftCrossEntropy {
 
 /// The loss of one window's logits `[n, vocab]` against `target`, scaled by `scale` (1 / valid labels).
 pub fn window_loss(logits: &Tensor, target: Target, scale: f32) -> Result<Tensor> {
-    Ok(logits.contiguous()?.apply_op1(SoftCrossEntropy { target, scale })?)
+    Ok(logits
+        .contiguous()?
+        .apply_op1(SoftCrossEntropy { target, scale })?)
 }
 
 /// Whether the reference keeps the first window's labels (SPEC §3.1).
@@ -203,7 +225,11 @@ pub fn first_window_trained(cfg: &BeaconConfig) -> bool {
 
 /// Labels of the raw tokens `[start, start+len)` of a sample: the next token, if any, and not in an
 /// untrained first window.
-pub fn window_labels(tokens: &[u32], w: &WindowPlan, first_window_labels: bool) -> Vec<Option<u32>> {
+pub fn window_labels(
+    tokens: &[u32],
+    w: &WindowPlan,
+    first_window_labels: bool,
+) -> Vec<Option<u32>> {
     (w.start..w.start + w.len)
         .map(|p| {
             if w.start == 0 && !first_window_labels {
@@ -244,11 +270,15 @@ pub fn teacher_logits(plain: &Model, tokens: &[u32]) -> Result<Tensor> {
         );
     }
     let mut s = Session::new(plain, Mode::Full, beacon::BeaconConfig::default());
-    s.feed(plain, tokens, Want::From(0))?.context("teacher produced no logits")
+    s.feed(plain, tokens, Want::From(0))?
+        .context("teacher produced no logits")
 }
 
 fn single_ratio(cfg: &BeaconConfig, ratio: usize) -> BeaconConfig {
-    BeaconConfig { ratios: vec![ratio], ..cfg.clone() }
+    BeaconConfig {
+        ratios: vec![ratio],
+        ..cfg.clone()
+    }
 }
 
 /// Forward + backward of one sample with window-level recomputation (see the module docs).
@@ -266,7 +296,13 @@ pub fn sample_gradients(
     let (res, grads) = run_sample(models, cfg, tokens, windows, objective, Some(params))?;
     let grads = grads
         .into_iter()
-        .map(|g| if grad_scale == 1.0 { Ok(g) } else { Ok((g * grad_scale)?) })
+        .map(|g| {
+            if grad_scale == 1.0 {
+                Ok(g)
+            } else {
+                Ok((g * grad_scale)?)
+            }
+        })
         .collect::<Result<Vec<_>>>()?;
     Ok((res, grads))
 }
@@ -296,7 +332,12 @@ fn run_sample(
     let first_labels = first_window_trained(cfg);
     let valid: usize = windows
         .iter()
-        .map(|w| window_labels(tokens, w, first_labels).iter().filter(|l| l.is_some()).count())
+        .map(|w| {
+            window_labels(tokens, w, first_labels)
+                .iter()
+                .filter(|l| l.is_some())
+                .count()
+        })
         .sum();
     if valid == 0 {
         bail!("the sample has no trainable label");
@@ -314,8 +355,17 @@ fn run_sample(
     for w in &windows[..n - 1] {
         layouts.push(s.layout.clone());
         s.chooser.candidates = vec![w.ratio];
-        let opts = FeedOptions { training_final: false, differentiable: false };
-        s.feed_with(models.plain, &tokens[w.start..w.start + w.len], Want::None, opts, &mut |_| {})?;
+        let opts = FeedOptions {
+            training_final: false,
+            differentiable: false,
+        };
+        s.feed_with(
+            models.plain,
+            &tokens[w.start..w.start + w.len],
+            Want::None,
+            opts,
+            &mut |_| {},
+        )?;
     }
     layouts.push(s.layout.clone());
     let final_memory = s.export_caches()?; // per layer (k_rot, v) `[kv, mem, d]`
@@ -333,10 +383,19 @@ fn run_sample(
         } else {
             final_memory
                 .iter()
-                .map(|(k, v)| Ok((Var::from_tensor(&k.narrow(1, 0, mem_len)?)?, Var::from_tensor(&v.narrow(1, 0, mem_len)?)?)))
+                .map(|(k, v)| {
+                    Ok((
+                        Var::from_tensor(&k.narrow(1, 0, mem_len)?)?,
+                        Var::from_tensor(&v.narrow(1, 0, mem_len)?)?,
+                    ))
+                })
                 .collect::<Result<_>>()?
         };
-        let model = if params.is_some() { models.train } else { models.plain };
+        let model = if params.is_some() {
+            models.train
+        } else {
+            models.plain
+        };
         let mut s = Session::new(model, Mode::Beacon, single_ratio(cfg, w.ratio));
         s.layout = layouts[i].clone();
         s.tokens = tokens[..w.start].to_vec();
@@ -348,7 +407,10 @@ fn run_sample(
                 .map(|(k, v)| Ok((k.narrow(1, 0, mem_len)?, v.narrow(1, 0, mem_len)?)))
                 .collect::<Result<_>>()?
         } else {
-            memory_vars.iter().map(|(k, v)| (k.as_tensor().clone(), v.as_tensor().clone())).collect()
+            memory_vars
+                .iter()
+                .map(|(k, v)| (k.as_tensor().clone(), v.as_tensor().clone()))
+                .collect()
         };
         if memory.is_empty() {
             let (kvh, d) = (model.cfg.num_kv_heads, model.cfg.head_dim);
@@ -358,11 +420,20 @@ fn run_sample(
             s.set_graph_caches(memory)?;
         }
         let last = i + 1 == n;
-        let opts = FeedOptions { training_final: last, differentiable: true };
+        let opts = FeedOptions {
+            training_final: last,
+            differentiable: true,
+        };
         let logits = s
-            .feed_with(model, &tokens[w.start..w.start + w.len], Want::From(0), opts, &mut |_| {})?
+            .feed_with(
+                model,
+                &tokens[w.start..w.start + w.len],
+                Want::From(0),
+                opts,
+                &mut |_| {},
+            )?
             .context("window produced no logits")?; // [len, vocab]
-        // A window never spans two steps, so the replay of window i is exactly one step.
+                                                    // A window never spans two steps, so the replay of window i is exactly one step.
         sizes[i] = s.stats.step_beacon_sizes.first().copied().unwrap_or(0);
         let labels = window_labels(tokens, w, first_labels);
         let target = match &teacher {
@@ -373,9 +444,11 @@ fn run_sample(
             },
         };
         let has_labels = labels_any(&target, w.len);
-        let only = std::env::var("DBG_ONLY").ok().and_then(|x| x.parse::<usize>().ok());
-        let has_labels = has_labels && only.is_none_or(|o| o == i);
-        let loss = if has_labels { Some(window_loss(&logits, target, scale)?) } else { None };
+        let loss = if has_labels {
+            Some(window_loss(&logits, target, scale)?)
+        } else {
+            None
+        };
         if let Some(l) = &loss {
             loss_total += l.to_scalar::<f32>()? as f64;
         }
@@ -394,10 +467,14 @@ fn run_sample(
             }
         }
         let Some(surrogate) = surrogate else { continue };
+
         let grads = surrogate.backward()?;
         let mut acc = match param_grads.take() {
             Some(a) => a,
-            None => params.iter().map(|p| p.as_tensor().zeros_like()).collect::<candle_core::Result<Vec<_>>>()?,
+            None => params
+                .iter()
+                .map(|p| p.as_tensor().zeros_like())
+                .collect::<candle_core::Result<Vec<_>>>()?,
         };
         for (a, p) in acc.iter_mut().zip(params) {
             if let Some(g) = grads.get(p.as_tensor()) {
@@ -412,8 +489,19 @@ fn run_sample(
                 memory_vars
                     .iter()
                     .map(|(k, v)| {
-                        let gk = grads.get(k.as_tensor()).cloned().map(Ok).unwrap_or_else(|| k.as_tensor().zeros_like())?;
-                        let gv = grads.get(v.as_tensor()).cloned().map(Ok).unwrap_or_else(|| v.as_tensor().zeros_like())?;
+                        // candle's backward returns gradients that can still reference the forward
+                        // graph (e.g. `grad · Wᵀ` with W a variable); fed into the previous window's
+                        // surrogate they would add spurious second-order terms. Detach them.
+                        let gk = grads
+                            .get(k.as_tensor())
+                            .map(|g| g.detach())
+                            .map(Ok)
+                            .unwrap_or_else(|| k.as_tensor().zeros_like())?;
+                        let gv = grads
+                            .get(v.as_tensor())
+                            .map(|g| g.detach())
+                            .map(Ok)
+                            .unwrap_or_else(|| v.as_tensor().zeros_like())?;
                         Ok((gk, gv))
                     })
                     .collect::<Result<_>>()?,
@@ -422,10 +510,21 @@ fn run_sample(
     }
     let grads = match (param_grads, params) {
         (Some(g), _) => g,
-        (None, Some(p)) => p.iter().map(|p| p.as_tensor().zeros_like()).collect::<candle_core::Result<Vec<_>>>()?,
+        (None, Some(p)) => p
+            .iter()
+            .map(|p| p.as_tensor().zeros_like())
+            .collect::<candle_core::Result<Vec<_>>>()?,
         (None, None) => Vec::new(),
     };
-    Ok((SampleResult { loss: loss_total, valid, step_beacon_sizes: sizes, windows: windows.to_vec() }, grads))
+    Ok((
+        SampleResult {
+            loss: loss_total,
+            valid,
+            step_beacon_sizes: sizes,
+            windows: windows.to_vec(),
+        },
+        grads,
+    ))
 }
 
 fn labels_any(t: &Target, n: usize) -> bool {

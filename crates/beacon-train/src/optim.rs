@@ -21,7 +21,12 @@ pub struct AdamWConfig {
 
 impl Default for AdamWConfig {
     fn default() -> Self {
-        AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 }
+        AdamWConfig {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.0,
+        }
     }
 }
 
@@ -40,19 +45,33 @@ impl AdamW {
         Ok(AdamW {
             cfg,
             step: 0,
-            m: params.iter().map(zeros).collect::<candle_core::Result<_>>()?,
-            v: params.iter().map(zeros).collect::<candle_core::Result<_>>()?,
+            m: params
+                .iter()
+                .map(zeros)
+                .collect::<candle_core::Result<_>>()?,
+            v: params
+                .iter()
+                .map(zeros)
+                .collect::<candle_core::Result<_>>()?,
         })
     }
 
     /// Restore moments (from a checkpoint).
     pub fn restore(&mut self, step: u64, m: Vec<Tensor>, v: Vec<Tensor>) -> Result<()> {
         if m.len() != self.m.len() || v.len() != self.v.len() {
-            bail!("optimiser state has {} tensors, expected {}", m.len(), self.m.len());
+            bail!(
+                "optimiser state has {} tensors, expected {}",
+                m.len(),
+                self.m.len()
+            );
         }
         for (a, b) in m.iter().zip(&self.m).chain(v.iter().zip(&self.v)) {
             if a.dims() != b.dims() {
-                bail!("optimiser state shape {:?}, expected {:?}", a.dims(), b.dims());
+                bail!(
+                    "optimiser state shape {:?}, expected {:?}",
+                    a.dims(),
+                    b.dims()
+                );
             }
         }
         self.step = step;
@@ -75,7 +94,11 @@ impl AdamW {
             let v_hat = (&v / bc2)?;
             let step = (m_hat / (v_hat.sqrt()? + c.eps)?)?;
             let theta = p.as_tensor();
-            let decayed = if c.weight_decay > 0.0 { (theta * (1.0 - lr * c.weight_decay))? } else { theta.clone() };
+            let decayed = if c.weight_decay > 0.0 {
+                (theta * (1.0 - lr * c.weight_decay))?
+            } else {
+                theta.clone()
+            };
             p.set(&(decayed - (step * lr)?)?)?;
             self.m[i] = m;
             self.v[i] = v;
@@ -148,14 +171,24 @@ mod tests {
 
     #[test]
     fn schedule_shape() {
-        let s = Schedule { peak: 1.0, warmup: 10, total: 110, min_ratio: 0.1, decay: Decay::Cosine };
+        let s = Schedule {
+            peak: 1.0,
+            warmup: 10,
+            total: 110,
+            min_ratio: 0.1,
+            decay: Decay::Cosine,
+        };
         assert!((s.lr(0) - 0.1).abs() < 1e-12);
         assert!((s.lr(9) - 1.0).abs() < 1e-12);
         assert!((s.lr(10) - 1.0).abs() < 1e-12);
         assert!((s.lr(60) - 0.55).abs() < 1e-9);
         assert!((s.lr(110) - 0.1).abs() < 1e-12);
         assert!((s.lr(500) - 0.1).abs() < 1e-12);
-        let l = Schedule { decay: Decay::Linear, min_ratio: 0.0, ..s };
+        let l = Schedule {
+            decay: Decay::Linear,
+            min_ratio: 0.0,
+            ..s
+        };
         assert!((l.lr(60) - 0.5).abs() < 1e-9);
     }
 

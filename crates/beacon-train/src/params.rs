@@ -35,7 +35,10 @@ impl TrainableModel {
     }
 
     pub fn num_values(&self) -> usize {
-        self.params.iter().map(|p| p.var.as_tensor().elem_count()).sum()
+        self.params
+            .iter()
+            .map(|p| p.var.as_tensor().elem_count())
+            .sum()
     }
 }
 
@@ -53,7 +56,9 @@ fn ensure_dense(w: &mut Weight) -> Result<()> {
 fn small_random(shape: (usize, usize), std: f32, rng: &mut SplitMix64) -> Result<Tensor> {
     // Uniform in [-√3σ, √3σ] (variance σ²): enough for a symmetry-breaking init.
     let a = 3f32.sqrt() * std;
-    let v: Vec<f32> = (0..shape.0 * shape.1).map(|_| (rng.next_f64() as f32 * 2.0 - 1.0) * a).collect();
+    let v: Vec<f32> = (0..shape.0 * shape.1)
+        .map(|_| (rng.next_f64() as f32 * 2.0 - 1.0) * a)
+        .collect();
     Ok(Tensor::from_vec(v, shape, &Device::Cpu)?)
 }
 
@@ -70,9 +75,17 @@ fn slot<'a>(m: &'a mut Model, layer: usize, key: &str) -> &'a mut Option<Linear>
 
 /// Make the beacon parameters of `model` trainable. `model` must already have beacon projections
 /// (loaded from a file, or `init_beacons` from the backbone) for every projection in `which`.
-pub fn make_trainable(mut model: Model, which: BeaconParams, rank: Option<usize>, seed: u64) -> Result<TrainableModel> {
+pub fn make_trainable(
+    mut model: Model,
+    which: BeaconParams,
+    rank: Option<usize>,
+    seed: u64,
+) -> Result<TrainableModel> {
     if model.dtype != DType::F32 {
-        bail!("training runs in f32 (the model was loaded as {:?})", model.dtype);
+        bail!(
+            "training runs in f32 (the model was loaded as {:?})",
+            model.dtype
+        );
     }
     ensure_dense(&mut model.lm_head.weight)?;
     let mut train = model.clone();
@@ -83,11 +96,19 @@ pub fn make_trainable(mut model: Model, which: BeaconParams, rank: Option<usize>
     let embed = Var::from_tensor(&plain.beacon_embed.to_dtype(DType::F32)?)?;
     train.beacon_embed = embed.as_tensor().clone();
     plain.beacon_embed = embed.as_tensor().detach();
-    params.push(Param { name: "model.beacon_embed_tokens.weight".into(), var: embed });
+    params.push(Param {
+        name: "model.beacon_embed_tokens.weight".into(),
+        var: embed,
+    });
 
     for i in 0..plain.layers.len() {
         let prefix = format!("model.layers.{i}.self_attn");
-        for (key, on) in [("q", which.q), ("k", which.k), ("v", which.v), ("o", which.o)] {
+        for (key, on) in [
+            ("q", which.q),
+            ("k", which.k),
+            ("v", which.v),
+            ("o", which.o),
+        ] {
             if !on {
                 continue;
             }
@@ -106,8 +127,14 @@ pub fn make_trainable(mut model: Model, which: BeaconParams, rank: Option<usize>
             let (train_w, plain_w) = match rank {
                 None => {
                     let w = Var::from_tensor(&lin.weight.to_dense()?.to_dtype(DType::F32)?)?;
-                    let pair = (Weight::Dense(w.as_tensor().clone()), Weight::Dense(w.as_tensor().detach()));
-                    params.push(Param { name: format!("{name}.weight"), var: w });
+                    let pair = (
+                        Weight::Dense(w.as_tensor().clone()),
+                        Weight::Dense(w.as_tensor().detach()),
+                    );
+                    params.push(Param {
+                        name: format!("{name}.weight"),
+                        var: w,
+                    });
                     pair
                 }
                 Some(r) => {
@@ -118,13 +145,31 @@ pub fn make_trainable(mut model: Model, which: BeaconParams, rank: Option<usize>
                     ensure_dense(&mut base)?;
                     let (out, inp) = base.dims();
                     let a = Var::from_tensor(&Tensor::zeros((out, r), DType::F32, &Device::Cpu)?)?;
-                    let b = Var::from_tensor(&small_random((r, inp), 1.0 / (inp as f32).sqrt(), &mut rng)?)?;
+                    let b = Var::from_tensor(&small_random(
+                        (r, inp),
+                        1.0 / (inp as f32).sqrt(),
+                        &mut rng,
+                    )?)?;
                     let pair = (
-                        Weight::LowRank { base: Box::new(base.clone()), a: a.as_tensor().clone(), b: b.as_tensor().clone() },
-                        Weight::LowRank { base: Box::new(base), a: a.as_tensor().detach(), b: b.as_tensor().detach() },
+                        Weight::LowRank {
+                            base: Box::new(base.clone()),
+                            a: a.as_tensor().clone(),
+                            b: b.as_tensor().clone(),
+                        },
+                        Weight::LowRank {
+                            base: Box::new(base),
+                            a: a.as_tensor().detach(),
+                            b: b.as_tensor().detach(),
+                        },
                     );
-                    params.push(Param { name: format!("{name}.lora_a"), var: a });
-                    params.push(Param { name: format!("{name}.lora_b"), var: b });
+                    params.push(Param {
+                        name: format!("{name}.lora_a"),
+                        var: a,
+                    });
+                    params.push(Param {
+                        name: format!("{name}.lora_b"),
+                        var: b,
+                    });
                     pair
                 }
             };
@@ -133,11 +178,25 @@ pub fn make_trainable(mut model: Model, which: BeaconParams, rank: Option<usize>
                 None => (None, None),
             };
             if let Some(v) = bias_var {
-                params.push(Param { name: format!("{name}.bias"), var: v });
+                params.push(Param {
+                    name: format!("{name}.bias"),
+                    var: v,
+                });
             }
-            *slot(&mut train, i, key) = Some(Linear { weight: train_w, bias: train_b });
-            *slot(&mut plain, i, key) = Some(Linear { weight: plain_w, bias: plain_b });
+            *slot(&mut train, i, key) = Some(Linear {
+                weight: train_w,
+                bias: train_b,
+            });
+            *slot(&mut plain, i, key) = Some(Linear {
+                weight: plain_w,
+                bias: plain_b,
+            });
         }
     }
-    Ok(TrainableModel { train, plain, params, rank })
+    Ok(TrainableModel {
+        train,
+        plain,
+        params,
+        rank,
+    })
 }

@@ -31,14 +31,21 @@ pub fn smooth(values: &[f64], alpha: f64) -> Vec<f64> {
 }
 
 /// Draw `train` (step, loss) and `heldout` (step, loss) into `path` (PNG, 1000×560).
-pub fn loss_curve(path: &Path, title: &str, train: &[(f64, f64)], heldout: &[(f64, f64)]) -> Result<()> {
+pub fn loss_curve(
+    path: &Path,
+    title: &str,
+    train: &[(f64, f64)],
+    heldout: &[(f64, f64)],
+) -> Result<()> {
     register_font();
     if train.is_empty() && heldout.is_empty() {
         return Ok(());
     }
     let all = train.iter().chain(heldout);
     let x_max = all.clone().map(|p| p.0).fold(1.0, f64::max);
-    let (mut y_min, mut y_max) = all.fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), p| (lo.min(p.1), hi.max(p.1)));
+    let (mut y_min, mut y_max) = all.fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), p| {
+        (lo.min(p.1), hi.max(p.1))
+    });
     if !(y_min.is_finite() && y_max.is_finite()) {
         return Ok(());
     }
@@ -46,7 +53,10 @@ pub fn loss_curve(path: &Path, title: &str, train: &[(f64, f64)], heldout: &[(f6
     y_min -= pad;
     y_max += pad;
     // The encoder picks the format from the extension, so the temporary file ends in .png too.
-    let name = path.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_else(|| "loss.png".into());
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_else(|| "loss.png".into());
     let tmp = path.with_file_name(format!(".{name}.tmp.png"));
     {
         let root = BitMapBackend::new(&tmp, (1000, 560)).into_drawing_area();
@@ -80,7 +90,10 @@ pub fn loss_curve(path: &Path, title: &str, train: &[(f64, f64)], heldout: &[(f6
             .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLUE.stroke_width(2)));
         if !heldout.is_empty() {
             chart
-                .draw_series(LineSeries::new(heldout.iter().copied(), RED.stroke_width(2)))
+                .draw_series(LineSeries::new(
+                    heldout.iter().copied(),
+                    RED.stroke_width(2),
+                ))
                 .map_err(|e| anyhow!("plot: {e}"))?
                 .label("held-out")
                 .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], RED.stroke_width(2)));

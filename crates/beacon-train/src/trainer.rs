@@ -97,9 +97,11 @@ pub fn peak_rss_mib() -> f64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse::<f64>().ok()))
+            s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| {
+                l.split_whitespace()
+                    .nth(1)
+                    .and_then(|v| v.parse::<f64>().ok())
+            })
         })
         .map(|kib| kib / 1024.0)
         .unwrap_or(0.0)
@@ -129,13 +131,23 @@ impl Trainer {
         out_dir: &Path,
     ) -> Result<Self> {
         if train.seq_len != settings.seq_len {
-            bail!("packed samples have {} tokens, settings say {}", train.seq_len, settings.seq_len);
+            bail!(
+                "packed samples have {} tokens, settings say {}",
+                train.seq_len,
+                settings.seq_len
+            );
         }
         let tm = make_trainable(model, settings.params, settings.rank, settings.seed)?;
         let opt = AdamW::new(&tm.vars(), settings.adam)?;
         let mut chooser = RatioChooser::new(&cfg, position_budget(&tm.plain.cfg));
         chooser.rng = SplitMix64(settings.seed);
-        let state = TrainState { step: 0, data: DataPosition::default(), ratio_rng: chooser.rng, tokens_seen: 0, elapsed_s: 0.0 };
+        let state = TrainState {
+            step: 0,
+            data: DataPosition::default(),
+            ratio_rng: chooser.rng,
+            tokens_seen: 0,
+            elapsed_s: 0.0,
+        };
         let stream = SampleStream::new(train, settings.seed, state.data)?;
         Ok(Trainer {
             tm,
@@ -160,13 +172,18 @@ impl Trainer {
     }
 
     fn models(&self) -> Models<'_> {
-        Models { train: &self.tm.train, plain: &self.tm.plain }
+        Models {
+            train: &self.tm.train,
+            plain: &self.tm.plain,
+        }
     }
 
     /// Continue from the newest valid checkpoint, if any. Metrics lines past it are dropped (those
     /// steps will be redone). Returns whether a checkpoint was loaded.
     pub fn resume(&mut self) -> Result<bool> {
-        let Some((env, tensors)) = checkpoint::load_latest::<CheckpointMeta>(&self.checkpoint_dir())? else {
+        let Some((env, tensors)) =
+            checkpoint::load_latest::<CheckpointMeta>(&self.checkpoint_dir())?
+        else {
             return Ok(false);
         };
         let meta = env.meta;
@@ -174,14 +191,21 @@ impl Trainer {
         if meta.param_names != names {
             bail!("checkpoint parameters differ from this model's (different --beacon-rank or beacon_param?)");
         }
-        if meta.settings.seq_len != self.settings.seq_len || meta.settings.objective != self.settings.objective {
+        if meta.settings.seq_len != self.settings.seq_len
+            || meta.settings.objective != self.settings.objective
+        {
             bail!(
                 "checkpoint was trained with seq_len {} / {:?}; resume with the same settings",
                 meta.settings.seq_len,
                 meta.settings.objective
             );
         }
-        let get = |k: String| tensors.get(&k).cloned().with_context(|| format!("checkpoint lacks {k}"));
+        let get = |k: String| {
+            tensors
+                .get(&k)
+                .cloned()
+                .with_context(|| format!("checkpoint lacks {k}"))
+        };
         let mut m = Vec::new();
         let mut v = Vec::new();
         for p in &self.tm.params {
@@ -192,7 +216,11 @@ impl Trainer {
         self.opt.restore(meta.state.step, m, v)?;
         self.state = meta.state;
         self.chooser.rng = self.state.ratio_rng;
-        self.stream = SampleStream::new(self.stream.packed.clone(), self.settings.seed, self.state.data)?;
+        self.stream = SampleStream::new(
+            self.stream.packed.clone(),
+            self.settings.seed,
+            self.state.data,
+        )?;
         truncate_metrics(&self.metrics_path(), self.state.step)?;
         self.last_checkpoint = Instant::now();
         Ok(true)
@@ -211,7 +239,13 @@ impl Trainer {
             beacon: BeaconKeys::from_config(&self.cfg),
             param_names: self.tm.params.iter().map(|p| p.name.clone()).collect(),
         };
-        let p = checkpoint::save(&self.checkpoint_dir(), self.state.step, &map, &meta, self.settings.keep_checkpoints)?;
+        let p = checkpoint::save(
+            &self.checkpoint_dir(),
+            self.state.step,
+            &map,
+            &meta,
+            self.settings.keep_checkpoints,
+        )?;
         self.last_checkpoint = Instant::now();
         Ok(p)
     }
@@ -242,7 +276,11 @@ impl Trainer {
             tokens += sample.len() as u64;
             sum = Some(match sum {
                 None => grads,
-                Some(acc) => acc.iter().zip(&grads).map(|(a, g)| a + g).collect::<candle_core::Result<_>>()?,
+                Some(acc) => acc
+                    .iter()
+                    .zip(&grads)
+                    .map(|(a, g)| a + g)
+                    .collect::<candle_core::Result<_>>()?,
             });
         }
         let mut grads = sum.expect("accum ≥ 1");
@@ -251,7 +289,10 @@ impl Trainer {
         if grad_norm.is_finite() {
             self.opt.update(&vars, &grads, lr)?;
         } else {
-            eprintln!("warning: non-finite gradient norm at step {}; update skipped", self.state.step + 1);
+            eprintln!(
+                "warning: non-finite gradient norm at step {}; update skipped",
+                self.state.step + 1
+            );
         }
         self.state.step += 1;
         self.state.data = self.stream.pos;
@@ -285,14 +326,28 @@ impl Trainer {
             total += l;
             count += n;
         }
-        Ok((if count > 0 { total / count as f64 } else { f64::NAN }, count))
+        Ok((
+            if count > 0 {
+                total / count as f64
+            } else {
+                f64::NAN
+            },
+            count,
+        ))
     }
 
     /// Write `beacon.safetensors` (released tensor names; low-rank merged) and `beacon_config.json`
     /// (the training settings with `adapt-1024` ratio choice for inference, as the reference evaluates).
     pub fn export(&self, dir: &Path, dtype: DType) -> Result<()> {
-        beacon::loader::save_beacon_weights(&self.tm.plain, &dir.join("beacon.safetensors"), dtype)?;
-        let cfg = BeaconConfig { ratio_mix: RatioMix::Adapt(1024), ..self.cfg.clone() };
+        beacon::loader::save_beacon_weights(
+            &self.tm.plain,
+            &dir.join("beacon.safetensors"),
+            dtype,
+        )?;
+        let cfg = BeaconConfig {
+            ratio_mix: RatioMix::Adapt(1024),
+            ..self.cfg.clone()
+        };
         let text = serde_json::to_string_pretty(&BeaconKeys::from_config(&cfg))?;
         beacon::util::atomic_write(&dir.join("beacon_config.json"), text.as_bytes())?;
         Ok(())
@@ -301,22 +356,41 @@ impl Trainer {
 
 /// Sum of next-token NLL and label count of one sample under compression, inference kernels only
 /// (one forward, window by window with the given ratios).
-pub fn heldout_nll(model: &Model, cfg: &BeaconConfig, sample: &[u32], windows: &[WindowPlan]) -> Result<(f64, usize)> {
+pub fn heldout_nll(
+    model: &Model,
+    cfg: &BeaconConfig,
+    sample: &[u32],
+    windows: &[WindowPlan],
+) -> Result<(f64, usize)> {
     let mut s = Session::new(model, Mode::Beacon, cfg.clone());
     let first_labels = objective::first_window_trained(cfg);
     let (mut total, mut count) = (0f64, 0usize);
     for (i, w) in windows.iter().enumerate() {
         s.chooser.candidates = vec![w.ratio];
-        let opts = FeedOptions { training_final: i + 1 == windows.len(), differentiable: false };
+        let opts = FeedOptions {
+            training_final: i + 1 == windows.len(),
+            differentiable: false,
+        };
         let logits = s
-            .feed_with(model, &sample[w.start..w.start + w.len], Want::From(0), opts, &mut |_| {})?
+            .feed_with(
+                model,
+                &sample[w.start..w.start + w.len],
+                Want::From(0),
+                opts,
+                &mut |_| {},
+            )?
             .context("no logits")?;
         let labels = objective::window_labels(sample, w, first_labels);
         let rows: Vec<Vec<f32>> = logits.to_vec2()?;
         for (row, label) in rows.iter().zip(&labels) {
             if let Some(l) = label {
                 let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let lse = m as f64 + row.iter().map(|&x| ((x - m) as f64).exp()).sum::<f64>().ln();
+                let lse = m as f64
+                    + row
+                        .iter()
+                        .map(|&x| ((x - m) as f64).exp())
+                        .sum::<f64>()
+                        .ln();
                 total += lse - row[*l as usize] as f64;
                 count += 1;
             }
@@ -327,7 +401,9 @@ pub fn heldout_nll(model: &Model, cfg: &BeaconConfig, sample: &[u32], windows: &
 
 /// Keep only the metrics lines of steps ≤ `step` (after a resume).
 fn truncate_metrics(path: &Path, step: u64) -> Result<()> {
-    let Ok(text) = std::fs::read_to_string(path) else { return Ok(()) };
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return Ok(());
+    };
     let kept: String = text
         .lines()
         .filter(|l| {
@@ -344,7 +420,10 @@ fn truncate_metrics(path: &Path, step: u64) -> Result<()> {
 
 /// Append one JSON line.
 pub fn append_metrics<T: Serialize>(path: &Path, line: &T) -> Result<()> {
-    let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)?;
     writeln!(f, "{}", serde_json::to_string(line)?)?;
     Ok(())
 }
@@ -355,7 +434,9 @@ pub fn read_curves(path: &Path) -> Result<(Vec<(f64, f64)>, Vec<(f64, f64)>)> {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let (mut train, mut held) = (Vec::new(), Vec::new());
     for l in text.lines() {
-        let Ok(v) = serde_json::from_str::<serde_json::Value>(l) else { continue };
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(l) else {
+            continue;
+        };
         let step = v.get("step").and_then(|s| s.as_f64()).unwrap_or(0.0);
         if let Some(x) = v.get("heldout_loss").and_then(|x| x.as_f64()) {
             held.push((step, x));
@@ -403,19 +484,24 @@ impl Progress for Quiet {
 impl Trainer {
     /// Train until `schedule.total` updates (or `stop_after` more in this call, or a stop signal),
     /// with metrics, evaluation, checkpoints and the plot. Returns the step metrics of this call.
-    pub fn run_loop(&mut self, stop_after: Option<u64>, progress: &mut dyn Progress) -> Result<Vec<StepMetrics>> {
+    pub fn run_loop(
+        &mut self,
+        stop_after: Option<u64>,
+        progress: &mut dyn Progress,
+    ) -> Result<Vec<StepMetrics>> {
         std::fs::create_dir_all(&self.out_dir)?;
         let total = self.settings.schedule.total;
         let start_step = self.state.step;
         let mut out = Vec::new();
-        while self.state.step < total && stop_after.is_none_or(|n| self.state.step - start_step < n) {
+        while self.state.step < total && stop_after.is_none_or(|n| self.state.step - start_step < n)
+        {
             let m = self.train_step()?;
             append_metrics(&self.metrics_path(), &m)?;
             progress.step(&m, total);
             out.push(m);
             let step = self.state.step;
             let s = &self.settings;
-            if s.eval_every > 0 && step % s.eval_every == 0 && !self.heldout.is_empty() {
+            if s.eval_every > 0 && step.is_multiple_of(s.eval_every) && !self.heldout.is_empty() {
                 let t = Instant::now();
                 let (loss, n) = self.evaluate()?;
                 let e = EvalMetrics {
@@ -431,8 +517,9 @@ impl Trainer {
                 self.plot()?;
             }
             let s = &self.settings;
-            let by_steps = s.checkpoint_every > 0 && step % s.checkpoint_every == 0;
-            let by_time = s.checkpoint_minutes > 0.0 && self.last_checkpoint.elapsed().as_secs_f64() >= s.checkpoint_minutes * 60.0;
+            let by_steps = s.checkpoint_every > 0 && step.is_multiple_of(s.checkpoint_every);
+            let by_time = s.checkpoint_minutes > 0.0
+                && self.last_checkpoint.elapsed().as_secs_f64() >= s.checkpoint_minutes * 60.0;
             let stopping = STOP.load(Ordering::SeqCst);
             if by_steps || by_time || stopping || step == total {
                 let p = self.save_checkpoint()?;
@@ -459,5 +546,11 @@ impl Trainer {
 
 /// The settings a fresh `Schedule` needs when only the peak and totals are known.
 pub fn schedule(peak: f64, warmup: u64, total: u64, min_ratio: f64, decay: Decay) -> Schedule {
-    Schedule { peak, warmup, total, min_ratio, decay }
+    Schedule {
+        peak,
+        warmup,
+        total,
+        min_ratio,
+        decay,
+    }
 }

@@ -4,28 +4,54 @@
 //!    gradients chained by hand) equals the gradient of one graph over the whole sample.
 //! 2. Analytic gradients agree with finite differences. Everything runs in f32 (the engine computes
 //!    softmax and norms in f32), so finite differences are taken along directional derivatives with a
-//!    Richardson-extrapolated central difference; the stated bound is a relative error < 2e-3.
+//!    Richardson-extrapolated central difference (step chosen so the loss moves by ~1e-2); the stated
+//!    bound is a relative error < 1e-3 (observed worst: ~1.5e-4).
 
 mod common;
 
 use beacon::engine::{position_budget, FeedOptions, Mode, Session, Want};
 use beacon::schedule::RatioChooser;
 use beacon::BeaconConfig;
-use beacon_train::objective::{plan_windows, sample_gradients, sample_loss, window_labels, window_loss, Models, Objective, Target, WindowPlan};
+use beacon_train::objective::{
+    plan_windows, sample_gradients, sample_loss, window_labels, window_loss, Models, Objective,
+    Target, WindowPlan,
+};
 use beacon_train::params::{make_trainable, TrainableModel};
 use candle_core::{Tensor, Var};
 
-fn setup(model_dir: &str, ratios: Vec<usize>, sink: usize, rank: Option<usize>) -> (TrainableModel, BeaconConfig) {
+fn setup(
+    model_dir: &str,
+    ratios: Vec<usize>,
+    sink: usize,
+    rank: Option<usize>,
+) -> (TrainableModel, BeaconConfig) {
     let dir = common::fixture_root().join(model_dir);
     let loaded = common::load_model(&dir);
-    let cfg = BeaconConfig { ratios, sink_size: sink, ..loaded.beacon.clone() };
+    let cfg = BeaconConfig {
+        ratios,
+        sink_size: sink,
+        ..loaded.beacon.clone()
+    };
     let tm = make_trainable(loaded.model.clone(), cfg.params, rank, 3).unwrap();
     (tm, cfg)
 }
 
 fn rel_max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    let d = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-    let m = a.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    let d = (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    let m = a
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
     d / m.max(1e-12)
 }
 
@@ -36,38 +62,95 @@ fn recomputation_equals_whole_sample_graph() {
         let tokens = common::random_tokens(150, tm.plain.cfg.vocab_size, 11);
         let mut chooser = RatioChooser::new(&cfg, position_budget(&tm.plain.cfg));
         let windows = plan_windows(&cfg, &mut chooser, tokens.len());
-        let models = Models { train: &tm.train, plain: &tm.plain };
-        let (res, grads) = sample_gradients(&models, &cfg, &tokens, &windows, Objective::Lm, &tm.vars(), 1.0).unwrap();
+        let models = Models {
+            train: &tm.train,
+            plain: &tm.plain,
+        };
+        let (res, grads) = sample_gradients(
+            &models,
+            &cfg,
+            &tokens,
+            &windows,
+            Objective::Lm,
+            &tm.vars(),
+            1.0,
+        )
+        .unwrap();
 
         // One graph over the whole sample: every window's memory stays in the graph.
         let mut s = Session::new(&tm.train, Mode::Beacon, cfg.clone());
-        let opts = FeedOptions { training_final: true, differentiable: true };
-        let logits = s.feed_with(&tm.train, &tokens, Want::From(0), opts, &mut |_| {}).unwrap().unwrap();
-        let whole = WindowPlan { start: 0, len: tokens.len(), ratio: 4 };
+        let opts = FeedOptions {
+            training_final: true,
+            differentiable: true,
+        };
+        let logits = s
+            .feed_with(&tm.train, &tokens, Want::From(0), opts, &mut |_| {})
+            .unwrap()
+            .unwrap();
+        let whole = WindowPlan {
+            start: 0,
+            len: tokens.len(),
+            ratio: 4,
+        };
         let labels = window_labels(&tokens, &whole, true);
-        let loss = window_loss(&logits, Target::Labels(labels), 1.0 / (tokens.len() - 1) as f32).unwrap();
+        let loss = window_loss(
+            &logits,
+            Target::Labels(labels),
+            1.0 / (tokens.len() - 1) as f32,
+        )
+        .unwrap();
         let full = loss.backward().unwrap();
         let l_full = loss.to_scalar::<f32>().unwrap() as f64;
-        println!("{model_dir}: loss recomputed {:.7} whole-graph {:.7}", res.loss, l_full);
+        println!(
+            "{model_dir}: loss recomputed {:.7} whole-graph {:.7}",
+            res.loss, l_full
+        );
         assert!((res.loss - l_full).abs() < 1e-5);
         for (p, g) in tm.params.iter().zip(&grads) {
             let Some(gf) = full.get(p.var.as_tensor()) else {
-                let n = g.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-                assert!(n == 0.0, "{}: no whole-graph gradient but recomputed max {n}", p.name);
+                let n = g
+                    .abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap();
+                assert!(
+                    n == 0.0,
+                    "{}: no whole-graph gradient but recomputed max {n}",
+                    p.name
+                );
                 continue;
             };
             let r = rel_max_diff(gf, g);
             println!("  {:<55} rel max |Δ| {r:.2e}", p.name);
-            assert!(r < 1e-4, "{model_dir} {}: recomputed gradient differs by {r:e}", p.name);
+            assert!(
+                r < 1e-4,
+                "{model_dir} {}: recomputed gradient differs by {r:e}",
+                p.name
+            );
         }
     }
 }
 
+/// One sample's loss as a function of the parameters.
+struct Problem<'a> {
+    tm: &'a TrainableModel,
+    cfg: &'a BeaconConfig,
+    tokens: &'a [u32],
+    windows: &'a [WindowPlan],
+}
+
 /// Loss with parameter `var` moved to `base + h·dir`.
-fn loss_at(tm: &TrainableModel, cfg: &BeaconConfig, tokens: &[u32], windows: &[WindowPlan], var: &Var, base: &Tensor, dir: &Tensor, h: f64) -> f64 {
+fn loss_at(p: &Problem, var: &Var, base: &Tensor, dir: &Tensor, h: f64) -> f64 {
     var.set(&(base + (dir * h).unwrap()).unwrap()).unwrap();
-    let models = Models { train: &tm.train, plain: &tm.plain };
-    let l = sample_loss(&models, cfg, tokens, windows, Objective::Lm).unwrap().loss;
+    let models = Models {
+        train: &p.tm.train,
+        plain: &p.tm.plain,
+    };
+    let l = sample_loss(&models, p.cfg, p.tokens, p.windows, Objective::Lm)
+        .unwrap()
+        .loss;
     var.set(base).unwrap();
     l
 }
@@ -77,25 +160,59 @@ fn check_fd(model_dir: &str, rank: Option<usize>, objective_note: &str) {
     let tokens = common::random_tokens(96, tm.plain.cfg.vocab_size, 5);
     let mut chooser = RatioChooser::new(&cfg, position_budget(&tm.plain.cfg));
     let windows = plan_windows(&cfg, &mut chooser, tokens.len());
-    let models = Models { train: &tm.train, plain: &tm.plain };
-    let (_, grads) = sample_gradients(&models, &cfg, &tokens, &windows, Objective::Lm, &tm.vars(), 1.0).unwrap();
+    let models = Models {
+        train: &tm.train,
+        plain: &tm.plain,
+    };
+    let (_, grads) = sample_gradients(
+        &models,
+        &cfg,
+        &tokens,
+        &windows,
+        Objective::Lm,
+        &tm.vars(),
+        1.0,
+    )
+    .unwrap();
     let mut worst = 0f64;
     for (p, g) in tm.params.iter().zip(&grads) {
-        let gn = g.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap().sqrt() as f64;
+        let gn = g
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+            .sqrt() as f64;
         if gn == 0.0 {
             continue; // the last layer's beacon query (see the loss-parity test)
         }
         // Direction of steepest ascent: the directional derivative is |g|.
         let dir = (g / gn).unwrap();
         let base = p.var.as_tensor().copy().unwrap();
-        let h = 0.02 * (base.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap().sqrt() as f64).max(0.5);
-        let d = |h: f64| (loss_at(&tm, &cfg, &tokens, &windows, &p.var, &base, &dir, h) - loss_at(&tm, &cfg, &tokens, &windows, &p.var, &base, &dir, -h)) / (2.0 * h);
+        let h = (1e-2 / gn).clamp(1e-3, 0.2); // moves the loss by ~1e-2: well above f32 rounding, small curvature error
+        let pr = Problem {
+            tm: &tm,
+            cfg: &cfg,
+            tokens: &tokens,
+            windows: &windows,
+        };
+        let d = |h: f64| {
+            (loss_at(&pr, &p.var, &base, &dir, h) - loss_at(&pr, &p.var, &base, &dir, -h))
+                / (2.0 * h)
+        };
         let fd = (4.0 * d(h / 2.0) - d(h)) / 3.0; // Richardson: cancels the h² term
         let rel = (fd - gn).abs() / gn;
         worst = worst.max(rel);
-        println!("{model_dir} {objective_note} {:<55} analytic {gn:.6e} fd {fd:.6e} rel {rel:.1e}", p.name);
+        println!(
+            "{model_dir} {objective_note} {:<55} analytic {gn:.6e} fd {fd:.6e} rel {rel:.1e}",
+            p.name
+        );
     }
-    assert!(worst < 2e-3, "{model_dir} {objective_note}: worst relative error {worst:e}");
+    assert!(
+        worst < 1e-3,
+        "{model_dir} {objective_note}: worst relative error {worst:e}"
+    );
 }
 
 #[test]

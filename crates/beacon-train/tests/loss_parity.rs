@@ -22,8 +22,15 @@ fn training_loss_matches_reference() {
         let loaded = common::load_model(&dir);
         for (name, case) in common::cases(&dir) {
             let tag = format!("{}/{name}", dir.file_name().unwrap().to_string_lossy());
-            let expected = candle_core::safetensors::load(dir.join(format!("expected/{name}.safetensors")), &Device::Cpu).unwrap();
-            let want = match (expected.get("train.loss"), case.get("train_loss").and_then(|v| v.as_f64())) {
+            let expected = candle_core::safetensors::load(
+                dir.join(format!("expected/{name}.safetensors")),
+                &Device::Cpu,
+            )
+            .unwrap();
+            let want = match (
+                expected.get("train.loss"),
+                case.get("train_loss").and_then(|v| v.as_f64()),
+            ) {
                 (Some(t), _) => t.flatten_all().unwrap().to_vec1::<f32>().unwrap()[0] as f64,
                 (None, Some(v)) => v,
                 (None, None) => continue,
@@ -33,11 +40,29 @@ fn training_loss_matches_reference() {
             let tm = make_trainable(loaded.model.clone(), cfg.params, None, 0).unwrap();
             let mut chooser = RatioChooser::new(&cfg, position_budget(&tm.plain.cfg));
             let windows = plan_windows(&cfg, &mut chooser, input.len());
-            let models = Models { train: &tm.train, plain: &tm.plain };
-            let (res, grads) = sample_gradients(&models, &cfg, &input, &windows, Objective::Lm, &tm.vars(), 1.0).unwrap();
+            let models = Models {
+                train: &tm.train,
+                plain: &tm.plain,
+            };
+            let (res, grads) = sample_gradients(
+                &models,
+                &cfg,
+                &input,
+                &windows,
+                Objective::Lm,
+                &tm.vars(),
+                1.0,
+            )
+            .unwrap();
             let err = (res.loss - want).abs();
             let ok = err <= TOL;
-            println!("{} {tag}: loss {:.6} vs {:.6} (|Δ| {:.2e})", if ok { "OK    " } else { "NOT OK" }, res.loss, want, err);
+            println!(
+                "{} {tag}: loss {:.6} vs {:.6} (|Δ| {:.2e})",
+                if ok { "OK    " } else { "NOT OK" },
+                res.loss,
+                want,
+                err
+            );
             if !ok {
                 failures.push(format!("{tag}: loss {} vs {want}", res.loss));
             }
@@ -49,15 +74,27 @@ fn training_loss_matches_reference() {
             if let Some(sizes) = case.get("train_step_beacon_sizes") {
                 let want: Vec<i64> = serde_json::from_value(sizes.clone()).unwrap();
                 if res.step_beacon_sizes != want {
-                    failures.push(format!("{tag}: beacons per window {:?}, expected {want:?}", res.step_beacon_sizes));
+                    failures.push(format!(
+                        "{tag}: beacons per window {:?}, expected {want:?}",
+                        res.step_beacon_sizes
+                    ));
                 }
             }
             // Every trained tensor gets a finite, non-zero gradient, except the last layer's beacon
             // query: it only shapes the last layer's beacon rows, whose outputs nothing reads (memory
             // keeps K/V, and beacon logits are discarded), so its gradient is exactly zero.
-            let last_q = format!("model.layers.{}.self_attn.beacon_q_proj", tm.plain.cfg.num_layers - 1);
+            let last_q = format!(
+                "model.layers.{}.self_attn.beacon_q_proj",
+                tm.plain.cfg.num_layers - 1
+            );
             for (p, g) in tm.params.iter().zip(&grads) {
-                let n = g.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+                let n = g
+                    .sqr()
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap();
                 if p.name.starts_with(&last_q) {
                     if n != 0.0 {
                         failures.push(format!("{tag}: gradient of {} should be 0, is {n}", p.name));
@@ -69,7 +106,11 @@ fn training_loss_matches_reference() {
             checked += 1;
         }
     }
-    assert!(checked > 0, "no fixture case with a training loss under {}", common::fixture_root().display());
+    assert!(
+        checked > 0,
+        "no fixture case with a training loss under {}",
+        common::fixture_root().display()
+    );
     println!("{checked} cases checked");
     assert!(failures.is_empty(), "failures:\n{}", failures.join("\n"));
 }

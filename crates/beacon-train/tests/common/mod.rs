@@ -26,7 +26,8 @@ pub fn model_dirs() -> Vec<PathBuf> {
 }
 
 pub fn cases(dir: &Path) -> serde_json::Map<String, serde_json::Value> {
-    serde_json::from_str(&std::fs::read_to_string(dir.join("expected/cases.json")).unwrap()).unwrap()
+    serde_json::from_str(&std::fs::read_to_string(dir.join("expected/cases.json")).unwrap())
+        .unwrap()
 }
 
 pub fn load_model(dir: &Path) -> Loaded {
@@ -35,14 +36,24 @@ pub fn load_model(dir: &Path) -> Loaded {
 
 /// The case's beacon settings over the checkpoint's.
 pub fn case_config(loaded: &Loaded, case: &serde_json::Value, tag: &str) -> BeaconConfig {
-    let keys: BeaconKeys = serde_json::from_value(case["beacon_settings"].clone()).expect("beacon_settings");
-    keys.resolve(loaded.beacon.clone(), tag).expect("settings valid")
+    let keys: BeaconKeys =
+        serde_json::from_value(case["beacon_settings"].clone()).expect("beacon_settings");
+    keys.resolve(loaded.beacon.clone(), tag)
+        .expect("settings valid")
 }
 
 pub fn input_ids(dir: &Path, name: &str) -> Vec<u32> {
-    let inputs = candle_core::safetensors::load(dir.join("expected/inputs.safetensors"), &Device::Cpu).unwrap();
+    let inputs =
+        candle_core::safetensors::load(dir.join("expected/inputs.safetensors"), &Device::Cpu)
+            .unwrap();
     let t: &Tensor = &inputs[name];
-    t.flatten_all().unwrap().to_vec1::<i64>().unwrap().into_iter().map(|x| x as u32).collect()
+    t.flatten_all()
+        .unwrap()
+        .to_vec1::<i64>()
+        .unwrap()
+        .into_iter()
+        .map(|x| x as u32)
+        .collect()
 }
 
 /// Uniform pseudo-random token ids (splitmix64), for synthetic samples.
