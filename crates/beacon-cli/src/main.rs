@@ -34,6 +34,12 @@ enum Command {
 }
 
 fn main() {
+    // candle's quantized kernels (single-row decode) run on a spinning barrier pool that stalls badly
+    // when another process holds a core; one thread is as fast when idle and far faster when not.
+    // Dense prefill GEMMs use rayon's pool (RAYON_NUM_THREADS, default: all cores) and are unaffected.
+    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+        std::env::set_var("CANDLE_NUM_THREADS", "1");
+    }
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("BEACON_LOG").unwrap_or_else(|_| "warn".into()))
         .with_writer(std::io::stderr)
