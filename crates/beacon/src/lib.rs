@@ -6,6 +6,7 @@
 //! K/V and drops its raw K/V → logits of the last raw row → [`generate`] samples → the token is fed
 //! back through the same session.
 
+pub mod attention;
 pub mod config;
 pub mod context_file;
 pub mod engine;

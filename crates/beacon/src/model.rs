@@ -11,6 +11,7 @@
 use crate::config::ModelConfig;
 use crate::error::Result;
 use candle_core::quantized::{QMatMul, QTensor};
+use crate::attention::{fused_attention, AttnMask};
 use candle_core::{DType, Device, Module, Tensor, D};
 use std::sync::Arc;
 
@@ -293,11 +294,90 @@ fn rms_norm(x: &Tensor, w: &Tensor, eps: f64, differentiable: bool) -> Result<Te
     if !differentiable {
         return Ok(candle_nn::ops::rms_norm(x, w, eps as f32)?);
     }
+    if x.dtype() == DType::F32 && w.dtype() == DType::F32 && !w.track_op() {
+        let w = w.flatten_all()?.to_vec1::<f32>()?;
+        return Ok(x.contiguous()?.apply_op1(FrozenRmsNorm { w, eps: eps as f32 })?);
+    }
     let dtype = x.dtype();
     let xf = x.to_dtype(DType::F32)?;
     let ms = xf.sqr()?.mean_keepdim(D::Minus1)?;
     let y = xf.broadcast_div(&(ms + eps)?.sqrt()?)?;
     Ok(y.to_dtype(dtype)?.broadcast_mul(w)?)
+}
+
+/// Differentiable RMSNorm over the last dim, `x / sqrt(mean(x²) + eps) · w`, f32, with a frozen
+/// weight: one op whose backward returns only `dx = r·(g − x̂·mean(g ∘ x̂))` (g = dy ∘ w, r =
+/// 1/sqrt(mean(x²) + eps), x̂ = x·r), instead of ~5 `[rows, hidden]` composed intermediates kept for
+/// the backward.
+struct FrozenRmsNorm {
+    w: Vec<f32>,
+    eps: f32,
+}
+
+impl FrozenRmsNorm {
+    fn slice<'a>(s: &'a candle_core::CpuStorage, l: &candle_core::Layout) -> candle_core::Result<&'a [f32]> {
+        let data = match s {
+            candle_core::CpuStorage::F32(v) => v.as_slice(),
+            _ => candle_core::bail!("rms-norm: f32 only"),
+        };
+        match l.contiguous_offsets() {
+            Some((a, b)) => Ok(&data[a..b]),
+            None => candle_core::bail!("rms-norm: input must be contiguous"),
+        }
+    }
+
+    /// 1 / sqrt(mean(x²) + eps) of one row.
+    fn inv_rms(&self, row: &[f32]) -> f32 {
+        let ms = row.iter().map(|&v| v * v).sum::<f32>() / row.len() as f32;
+        1.0 / (ms + self.eps).sqrt()
+    }
+}
+
+impl candle_core::CustomOp1 for FrozenRmsNorm {
+    fn name(&self) -> &'static str {
+        "frozen-rms-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s: &candle_core::CpuStorage,
+        l: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        let x = Self::slice(s, l)?;
+        let h = self.w.len();
+        if l.shape().dims().last() != Some(&h) {
+            candle_core::bail!("rms-norm: input {:?}, weight [{h}]", l.shape());
+        }
+        let mut y = vec![0f32; x.len()];
+        for (xr, yr) in x.chunks_exact(h).zip(y.chunks_exact_mut(h)) {
+            let r = self.inv_rms(xr);
+            for ((yv, &xv), &wv) in yr.iter_mut().zip(xr).zip(&self.w) {
+                *yv = xv * r * wv;
+            }
+        }
+        Ok((candle_core::CpuStorage::F32(y), l.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, _y: &Tensor, grad_y: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let x = x.detach().contiguous()?;
+        let gy = grad_y.detach().contiguous()?;
+        let (xs, xl) = x.storage_and_layout();
+        let (gs, gl) = gy.storage_and_layout();
+        let (xs, gs) = match (&*xs, &*gs) {
+            (candle_core::Storage::Cpu(a), candle_core::Storage::Cpu(b)) => (Self::slice(a, xl)?, Self::slice(b, gl)?),
+            _ => candle_core::bail!("rms-norm: CPU only"),
+        };
+        let h = self.w.len();
+        let mut dx = vec![0f32; xs.len()];
+        for ((xr, gr), dr) in xs.chunks_exact(h).zip(gs.chunks_exact(h)).zip(dx.chunks_exact_mut(h)) {
+            let r = self.inv_rms(xr);
+            let c = xr.iter().zip(gr).zip(&self.w).map(|((&xv, &gv), &wv)| gv * wv * xv * r).sum::<f32>() / h as f32;
+            for (((d, &xv), &gv), &wv) in dr.iter_mut().zip(xr).zip(gr).zip(&self.w) {
+                *d = r * (gv * wv - xv * r * c);
+            }
+        }
+        Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
+    }
 }
 
 /// Query rows processed per attention block, so scores never exceed ~`SCORE_BUDGET` floats:
@@ -388,72 +468,108 @@ impl Model {
 
     /// Scaled dot-product attention with GQA over K/V segments (the last one is the chunk itself),
     /// in query blocks. q `[heads, n, d]`, segments `[kv, len_i, d]` → `[n, heads*d]`.
+    ///
+    /// The differentiable path (training, f32) goes through [`fused_attention`], which keeps no
+    /// score-sized tensor for the backward; inference keeps the segment-wise composed kernels.
     fn attend(&self, q: &Tensor, segments: &[(Tensor, Tensor)], mask: &Mask, differentiable: bool) -> Result<Tensor> {
-        let cfg = &self.cfg;
-        let (heads, n, d) = q.dims3()?;
-        let kvh = cfg.num_kv_heads;
-        let g = heads / kvh;
-        let lens: Vec<usize> = segments.iter().map(|(k, _)| k.dim(1)).collect::<candle_core::Result<_>>()?;
-        let t: usize = lens.iter().sum();
-        let ctx = t - n;
-        let scale = 1.0 / (d as f64).sqrt();
-        let block = (SCORE_BUDGET / (heads * t).max(1)).clamp(1, n.max(1));
-        let q = q.reshape((kvh, g, n, d))?;
-        let mut outs = Vec::new();
-        let mut start = 0;
-        while start < n {
-            let nb = block.min(n - start);
-            // Rows of a block attend to the context plus chunk columns up to themselves.
-            let cols = ctx + start + nb;
-            let qb = q.narrow(2, start, nb)?.reshape((kvh, g * nb, d))?; // [kv, g*nb, d]
-            let mut used = Vec::new(); // (k, v) per segment, trimmed to `cols`
-            let mut off = 0;
-            for ((k, v), &len) in segments.iter().zip(&lens) {
-                if off >= cols || len == 0 {
-                    break;
-                }
-                let take = len.min(cols - off);
-                let (k, v) = if take == len { (k.clone(), v.clone()) } else { (k.narrow(1, 0, take)?, v.narrow(1, 0, take)?) };
-                used.push((k, v));
-                off += take;
-            }
-            let scores: Vec<Tensor> = used
-                .iter()
-                .map(|(k, _)| qb.matmul(&k.t()?))
-                .collect::<candle_core::Result<_>>()?; // [kv, g*nb, len_i]
-            let mut s = if scores.len() == 1 { scores[0].clone() } else { Tensor::cat(&scores, 2)? };
-            s = (s.to_dtype(DType::F32)? * scale)?; // [kv, g*nb, cols]
-            let m = match mask {
-                Mask::Causal if nb > 1 => Some(causal_mask(ctx, start, nb, cols)?),
-                Mask::Causal => None,
-                Mask::Explicit(full) => Some(full.narrow(0, start, nb)?.narrow(1, 0, cols)?),
-            };
-            if let Some(m) = m {
-                s = s.reshape((kvh, g, nb, cols))?.broadcast_add(&m)?.reshape((kvh, g * nb, cols))?;
-            }
-            let p = if differentiable {
-                candle_nn::ops::softmax(&s, D::Minus1)?
-            } else {
-                candle_nn::ops::softmax_last_dim(&s)?
-            };
-            let p = p.to_dtype(q.dtype())?;
-            let mut o: Option<Tensor> = None;
-            let mut off = 0;
-            for (k, v) in &used {
-                let len = k.dim(1)?;
-                let part = p.narrow(2, off, len)?.matmul(v)?; // [kv, g*nb, d]
-                o = Some(match o {
-                    None => part,
-                    Some(acc) => (acc + part)?,
-                });
-                off += len;
-            }
-            outs.push(o.expect("at least the chunk segment").reshape((heads, nb, d))?);
-            start += nb;
+        if differentiable && q.dtype() == DType::F32 {
+            return attend_fused(q, segments, mask);
         }
-        let o = if outs.len() == 1 { outs.pop().expect("one block") } else { Tensor::cat(&outs, 1)? };
-        Ok(o.transpose(0, 1)?.reshape((n, heads * d))?)
+        attend_composed(q, segments, mask, differentiable, self.cfg.num_kv_heads)
     }
+}
+
+/// Differentiable attention over the segments, concatenated (`Tensor::cat` carries the gradient
+/// back to each segment), through the fused op. q `[heads, n, d]` → `[n, heads*d]`.
+pub(crate) fn attend_fused(q: &Tensor, segments: &[(Tensor, Tensor)], mask: &Mask) -> Result<Tensor> {
+    let (heads, n, d) = q.dims3()?;
+    let used: Vec<&(Tensor, Tensor)> = segments.iter().filter(|(k, _)| k.dim(1).map_or(true, |l| l > 0)).collect();
+    let (k, v) = if used.len() == 1 {
+        (used[0].0.clone(), used[0].1.clone())
+    } else {
+        let ks: Vec<&Tensor> = used.iter().map(|(k, _)| k).collect();
+        let vs: Vec<&Tensor> = used.iter().map(|(_, v)| v).collect();
+        (Tensor::cat(&ks, 1)?, Tensor::cat(&vs, 1)?)
+    };
+    let m = match mask {
+        Mask::Causal => AttnMask::Causal,
+        Mask::Explicit(m) => AttnMask::Explicit(m.clone()),
+    };
+    let o = fused_attention(q, &k, &v, m)?; // [heads, n, d]
+    Ok(o.transpose(0, 1)?.reshape((n, heads * d))?)
+}
+
+/// Scaled dot-product attention with GQA over K/V segments (the last one is the chunk itself),
+/// in query blocks, composed of candle ops. q `[heads, n, d]`, segments `[kv, len_i, d]` → `[n, heads*d]`.
+pub(crate) fn attend_composed(
+    q: &Tensor,
+    segments: &[(Tensor, Tensor)],
+    mask: &Mask,
+    differentiable: bool,
+    kvh: usize,
+) -> Result<Tensor> {
+    let (heads, n, d) = q.dims3()?;
+    let g = heads / kvh;
+    let lens: Vec<usize> = segments.iter().map(|(k, _)| k.dim(1)).collect::<candle_core::Result<_>>()?;
+    let t: usize = lens.iter().sum();
+    let ctx = t - n;
+    let scale = 1.0 / (d as f64).sqrt();
+    let block = (SCORE_BUDGET / (heads * t).max(1)).clamp(1, n.max(1));
+    let q = q.reshape((kvh, g, n, d))?;
+    let mut outs = Vec::new();
+    let mut start = 0;
+    while start < n {
+        let nb = block.min(n - start);
+        // Rows of a block attend to the context plus chunk columns up to themselves.
+        let cols = ctx + start + nb;
+        let qb = q.narrow(2, start, nb)?.reshape((kvh, g * nb, d))?; // [kv, g*nb, d]
+        let mut used = Vec::new(); // (k, v) per segment, trimmed to `cols`
+        let mut off = 0;
+        for ((k, v), &len) in segments.iter().zip(&lens) {
+            if off >= cols || len == 0 {
+                break;
+            }
+            let take = len.min(cols - off);
+            let (k, v) = if take == len { (k.clone(), v.clone()) } else { (k.narrow(1, 0, take)?, v.narrow(1, 0, take)?) };
+            used.push((k, v));
+            off += take;
+        }
+        let scores: Vec<Tensor> = used
+            .iter()
+            .map(|(k, _)| qb.matmul(&k.t()?))
+            .collect::<candle_core::Result<_>>()?; // [kv, g*nb, len_i]
+        let mut s = if scores.len() == 1 { scores[0].clone() } else { Tensor::cat(&scores, 2)? };
+        s = (s.to_dtype(DType::F32)? * scale)?; // [kv, g*nb, cols]
+        let m = match mask {
+            Mask::Causal if nb > 1 => Some(causal_mask(ctx, start, nb, cols)?),
+            Mask::Causal => None,
+            Mask::Explicit(full) => Some(full.narrow(0, start, nb)?.narrow(1, 0, cols)?),
+        };
+        if let Some(m) = m {
+            s = s.reshape((kvh, g, nb, cols))?.broadcast_add(&m)?.reshape((kvh, g * nb, cols))?;
+        }
+        let p = if differentiable {
+            candle_nn::ops::softmax(&s, D::Minus1)?
+        } else {
+            candle_nn::ops::softmax_last_dim(&s)?
+        };
+        let p = p.to_dtype(q.dtype())?;
+        let mut o: Option<Tensor> = None;
+        let mut off = 0;
+        for (k, v) in &used {
+            let len = k.dim(1)?;
+            let part = p.narrow(2, off, len)?.matmul(v)?; // [kv, g*nb, d]
+            o = Some(match o {
+                None => part,
+                Some(acc) => (acc + part)?,
+            });
+            off += len;
+        }
+        outs.push(o.expect("at least the chunk segment").reshape((heads, nb, d))?);
+        start += nb;
+    }
+    let o = if outs.len() == 1 { outs.pop().expect("one block") } else { Tensor::cat(&outs, 1)? };
+    Ok(o.transpose(0, 1)?.reshape((n, heads * d))?)
 }
 
 /// Additive causal mask `[nb, cols]` for query rows `start..start+nb` of a chunk after `ctx` entries.
@@ -520,4 +636,43 @@ fn scatter_rows(
         out = out.index_add(&Tensor::new(raw_idx, &dev)?, raw, 0)?;
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Var;
+
+    #[test]
+    fn frozen_rms_norm_matches_composed() {
+        let (n, h) = (5usize, 12usize);
+        let xs: Vec<f32> = (0..n * h).map(|i| ((i * 37 % 23) as f32 - 11.0) / 4.0).collect();
+        let ws: Vec<f32> = (0..h).map(|i| 0.5 + (i as f32) / 7.0).collect();
+        let rs: Vec<f32> = (0..n * h).map(|i| ((i * 13 % 17) as f32 - 8.0) / 5.0).collect();
+        let x = Var::from_tensor(&Tensor::from_vec(xs, (n, h), &Device::Cpu).unwrap()).unwrap();
+        let w = Tensor::from_vec(ws, h, &Device::Cpu).unwrap();
+        let r = Tensor::from_vec(rs, (n, h), &Device::Cpu).unwrap();
+        let run = |fused: bool| {
+            let y = if fused {
+                rms_norm(x.as_tensor(), &w, 1e-5, true).unwrap()
+            } else {
+                // the composed differentiable formula
+                let ms = x.as_tensor().sqr().unwrap().mean_keepdim(D::Minus1).unwrap();
+                let y = x.as_tensor().broadcast_div(&(ms + 1e-5).unwrap().sqrt().unwrap()).unwrap();
+                y.broadcast_mul(&w).unwrap()
+            };
+            assert!(y.track_op());
+            let g = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            (y, g.get(x.as_tensor()).unwrap().clone())
+        };
+        let (yf, gf) = run(true);
+        let (yc, gc) = run(false);
+        let rel = |a: &Tensor, b: &Tensor| {
+            let d = (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+            d / b.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+        };
+        assert!(rel(&yf, &yc) < 1e-5, "y {}", rel(&yf, &yc));
+        assert!(rel(&gf, &gc) < 1e-4, "dx {}", rel(&gf, &gc));
+        assert!(!gf.track_op());
+    }
 }
