@@ -25,6 +25,9 @@ enum Command {
     BenchOne(bench::BenchOneArgs),
     /// Show a model's architecture, beacon settings and weights.
     Inspect(common::ModelArgs),
+    /// Evaluate: perplexity vs length, needle/passkey, retrieval/QA, efficiency; JSON + markdown + PNG.
+    #[command(subcommand)]
+    Eval(beacon_eval::EvalCommand),
     /// Train beacon parameters on a frozen backbone (resumable).
     Train(beacon_train::TrainArgs),
     /// Compress a file into a saved context (`beacon run --context FILE` continues from it).
@@ -51,6 +54,7 @@ fn main() {
         Command::BenchOne(a) => bench::bench_one(a),
         Command::Inspect(a) => inspect::inspect(a),
         Command::Train(a) => beacon_train::run(a),
+        Command::Eval(c) => beacon_eval::run(c),
         Command::Compress(a) => beacon_server::run_compress(a).map(|_| ()),
         Command::Serve(a) => beacon_server::run(a),
     };

@@ -77,16 +77,33 @@ pub fn run_cases(ev: &Evaluator, specs: &[ModeSpec], cases: &[Case], chat: bool,
     let mut out = Vec::new();
     for case in cases {
         let prompt = Prompt::build(&tok, chat, &case.context, &case.question, &case.answer_prefix)?;
+        let mut full: Option<CaseRecord> = None;
         for spec in specs {
             let label = spec.label(ev.native);
             pb.set_message(format!("{} {} {label}", case.task, fmt_len(case.target_tokens)));
             let base = pb.position();
+            // truncate/streaming never cut a prompt that fits what they keep: the answer is full's
+            let budget = spec.keep_limit(ev.native).map(|k| k.saturating_sub(case.max_new));
+            if let (Some(k), Some(f)) = (budget, &full) {
+                if prompt.ids.len() <= k {
+                    let mut r = f.clone();
+                    r.mode = spec.mode.clone();
+                    r.ratio = spec.ratio.clone();
+                    r.keep = spec.keep_limit(ev.native);
+                    r.label = label;
+                    out.push(r);
+                    pb.set_position(base + prompt.ids.len() as u64);
+                    continue;
+                }
+            }
             let mut session = spec.session(ev, seed)?;
             let t0 = std::time::Instant::now();
-            let a = answer_greedy(ev, &mut session, &prompt.ids, case.max_new, true, &mut |d| pb.set_position(base + d as u64))?;
+            // One-line answers stop at a newline; list answers (AllRefs) may span lines.
+            let stop_newline = case.scorer != Scorer::AllRefs;
+            let a = answer_greedy(ev, &mut session, &prompt.ids, case.max_new, stop_newline, &mut |d| pb.set_position(base + d as u64))?;
             let (score, em) = grade(case.scorer, &a.text, &case.expected);
             pb.set_position(base + prompt.ids.len() as u64);
-            out.push(CaseRecord {
+            let rec = CaseRecord {
                 task: case.task.clone(),
                 mode: spec.mode.clone(),
                 ratio: spec.ratio.clone(),
@@ -103,7 +120,24 @@ pub fn run_cases(ev: &Evaluator, specs: &[ModeSpec], cases: &[Case], chat: bool,
                 seconds: t0.elapsed().as_secs_f64(),
                 peak_kv_bytes: a.peak_kv_bytes,
                 beacon_weights: ev.weights.clone(),
-            });
+            };
+            crate::harness::say(
+                pb,
+                format!(
+                    "{:>16} {:>5} {:<18} {:>5.0}%  {:.1}s  {:?} → {:?}",
+                    rec.task,
+                    fmt_len(rec.context_tokens),
+                    rec.label,
+                    100.0 * rec.score,
+                    rec.seconds,
+                    rec.expected.join(","),
+                    rec.output.chars().take(60).collect::<String>()
+                ),
+            );
+            if spec.mode == "full" {
+                full = Some(rec.clone());
+            }
+            out.push(rec);
         }
     }
     Ok(out)
@@ -115,7 +149,7 @@ pub fn total_tokens(tok: &Tok, chat: bool, cases: &[Case], n_specs: usize) -> u6
         .iter()
         .map(|c| {
             let extra = Prompt::overhead(tok, chat, &c.question, &c.answer_prefix).unwrap_or(0);
-            ((c.context.len() + extra) * n_specs) as u64
+            ((c.context.len() + extra - crate::harness::ANSWER_ROOM) * n_specs) as u64
         })
         .sum()
 }

@@ -13,7 +13,7 @@ pub struct EfficiencyArgs {
     pub common: CommonArgs,
     #[command(flatten)]
     pub modes: ModeArgs,
-    /// Context lengths. Default 4K,8K,16K,32K (--quick: 1K,2K,4K,8K).
+    /// Context lengths. Default 4K,8K,16K,32K (--quick: 2K,4K,8K).
     #[arg(long, value_delimiter = ',', value_parser = harness::parse_len)]
     pub lengths: Vec<usize>,
     /// Tokens decoded after the prefill (greedy), for the decode speed.
@@ -48,7 +48,7 @@ pub fn run(args: &EfficiencyArgs, command: &str) -> Result<Vec<EfficiencyRecord>
     let quick = args.common.quick;
     let specs = expand_modes(&harness::with_defaults(&args.modes, &["full", "beacon"], quick))?;
     let mut lengths = if args.lengths.is_empty() {
-        if quick { vec![1024, 2048, 4096, 8192] } else { vec![4096, 8192, 16384, 32768] }
+        if quick { vec![2048, 4096, 8192] } else { vec![4096, 8192, 16384, 32768] }
     } else {
         args.lengths.clone()
     };
@@ -103,7 +103,7 @@ pub fn run(args: &EfficiencyArgs, command: &str) -> Result<Vec<EfficiencyRecord>
                 kv_entries,
                 beacon_weights: ev.weights.clone(),
             };
-            pb.println(format!(
+            harness::say(&pb, format!(
                 "{:>5} {:<18} prefill {:>7.2}s ({:>6.0} tok/s)  decode {:>6.1} ms/tok  peak K/V {:>8.1} MiB",
                 fmt_len(len),
                 r.label,

@@ -52,7 +52,7 @@ pub struct CommonArgs {
 }
 
 /// Which engine modes to compare.
-#[derive(clap::Args, Debug, Clone)]
+#[derive(clap::Args, Debug, Clone, Default)]
 pub struct ModeArgs {
     /// Modes: full, truncate, streaming, beacon. Default: all four (efficiency: full,beacon).
     #[arg(long, value_delimiter = ',')]
@@ -67,12 +67,6 @@ pub struct ModeArgs {
     /// Beacon window (raw tokens). Default: the model's beacon config.
     #[arg(long)]
     pub window: Option<usize>,
-}
-
-impl Default for ModeArgs {
-    fn default() -> Self {
-        ModeArgs { modes: vec![], ratios: vec![], keep: vec![], window: None }
-    }
 }
 
 pub const DEFAULT_MODES: [&str; 4] = ["full", "truncate", "streaming", "beacon"];
@@ -105,6 +99,7 @@ pub struct ModeSpec {
 
 impl ModeSpec {
     pub fn new(mode: &str, ratio: Option<&str>, keep: Option<usize>) -> Self {
+        // (full comes first in expand_modes, so the others can reuse its results)
         ModeSpec { mode: mode.into(), ratio: ratio.map(String::from), keep, window: None }
     }
 
@@ -217,7 +212,7 @@ pub fn parse_len(s: &str) -> Result<usize, String> {
 
 /// `4096` → `4K`.
 pub fn fmt_len(n: usize) -> String {
-    if n >= 1024 && n % 1024 == 0 {
+    if n >= 1024 && n.is_multiple_of(1024) {
         format!("{}K", n / 1024)
     } else {
         n.to_string()
@@ -326,6 +321,9 @@ impl Evaluator {
     }
 }
 
+/// Tokens left for the answer when sizing prompts: a case of length L has a prompt of L − 64 tokens.
+pub const ANSWER_ROOM: usize = 64;
+
 /// A prompt built from pieces so the long part is tokenized once.
 pub struct Prompt {
     pub ids: Vec<u32>,
@@ -354,9 +352,12 @@ impl Prompt {
         Ok(Prompt { ids })
     }
 
-    /// Tokens the frame adds around a context of this question (to size contexts to a target length).
+    /// Tokens to reserve beside a context of this question when sizing a prompt for a target length L:
+    /// the frame around the context plus [`ANSWER_ROOM`], so prompt + answer fit in L. (It also keeps the
+    /// question off a beacon-window boundary for the usual power-of-two L: a prompt ending exactly where a
+    /// window closes would have its question compressed before the first answer token.)
     pub fn overhead(tok: &Tok, chat: bool, question: &str, answer_prefix: &str) -> Result<usize> {
-        Ok(Prompt::build(tok, chat, &[], question, answer_prefix)?.ids.len())
+        Ok(Prompt::build(tok, chat, &[], question, answer_prefix)?.ids.len() + ANSWER_ROOM)
     }
 }
 
@@ -433,6 +434,15 @@ pub fn bar(total: u64, unit: &str) -> ProgressBar {
     .progress_chars("=> ");
     pb.set_style(style);
     pb
+}
+
+/// A line of progress output: above the bar on a terminal, plain stderr otherwise (logs).
+pub fn say(pb: &ProgressBar, msg: String) {
+    if pb.is_hidden() {
+        eprintln!("{msg}");
+    } else {
+        pb.println(msg);
+    }
 }
 
 /// Where the data lives.

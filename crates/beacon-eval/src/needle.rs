@@ -15,7 +15,7 @@ pub struct NeedleArgs {
     pub common: CommonArgs,
     #[command(flatten)]
     pub modes: ModeArgs,
-    /// Prompt lengths (tokens). Default 2K,4K,8K,16K (--quick: 1K,2K,4K).
+    /// Prompt lengths (tokens). Default 2K,4K,8K,16K (--quick: 1K,4K).
     #[arg(long, value_delimiter = ',', value_parser = harness::parse_len)]
     pub lengths: Vec<usize>,
     /// Needle depths in percent of the context. Default 0,25,50,75,100 (--quick: 0,50,100).
@@ -188,7 +188,7 @@ pub fn run(args: &NeedleArgs, command: &str) -> Result<Vec<CaseRecord>> {
     let specs = expand_modes(&harness::with_defaults(&args.modes, &harness::DEFAULT_MODES, args.common.quick))?;
     let quick = args.common.quick;
     let mut lengths = if args.lengths.is_empty() {
-        if quick { vec![1024, 2048, 4096] } else { vec![2048, 4096, 8192, 16384] }
+        if quick { vec![1024, 4096] } else { vec![2048, 4096, 8192, 16384] }
     } else {
         args.lengths.clone()
     };
@@ -228,7 +228,8 @@ pub fn run(args: &NeedleArgs, command: &str) -> Result<Vec<CaseRecord>> {
     pb.finish_and_clear();
     let out = Output { common: &args.common, name: "needle", command };
     let md = format!(
-        "Exact match of the needle's value (the first number of the greedy answer), ×100, averaged over depths {:?} %. Heat-maps: `needle.png`, `needle_passkey.png`.\n\n{}",
+        "Exact match of the needle's value (the first number of the greedy answer), ×100, averaged over depths {:?} %. \
+         A column L is a prompt of L − 64 tokens (room for the answer). Heat-maps: `needle.png`, `needle_passkey.png`.\n\n{}",
         depths,
         cases::markdown(&records, "exact match")
     );

@@ -77,6 +77,11 @@ pub fn line_plot(
     root.fill(&WHITE).map_err(err)?;
     let (xa, xb) = if log_x { (x0 / 1.2, x1 * 1.2) } else { (x0, x1) };
     let (ya, yb) = if log_y { (y0 / 1.3, y1 * 1.3) } else { (y0 - 0.05 * (y1 - y0), y1 + 0.05 * (y1 - y0)) };
+    let mut xs: Vec<f64> = series.iter().flat_map(|(_, p)| p.iter().map(|q| q.0)).collect();
+    xs.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
+    xs.dedup();
+    let xk = if xs.len() <= 12 { xs } else { Vec::new() };
+    let yk = if log_y { nice_log_ticks(ya, yb) } else { Vec::new() };
     let mut b = ChartBuilder::on(&root);
     b.caption(title, ("sans-serif", 22)).margin(16).x_label_area_size(44).y_label_area_size(70);
     macro_rules! draw {
@@ -86,7 +91,8 @@ pub fn line_plot(
                 .configure_mesh()
                 .x_desc(x_label)
                 .y_desc(y_label)
-                .x_label_formatter(&|v| crate::harness::fmt_len(v.round() as usize))
+                .x_label_formatter(&|v| if log_x { crate::harness::fmt_len(v.round() as usize) } else { format!("{v}") })
+                .y_label_formatter(&|v| fmt_num(*v))
                 .label_style(("sans-serif", 14))
                 .draw()
                 .map_err(err)?;
@@ -116,14 +122,49 @@ pub fn line_plot(
                 .map_err(err)?;
         }};
     }
+    let xr = (xa..xb).log_scale().base(2.0).with_key_points(xk);
     match (log_x, log_y) {
-        (true, true) => draw!(b.build_cartesian_2d((xa..xb).log_scale(), (ya..yb).log_scale()).map_err(err)?),
-        (true, false) => draw!(b.build_cartesian_2d((xa..xb).log_scale(), ya..yb).map_err(err)?),
-        (false, true) => draw!(b.build_cartesian_2d(xa..xb, (ya..yb).log_scale()).map_err(err)?),
+        (true, true) => draw!(b.build_cartesian_2d(xr, (ya..yb).log_scale().with_key_points(yk)).map_err(err)?),
+        (true, false) => draw!(b.build_cartesian_2d(xr, ya..yb).map_err(err)?),
+        (false, true) => draw!(b.build_cartesian_2d(xa..xb, (ya..yb).log_scale().with_key_points(yk)).map_err(err)?),
         (false, false) => draw!(b.build_cartesian_2d(xa..xb, ya..yb).map_err(err)?),
     }
     root.present().map_err(err)?;
     Ok(())
+}
+
+/// 1-2-5 ticks within [lo, hi].
+pub fn nice_log_ticks(lo: f64, hi: f64) -> Vec<f64> {
+    let mut out = Vec::new();
+    if !(lo > 0.0 && hi > lo) {
+        return out;
+    }
+    for ms in [&[1.0, 2.0, 5.0][..], &[1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0][..]] {
+        out.clear();
+        let mut e = lo.log10().floor() as i32 - 1;
+        while 10f64.powi(e) <= hi {
+            for m in ms {
+                let v = m * 10f64.powi(e);
+                if v >= lo && v <= hi {
+                    out.push(v);
+                }
+            }
+            e += 1;
+        }
+        if out.len() >= 4 {
+            break;
+        }
+    }
+    out
+}
+
+fn fmt_num(v: f64) -> String {
+    if v == 0.0 || v.abs() >= 10.0 || v.fract() == 0.0 {
+        format!("{v:.0}")
+    } else {
+        let decimals = (1 - v.abs().log10().floor() as i32).clamp(1, 6) as usize;
+        format!("{v:.decimals$}")
+    }
 }
 
 /// One heat-map panel: `values[d][l]` in [0, 1] for depth `d` and length `l` (None = not run).
@@ -161,75 +202,54 @@ pub fn heatmaps(path: &Path, title: &str, panels: &[Heatmap]) -> Result<()> {
     for (p, area) in panels.iter().zip(areas) {
         let nl = p.lengths.len();
         let nd = p.depths.len();
-        let mut chart = ChartBuilder::on(&area)
-            .caption(&p.title, ("sans-serif", 16))
-            .margin(8)
-            .x_label_area_size(34)
-            .y_label_area_size(44)
-            .build_cartesian_2d(0f64..nl as f64, nd as f64..0f64)
-            .map_err(err)?;
-        let lengths = p.lengths.clone();
-        let depths = p.depths.clone();
-        chart
-            .configure_mesh()
-            .disable_mesh()
-            .x_labels(nl.max(1))
-            .y_labels(nd.max(1))
-            .x_label_formatter(&move |v| {
-                let i = (v - 0.5).round();
-                if (v - 0.5 - i).abs() < 1e-6 && i >= 0.0 && (i as usize) < lengths.len() {
-                    crate::harness::fmt_len(lengths[i as usize])
-                } else {
-                    String::new()
-                }
-            })
-            .y_label_formatter(&move |v| {
-                let i = (v - 0.5).round();
-                if (v - 0.5 - i).abs() < 1e-6 && i >= 0.0 && (i as usize) < depths.len() {
-                    format!("{}%", depths[i as usize])
-                } else {
-                    String::new()
-                }
-            })
-            .x_desc("context tokens")
-            .y_desc("depth")
-            .label_style(("sans-serif", 12))
-            .draw()
-            .map_err(err)?;
+        // Drawn in pixels: a grid of cells, lengths along x, depths down y (0 % on top).
+        let (w, h) = area.dim_in_pixel();
+        let (w, h) = (w as i32, h as i32);
+        let (left, top, right, bottom) = (64, 34, 12, 44);
+        let cw = ((w - left - right) / nl.max(1) as i32).max(1);
+        let ch = ((h - top - bottom) / nd.max(1) as i32).max(1);
+        let center = plotters::style::text_anchor::Pos::new(
+            plotters::style::text_anchor::HPos::Center,
+            plotters::style::text_anchor::VPos::Center,
+        );
+        let font = |size: i32| ("sans-serif", size).into_font().color(&BLACK).pos(center);
+        area.draw(&Text::new(p.title.clone(), (left + cw * nl as i32 / 2, top / 2), font(16))).map_err(err)?;
         for (d, row) in p.values.iter().enumerate() {
+            let y = top + ch * d as i32;
             for (l, v) in row.iter().enumerate() {
+                let x = left + cw * l as i32;
                 let fill = match v {
                     Some(v) => score_color(*v).filled(),
                     None => RGBColor(235, 235, 235).filled(),
                 };
-                chart
-                    .draw_series(std::iter::once(Rectangle::new([(l as f64, d as f64), (l as f64 + 1.0, d as f64 + 1.0)], fill)))
-                    .map_err(err)?;
+                area.draw(&Rectangle::new([(x, y), (x + cw - 1, y + ch - 1)], fill)).map_err(err)?;
                 if let Some(v) = v {
-                    chart
-                        .draw_series(std::iter::once(Text::new(
-                            format!("{:.0}", v * 100.0),
-                            (l as f64 + 0.35, d as f64 + 0.6),
-                            ("sans-serif", 12),
-                        )))
-                        .map_err(err)?;
+                    area.draw(&Text::new(format!("{:.0}", v * 100.0), (x + cw / 2, y + ch / 2), font(13))).map_err(err)?;
                 }
             }
+            let label = format!("{}%", p.depths.get(d).copied().unwrap_or(0.0));
+            area.draw(&Text::new(label, (left / 2 + 6, y + ch / 2), font(12))).map_err(err)?;
         }
+        for (l, len) in p.lengths.iter().enumerate() {
+            let x = left + cw * l as i32 + cw / 2;
+            area.draw(&Text::new(crate::harness::fmt_len(*len), (x, top + ch * nd as i32 + 12), font(12))).map_err(err)?;
+        }
+        area.draw(&Text::new("context tokens", (left + cw * nl as i32 / 2, top + ch * nd as i32 + 30), font(12))).map_err(err)?;
     }
     root.present().map_err(err)?;
     Ok(())
 }
 
-/// Grouped bars are not needed: the efficiency plot is two line plots (seconds, K/V MiB).
+/// Named lines of (x, y) points.
+pub type Series = [(String, Vec<(f64, f64)>)];
+
+/// Two log-log line charts side by side (the efficiency plot: seconds and K/V MiB).
 pub fn two_line_plots(
     path: &Path,
     title: &str,
-    left: (&str, &[(String, Vec<(f64, f64)>)]),
-    right: (&str, &[(String, Vec<(f64, f64)>)]),
+    left: (&str, &Series),
+    right: (&str, &Series),
 ) -> Result<()> {
-    // Drawn as two files side by side would complicate linking; render each half to a temp and combine
-    // is overkill: draw both charts on one canvas instead.
     fonts();
     if let Some(d) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(d)?;
@@ -245,13 +265,22 @@ pub fn two_line_plots(
             .margin(14)
             .x_label_area_size(44)
             .y_label_area_size(70)
-            .build_cartesian_2d((x0 / 1.2..x1 * 1.2).log_scale(), (y0 / 1.3..y1 * 1.3).log_scale())
+            .build_cartesian_2d(
+                (x0 / 1.2..x1 * 1.2).log_scale().base(2.0).with_key_points({
+                    let mut xs: Vec<f64> = series.iter().flat_map(|(_, p)| p.iter().map(|q| q.0)).collect();
+                    xs.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
+                    xs.dedup();
+                    xs
+                }),
+                (y0 / 1.3..y1 * 1.3).log_scale().with_key_points(nice_log_ticks(y0 / 1.3, y1 * 1.3)),
+            )
             .map_err(err)?;
         chart
             .configure_mesh()
             .x_desc("context tokens")
             .y_desc(ylab)
             .x_label_formatter(&|v| crate::harness::fmt_len(v.round() as usize))
+            .y_label_formatter(&|v| fmt_num(*v))
             .label_style(("sans-serif", 14))
             .draw()
             .map_err(err)?;

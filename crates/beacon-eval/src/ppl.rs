@@ -53,8 +53,11 @@ pub struct PplRecord {
     /// K/V full attention holds for the same tokens.
     pub full_kv_bytes: usize,
     /// The measurement is identical to another configuration's (no eviction/truncation at this length).
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub same_as: Option<String>,
+    /// The model's native window.
+    #[serde(default)]
+    pub native_window: Option<usize>,
 }
 
 /// −log softmax(logits)[target], in nats.
@@ -233,9 +236,10 @@ pub fn run(args: &PplArgs, command: &str) -> Result<Vec<PplRecord>> {
                     peak_kv_bytes: session.stats.peak_kv_bytes,
                     full_kv_bytes: session.kv_bytes_full().max(len * session.bytes_per_entry()),
                     same_as: None,
+                    native_window: Some(ev.native),
                 };
                 pb.set_position(base + len as u64);
-                pb.println(format!(
+                harness::say(&pb, format!(
                     "{name:>12} {:>5} {:<18} ppl {:>9.3}  {:.1}s",
                     fmt_len(len),
                     rec.label,
@@ -259,8 +263,10 @@ pub fn run(args: &PplArgs, command: &str) -> Result<Vec<PplRecord>> {
     Ok(records)
 }
 
-/// Pooled perplexity per (label, length) over files: exp(Σ nll / Σ n).
-pub fn pooled(records: &[PplRecord]) -> (Vec<String>, Vec<usize>, BTreeMap<(String, usize), f64>) {
+pub type Pooled = (Vec<String>, Vec<usize>, BTreeMap<(String, usize), f64>);
+
+/// Pooled perplexity per (label, length) over files: exp(Σ nll / Σ n); labels and lengths in order.
+pub fn pooled(records: &[PplRecord]) -> Pooled {
     let mut labels: Vec<String> = Vec::new();
     let mut lengths: Vec<usize> = Vec::new();
     let mut acc: BTreeMap<(String, usize), (f64, usize)> = BTreeMap::new();
@@ -320,6 +326,7 @@ pub fn markdown(records: &[PplRecord], native: usize, scored: usize) -> String {
 }
 
 pub fn plot(records: &[PplRecord], path: &std::path::Path, native: usize) -> Result<()> {
+    let native = records.iter().find_map(|r| r.native_window).unwrap_or(native);
     let (labels, lengths, map) = pooled(records);
     let series: Vec<(String, Vec<(f64, f64)>)> = labels
         .iter()

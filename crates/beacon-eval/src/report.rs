@@ -19,9 +19,12 @@ pub struct ReportArgs {
     /// Trained beacon weights: also run the beacon modes with them, into OUT/trained.
     #[arg(long)]
     pub trained: Option<PathBuf>,
-    /// Beacon ratios of the suite. Default 2,4,8,16,32,adapt (--quick: 8,adapt).
+    /// Beacon ratios of the suite's ppl and efficiency runs. Default 2,4,8,16,32,adapt (--quick: 2,8,32,adapt).
     #[arg(long, value_delimiter = ',')]
     pub ratios: Vec<String>,
+    /// Beacon ratios of the suite's needle and retrieval runs. Default 2,4,8,16,32,adapt (--quick: 8,adapt).
+    #[arg(long, value_delimiter = ',')]
+    pub task_ratios: Vec<String>,
 }
 
 pub const SECTIONS: [(&str, &str); 4] = [
@@ -32,7 +35,7 @@ pub const SECTIONS: [(&str, &str); 4] = [
 ];
 
 /// The suite's commands (argument lists after `beacon eval`), for weights `flags`, into `out`.
-pub fn suite(common: &CommonArgs, ratios: &[String], out: &Path, trained: Option<&Path>) -> Vec<Vec<String>> {
+pub fn suite(common: &CommonArgs, ratios: &[String], task_ratios: &[String], out: &Path, trained: Option<&Path>) -> Vec<Vec<String>> {
     let mut base: Vec<String> = Vec::new();
     if let Some(m) = &common.model {
         base.extend(["-m".into(), m.display().to_string()]);
@@ -50,12 +53,17 @@ pub fn suite(common: &CommonArgs, ratios: &[String], out: &Path, trained: Option
     if let Some(l) = common.limit {
         base.extend(["--limit".into(), l.to_string()]);
     }
-    let ratios = if ratios.is_empty() {
-        let r: &[&str] = if common.quick { &crate::harness::QUICK_RATIOS } else { &crate::harness::DEFAULT_RATIOS };
-        r.join(",")
-    } else {
-        ratios.join(",")
+    let pick = |given: &[String], quick: &[&str]| -> String {
+        if !given.is_empty() {
+            given.join(",")
+        } else if common.quick {
+            quick.join(",")
+        } else {
+            crate::harness::DEFAULT_RATIOS.join(",")
+        }
     };
+    let ratios_main = pick(ratios, &["2", "8", "32", "adapt"]);
+    let ratios_tasks = pick(task_ratios, &crate::harness::QUICK_RATIOS);
     let mut cmds = Vec::new();
     let weights: Vec<String> = match trained {
         Some(p) => vec!["--beacon".into(), p.display().to_string()],
@@ -67,6 +75,7 @@ pub fn suite(common: &CommonArgs, ratios: &[String], out: &Path, trained: Option
         c.extend(base.iter().cloned());
         c.extend(weights.iter().cloned());
         let modes = if sub == "efficiency" && trained.is_none() { "full,beacon" } else { modes };
+        let ratios = if sub == "ppl" || sub == "efficiency" { &ratios_main } else { &ratios_tasks };
         c.extend(["--modes".into(), modes.into(), "--ratios".into(), ratios.clone()]);
         c.extend(["--out".into(), out.display().to_string()]);
         cmds.push(c);
@@ -84,9 +93,65 @@ fn rel(from: &Path, to: &Path) -> String {
     }
 }
 
+/// Redraw a section's plots from its JSON records (so plots always match the records).
+fn replot(dir: &Path, name: &str) -> Result<()> {
+    let path = dir.join(format!("{name}.json"));
+    let Ok(text) = std::fs::read_to_string(&path) else { return Ok(()) };
+    let png = |suffix: &str| dir.join(format!("{name}{suffix}.png"));
+    match name {
+        "ppl" => {
+            let r: Vec<crate::ppl::PplRecord> = serde_json::from_str(&text)?;
+            let native = r.iter().find_map(|r| r.native_window.or(if r.mode == "truncate" { r.keep } else { None })).unwrap_or(0);
+            if !r.is_empty() {
+                crate::ppl::plot(&r, &png(""), native)?;
+            }
+        }
+        "needle" => {
+            let r: Vec<crate::cases::CaseRecord> = serde_json::from_str(&text)?;
+            for task in ["needle", "passkey"] {
+                let rs: Vec<&crate::cases::CaseRecord> = r.iter().filter(|x| x.task == task).collect();
+                if rs.is_empty() {
+                    continue;
+                }
+                let mut lengths: Vec<usize> = rs.iter().map(|x| x.context_tokens).collect();
+                lengths.sort_unstable();
+                lengths.dedup();
+                let mut depths: Vec<f64> = rs.iter().filter_map(|x| x.depth).collect();
+                depths.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
+                depths.dedup();
+                let suffix = if task == "needle" { String::new() } else { format!("_{task}") };
+                crate::needle::plot(&rs, &lengths, &depths, &png(&suffix), task)?;
+            }
+        }
+        "retrieval" => {
+            let r: Vec<crate::cases::CaseRecord> = serde_json::from_str(&text)?;
+            if !r.is_empty() {
+                crate::retrieval::plot(&r, &png(""))?;
+            }
+        }
+        "efficiency" => {
+            let r: Vec<crate::efficiency::EfficiencyRecord> = serde_json::from_str(&text)?;
+            if !r.is_empty() {
+                crate::efficiency::plot(&r, &png(""))?;
+            }
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
 fn section(dir: &Path, report_dir: &Path, name: &str, title: &str, level: &str) -> Option<String> {
     let md = std::fs::read_to_string(dir.join(format!("{name}.md"))).ok()?;
-    let mut s = format!("{level} {title}\n\n{md}\n");
+    if let Err(e) = replot(dir, name) {
+        eprintln!("warning: could not redraw the {name} plot: {e:#}");
+    }
+    let took = std::fs::read_to_string(dir.join(format!("{name}.meta.json")))
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .and_then(|v| v.get("seconds").and_then(|x| x.as_f64()))
+        .map(|sec| format!(" (ran {:.0} min)", sec / 60.0))
+        .unwrap_or_default();
+    let mut s = format!("{level} {title}{took}\n\n{md}\n");
     let mut pngs: Vec<PathBuf> = std::fs::read_dir(dir)
         .ok()?
         .filter_map(|e| e.ok().map(|e| e.path()))
@@ -112,13 +177,13 @@ fn shell(cmd: &[String]) -> String {
 pub fn run(args: &ReportArgs, command: &str) -> Result<()> {
     let out = args.common.out.clone();
     if args.run {
-        for cmd in suite(&args.common, &args.ratios, &out, None) {
+        for cmd in suite(&args.common, &args.ratios, &args.task_ratios, &out, None) {
             eprintln!("== beacon eval {}", shell(&cmd));
             crate::run_args(&cmd)?;
         }
     }
     if let Some(t) = &args.trained {
-        for cmd in suite(&args.common, &args.ratios, &out.join("trained"), Some(t)) {
+        for cmd in suite(&args.common, &args.ratios, &args.task_ratios, &out.join("trained"), Some(t)) {
             eprintln!("== beacon eval {}", shell(&cmd));
             crate::run_args(&cmd)?;
         }
@@ -133,7 +198,19 @@ pub fn run(args: &ReportArgs, command: &str) -> Result<()> {
          seed reproduces it (greedy decoding, seeded sampling of cases, seeded ratio draws). \
          This whole file was regenerated with:\n\n",
     );
-    s.push_str(&format!("```\n{command}\n```\n\n"));
+    // Re-rendering alone (no --run) still documents the command that regenerates everything.
+    let full_cmd = if args.run || !command.starts_with("beacon eval report") {
+        command.to_string()
+    } else {
+        command.replacen("beacon eval report", "beacon eval report --run", 1)
+    };
+    s.push_str(&format!("```\n{full_cmd}\n```\n\n"));
+    s.push_str("Each section's own command (shown with it) reruns just that section into the same directory.\n\n");
+    s.push_str(&format!(
+        "(`cargo run --release -p beacon-eval --bin beacon-eval -- …` is the same as `beacon eval …`.) \
+         Machine: {} CPU core(s), candle CPU backend, f32 activations; times are wall-clock on that machine.\n\n",
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+    ));
     s.push_str(
         "Modes: `full` = plain attention over everything (beyond the native window it extrapolates positions); \
          `truncate-N` = only the last N tokens; `streaming-N` = StreamingLLM (4 sink + N recent entries); \
@@ -165,13 +242,13 @@ pub fn run(args: &ReportArgs, command: &str) -> Result<()> {
             "_Not measured yet_: the trained beacon weights come from the trainer. Once they exist, the beacon rows \
              with trained weights are produced (and this section filled) by:\n\n```\n",
         );
-        let mut line = command.to_string();
+        let mut line = command.replace(" --run", "");
         if !line.contains("--trained") {
             line.push_str(&format!(" --trained {}", w.display()));
         }
         s.push_str(&line);
         s.push_str("\n```\n\nwhich runs, for each subcommand:\n\n```\n");
-        for cmd in suite(&args.common, &args.ratios, &tdir, Some(&w)) {
+        for cmd in suite(&args.common, &args.ratios, &args.task_ratios, &tdir, Some(&w)) {
             s.push_str(&format!("beacon eval {}\n", shell(&cmd)));
         }
         s.push_str("```\n");

@@ -566,14 +566,15 @@ impl Session {
 
     /// One step of full / streaming / truncate: plain causal attention over a growing cache.
     fn plain_step(&mut self, model: &Model, tokens: &[u32], done: usize, want: Want) -> Result<(usize, Option<Tensor>)> {
-        let n = self.prefill_chunk.min(tokens.len() - done);
+        let mut n = self.prefill_chunk.max(1).min(tokens.len() - done);
         if let Mode::Streaming { sink, recent } = self.mode {
-            // Evict the oldest non-sink entries so the context plus this chunk fits sink + recent,
-            // in blocks of ≥ 64 entries so the re-rotation is amortised during decoding.
+            // A chunk never exceeds the recent window; evict the oldest non-sink entries so the context
+            // plus this chunk fits sink + recent, at least 64 at a time so re-rotation is amortised.
+            n = n.min(recent.max(1));
             let len = self.layout.context_len();
             if len + n > sink + recent {
-                let target = (sink + recent).saturating_sub(n.max(64)).max(sink);
-                self.evict(model, sink, len - target)?;
+                let count = (len + n - (sink + recent)).max(64).min(len.saturating_sub(sink));
+                self.evict(model, sink, count)?;
             }
         }
         let ctx_len = self.layout.context_len();

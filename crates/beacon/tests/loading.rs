@@ -253,6 +253,11 @@ fn modes_agree_where_they_should() {
     // streaming keeps sink + recent entries and never more than that plus one chunk
     let (_, ss) = run(Mode::Streaming { sink: 4, recent: 60 }, 1);
     assert!(ss.layout.context_len() <= 64, "{}", ss.layout.context_len());
+    // chunks longer than the recent window, and a window smaller than the eviction block
+    let (_, ss) = run(Mode::Streaming { sink: 2, recent: 10 }, 150);
+    assert!(ss.layout.context_len() <= 12, "{}", ss.layout.context_len());
+    let (_, ss) = run(Mode::Streaming { sink: 0, recent: 1 }, 7);
+    assert!(ss.layout.context_len() <= 1);
     // streaming with a window larger than the input = full attention
     let (f, _) = run(Mode::Streaming { sink: 4, recent: 1000 }, 150);
     assert!(max_diff(&a, &f) < 1e-5);
