@@ -208,6 +208,7 @@ fn compress_command_writes_a_loadable_context() {
         ratio: Some("4".into()),
         window: None,
         mode: None,
+        chat: false,
     })
     .unwrap();
     assert_eq!(report.file_bytes, std::fs::metadata(&out).unwrap().len());
