@@ -16,10 +16,18 @@ pub struct BenchArgs {
     #[command(flatten)]
     pub model: ModelArgs,
     /// Context lengths (tokens).
-    #[arg(long, value_delimiter = ',', default_value = "2048,4096,8192,16384,32768")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "2048,4096,8192,16384,32768"
+    )]
     pub lengths: Vec<usize>,
     /// Configurations: full, beacon:RATIO (e.g. beacon:8), streaming, truncate.
-    #[arg(long, value_delimiter = ',', default_value = "full,beacon:2,beacon:4,beacon:8,beacon:16")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "full,beacon:2,beacon:4,beacon:8,beacon:16"
+    )]
     pub modes: Vec<String>,
     /// Tokens decoded after the context.
     #[arg(long, default_value_t = 16)]
@@ -75,8 +83,12 @@ pub struct BenchRecord {
 }
 
 pub fn context_tokens(loaded: &beacon::Loaded, text: &PathBuf, length: usize) -> Result<Vec<u32>> {
-    let tok = loaded.tokenizer.as_ref().context("model has no tokenizer")?;
-    let body = std::fs::read_to_string(text).with_context(|| format!("reading {}", text.display()))?;
+    let tok = loaded
+        .tokenizer
+        .as_ref()
+        .context("model has no tokenizer")?;
+    let body =
+        std::fs::read_to_string(text).with_context(|| format!("reading {}", text.display()))?;
     let ids = tok.encode(&body, false)?;
     anyhow::ensure!(!ids.is_empty(), "{} has no tokens", text.display());
     Ok(ids.iter().copied().cycle().take(length).collect())
@@ -131,14 +143,21 @@ pub fn bench(args: BenchArgs) -> Result<()> {
     };
     let total = args.lengths.len() * args.modes.len();
     let bar = indicatif::ProgressBar::new(total as u64);
-    bar.set_style(indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} {msg}").unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()));
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} {msg}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
     for &len in &args.lengths {
         for m in &args.modes {
             bar.set_message(format!("{m} @ {len}"));
             let mut runs = Vec::new();
             for _ in 0..args.repeats.max(1) {
                 let mut cmd = std::process::Command::new(&exe);
-                cmd.arg("bench-one").arg("--length").arg(len.to_string()).arg("--decode").arg(args.decode.to_string());
+                cmd.arg("bench-one")
+                    .arg("--length")
+                    .arg(len.to_string())
+                    .arg("--decode")
+                    .arg(args.decode.to_string());
                 cmd.arg("--text").arg(&args.text).arg("-m").arg(&model_path);
                 if let Some(b) = &args.model.beacon_weights {
                     cmd.arg("--beacon").arg(b);
@@ -146,7 +165,8 @@ pub fn bench(args: BenchArgs) -> Result<()> {
                 if let Some(b) = &args.model.beacon_config {
                     cmd.arg("--beacon-config").arg(b);
                 } else if args.model.model.is_none() {
-                    cmd.arg("--beacon-config").arg(crate::common::shipped_default_beacons().join("beacon_config.json"));
+                    cmd.arg("--beacon-config")
+                        .arg(crate::common::shipped_default_beacons().join("beacon_config.json"));
                 }
                 if args.model.untrained {
                     cmd.arg("--untrained");
@@ -160,13 +180,19 @@ pub fn bench(args: BenchArgs) -> Result<()> {
                     }
                 }
                 cmd.env("RAYON_NUM_THREADS", args.threads.to_string());
-                let out = cmd.output().with_context(|| format!("running {}", exe.display()))?;
+                let out = cmd
+                    .output()
+                    .with_context(|| format!("running {}", exe.display()))?;
                 if !out.status.success() {
-                    anyhow::bail!("bench-one {m} @ {len} failed: {}", String::from_utf8_lossy(&out.stderr));
+                    anyhow::bail!(
+                        "bench-one {m} @ {len} failed: {}",
+                        String::from_utf8_lossy(&out.stderr)
+                    );
                 }
                 let line = String::from_utf8_lossy(&out.stdout);
                 let last = line.lines().last().unwrap_or("");
-                let mut rec: BenchRecord = serde_json::from_str(last).with_context(|| format!("parsing {last}"))?;
+                let mut rec: BenchRecord =
+                    serde_json::from_str(last).with_context(|| format!("parsing {last}"))?;
                 rec.config = m.clone();
                 runs.push(rec);
             }
@@ -191,25 +217,67 @@ pub fn bench(args: BenchArgs) -> Result<()> {
     bar.finish_and_clear();
     if let Some(lb) = &args.llama_bench {
         for &len in args.lengths.iter().filter(|&&l| l <= args.llama_max_length) {
-            for (what, extra) in [("prefill", vec!["-p".to_string(), len.to_string(), "-n".into(), "0".into(), "-fa".into(), "1".into()]),
-                                  ("decode", vec!["-p".into(), "0".into(), "-n".into(), args.decode.to_string(), "-d".into(), len.to_string(), "-fa".into(), "0".into()])] {
+            for (what, extra) in [
+                (
+                    "prefill",
+                    vec![
+                        "-p".to_string(),
+                        len.to_string(),
+                        "-n".into(),
+                        "0".into(),
+                        "-fa".into(),
+                        "1".into(),
+                    ],
+                ),
+                (
+                    "decode",
+                    vec![
+                        "-p".into(),
+                        "0".into(),
+                        "-n".into(),
+                        args.decode.to_string(),
+                        "-d".into(),
+                        len.to_string(),
+                        "-fa".into(),
+                        "0".into(),
+                    ],
+                ),
+            ] {
                 eprintln!("llama-bench {what} @ {len} ...");
                 let out = std::process::Command::new(lb)
-                    .arg("-m").arg(&model_path)
-                    .args(["-t", &args.threads.to_string(), "--repack", "0", "-r", &args.repeats.max(1).to_string(), "-o", "json"])
+                    .arg("-m")
+                    .arg(&model_path)
+                    .args([
+                        "-t",
+                        &args.threads.to_string(),
+                        "--repack",
+                        "0",
+                        "-r",
+                        &args.repeats.max(1).to_string(),
+                        "-o",
+                        "json",
+                    ])
                     .args(&extra)
                     .output()
                     .with_context(|| format!("running {}", lb.display()))?;
                 if !out.status.success() {
-                    anyhow::bail!("llama-bench failed: {}", String::from_utf8_lossy(&out.stderr));
+                    anyhow::bail!(
+                        "llama-bench failed: {}",
+                        String::from_utf8_lossy(&out.stderr)
+                    );
                 }
-                let v: serde_json::Value = serde_json::from_slice(&out.stdout).context("parsing llama-bench json")?;
+                let v: serde_json::Value =
+                    serde_json::from_slice(&out.stdout).context("parsing llama-bench json")?;
                 let tps = v[0]["avg_ts"].as_f64().unwrap_or(0.0);
                 let rec = BenchRecord {
                     engine: "llama.cpp".into(),
                     config: format!("full {what}"),
                     context_tokens: len,
-                    prefill_seconds: if what == "prefill" { len as f64 / tps.max(1e-9) } else { 0.0 },
+                    prefill_seconds: if what == "prefill" {
+                        len as f64 / tps.max(1e-9)
+                    } else {
+                        0.0
+                    },
                     prefill_tokens_per_second: if what == "prefill" { tps } else { 0.0 },
                     decode_tokens: if what == "decode" { args.decode } else { 0 },
                     decode_tokens_per_second: if what == "decode" { tps } else { 0.0 },
@@ -220,9 +288,21 @@ pub fn bench(args: BenchArgs) -> Result<()> {
                 rows.push(format!(
                     "| llama.cpp | full ({}) | {len} | {} | {} | {} | – | – | – |",
                     if what == "prefill" { "fa on" } else { "fa off" },
-                    if what == "prefill" { format!("{:.2}", len as f64 / tps) } else { "–".into() },
-                    if what == "prefill" { format!("{tps:.0}") } else { "–".into() },
-                    if what == "decode" { format!("{tps:.1}") } else { "–".into() },
+                    if what == "prefill" {
+                        format!("{:.2}", len as f64 / tps)
+                    } else {
+                        "–".into()
+                    },
+                    if what == "prefill" {
+                        format!("{tps:.0}")
+                    } else {
+                        "–".into()
+                    },
+                    if what == "decode" {
+                        format!("{tps:.1}")
+                    } else {
+                        "–".into()
+                    },
                 ));
                 records.push(rec);
             }
@@ -236,6 +316,10 @@ pub fn bench(args: BenchArgs) -> Result<()> {
     println!("{md}");
     beacon::util::atomic_write(&args.json, &serde_json::to_vec_pretty(&records)?)?;
     beacon::util::atomic_write(&args.markdown, md.as_bytes())?;
-    eprintln!("wrote {} and {}", args.json.display(), args.markdown.display());
+    eprintln!(
+        "wrote {} and {}",
+        args.json.display(),
+        args.markdown.display()
+    );
     Ok(())
 }

@@ -78,8 +78,15 @@ pub fn load_model(args: &ModelArgs) -> Result<Loaded> {
         ..Default::default()
     };
     let opts = LoadOptions { dtype, ..opts };
-    let loaded = beacon::loader::load_model(args.model.as_deref(), &opts)
-        .with_context(|| format!("loading model {}", args.model.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "(default)".into())))?;
+    let loaded = beacon::loader::load_model(args.model.as_deref(), &opts).with_context(|| {
+        format!(
+            "loading model {}",
+            args.model
+                .as_ref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_else(|| "(default)".into())
+        )
+    })?;
     let path = loaded.path.clone();
     if loaded.beacon_source == beacon::loader::BeaconSource::Initialised && !args.untrained {
         eprintln!("warning: no beacon weights found for {}: beacons are initialised from the backbone (untrained); compressed quality will be poor", path.display());

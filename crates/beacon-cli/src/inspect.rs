@@ -7,14 +7,48 @@ pub fn inspect(args: ModelArgs) -> Result<()> {
     let loaded = load_model(&args)?;
     let c = &loaded.model.cfg;
     println!("model          {}", loaded.path.display());
-    println!("architecture   {:?}  layers {}  hidden {}  heads {}/{} kv  head_dim {}  ffn {}", c.arch, c.num_layers, c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, c.intermediate_size);
-    println!("vocab          {}  native context {}  rope theta {}  tied lm_head {}", c.vocab_size, c.max_position_embeddings, c.rope_theta, c.tie_word_embeddings);
-    println!("eos ids        {:?}  bos {:?}", c.eos_token_ids, c.bos_token_id);
+    println!(
+        "architecture   {:?}  layers {}  hidden {}  heads {}/{} kv  head_dim {}  ffn {}",
+        c.arch,
+        c.num_layers,
+        c.hidden_size,
+        c.num_heads,
+        c.num_kv_heads,
+        c.head_dim,
+        c.intermediate_size
+    );
+    println!(
+        "vocab          {}  native context {}  rope theta {}  tied lm_head {}",
+        c.vocab_size, c.max_position_embeddings, c.rope_theta, c.tie_word_embeddings
+    );
+    println!(
+        "eos ids        {:?}  bos {:?}",
+        c.eos_token_ids, c.bos_token_id
+    );
     let b = &loaded.beacon;
-    println!("beacon         window {}  ratios {:?} ({})  sink {}  params {:?}  pos {:?}  attn {:?}", b.window, b.ratios, b.ratio_mix.name(), b.sink_size, b.params.names(), b.pos, b.attn);
+    println!(
+        "beacon         window {}  ratios {:?} ({})  sink {}  params {:?}  pos {:?}  attn {:?}",
+        b.window,
+        b.ratios,
+        b.ratio_mix.name(),
+        b.sink_size,
+        b.params.names(),
+        b.pos,
+        b.attn
+    );
     println!("beacon weights {:?}", loaded.beacon_source);
     println!("fingerprint    {}", loaded.fingerprint);
-    println!("K/V per token  {} bytes (all layers, f32 K+V)", c.num_layers * 2 * c.kv_dim() * 4);
-    println!("tokenizer      {}", if loaded.tokenizer.is_some() { "yes" } else { "none" });
+    println!(
+        "K/V per token  {} bytes (all layers, f32 K+V)",
+        c.num_layers * 2 * c.kv_dim() * 4
+    );
+    println!(
+        "tokenizer      {}",
+        if loaded.tokenizer.is_some() {
+            "yes"
+        } else {
+            "none"
+        }
+    );
     Ok(())
 }

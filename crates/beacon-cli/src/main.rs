@@ -8,7 +8,11 @@ mod run;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "beacon", version, about = "Activation Beacon: read inputs far longer than the model's window by compressing them into beacon K/V")]
+#[command(
+    name = "beacon",
+    version,
+    about = "Activation Beacon: read inputs far longer than the model's window by compressing them into beacon K/V"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -44,7 +48,10 @@ fn main() {
         std::env::set_var("CANDLE_NUM_THREADS", "1");
     }
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("BEACON_LOG").unwrap_or_else(|_| "warn".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("BEACON_LOG")
+                .unwrap_or_else(|_| "warn".into()),
+        )
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();

@@ -91,7 +91,11 @@ pub fn ratio_label(session: &Session) -> String {
             if c.ratios.len() == 1 {
                 c.ratios[0].to_string()
             } else {
-                let chosen = session.chooser.cached.map(|r| format!(" (chose {r})")).unwrap_or_default();
+                let chosen = session
+                    .chooser
+                    .cached
+                    .map(|r| format!(" (chose {r})"))
+                    .unwrap_or_default();
                 format!("{}{chosen}", c.ratio_mix.name())
             }
         }
@@ -103,7 +107,8 @@ pub fn ratio_label(session: &Session) -> String {
 fn read_input(args: &RunArgs, tok: &beacon::tokenizer::Tokenizer) -> Result<Vec<u32>> {
     let mut text = String::new();
     if let Some(f) = &args.file {
-        let mut body = std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?;
+        let mut body =
+            std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?;
         if args.max_file_tokens > 0 {
             let ids = tok.encode(&body, false)?;
             if ids.len() > args.max_file_tokens {
@@ -122,7 +127,13 @@ fn read_input(args: &RunArgs, tok: &beacon::tokenizer::Tokenizer) -> Result<Vec<
         anyhow::bail!("nothing to read: give -f FILE and/or -p PROMPT");
     }
     Ok(if args.chat {
-        let templated = tok.apply_chat_template(&[ChatMessage { role: "user".into(), content: text }], true)?;
+        let templated = tok.apply_chat_template(
+            &[ChatMessage {
+                role: "user".into(),
+                content: text,
+            }],
+            true,
+        )?;
         tok.encode(&templated, true)?
     } else {
         tok.encode(&text, false)?
@@ -131,7 +142,10 @@ fn read_input(args: &RunArgs, tok: &beacon::tokenizer::Tokenizer) -> Result<Vec<
 
 pub fn run(args: RunArgs) -> Result<()> {
     let loaded = load_model(&args.model)?;
-    let tok = loaded.tokenizer.as_ref().context("this model has no tokenizer (tokenizer.json or GGUF metadata)")?;
+    let tok = loaded
+        .tokenizer
+        .as_ref()
+        .context("this model has no tokenizer (tokenizer.json or GGUF metadata)")?;
     let model = &loaded.model;
     let opts = args.engine.options();
     let cfg = opts.beacon_config(&loaded.beacon)?;
@@ -140,8 +154,13 @@ pub fn run(args: RunArgs) -> Result<()> {
         Some(path) => {
             let saved = beacon::context_file::load_context(path, model, &loaded.fingerprint)
                 .with_context(|| format!("loading saved context {}", path.display()))?;
-            if args.engine.mode.is_some() || args.engine.ratio.is_some() || args.engine.window.is_some() {
-                eprintln!("note: --mode/--ratio/--window are fixed by the saved context and are ignored");
+            if args.engine.mode.is_some()
+                || args.engine.ratio.is_some()
+                || args.engine.window.is_some()
+            {
+                eprintln!(
+                    "note: --mode/--ratio/--window are fixed by the saved context and are ignored"
+                );
             }
             // The question continues the saved text exactly as `-f FILE -p PROMPT` would: after a blank
             // line, inside the same user message when the context was compressed with --chat.
@@ -154,7 +173,11 @@ pub fn run(args: RunArgs) -> Result<()> {
             } else {
                 format!("\n\n{prompt}")
             };
-            let ids = if cont.is_empty() { Vec::new() } else { tok.encode(&cont, args.chat)? };
+            let ids = if cont.is_empty() {
+                Vec::new()
+            } else {
+                tok.encode(&cont, args.chat)?
+            };
             eprintln!(
                 "continuing from {} ({} tokens read earlier, {} memory entries)",
                 path.display(),
@@ -169,11 +192,17 @@ pub fn run(args: RunArgs) -> Result<()> {
         }
     };
     let input_tokens = session.tokens.len() + ids.len();
-    let bar = if args.quiet { ProgressBar::hidden() } else { ProgressBar::new(ids.len() as u64) };
+    let bar = if args.quiet {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new(ids.len() as u64)
+    };
     bar.set_style(
-        ProgressStyle::with_template("{spinner} reading {pos}/{len} tokens [{bar:30}] {per_sec} eta {eta}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar())
-            .progress_chars("=> "),
+        ProgressStyle::with_template(
+            "{spinner} reading {pos}/{len} tokens [{bar:30}] {per_sec} eta {eta}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> "),
     );
     let mut eos = tok.eos_ids();
     eos.extend(model.cfg.eos_token_ids.iter().copied());
@@ -220,7 +249,11 @@ pub fn run(args: RunArgs) -> Result<()> {
         window: session.beacon.window,
         input_tokens,
         windows: session.stats.windows_closed + usize::from(l.window_raw > 0),
-        memory_entries: MemoryEntries { sink: l.sink, beacon: l.beacons, raw: l.window_flags.len() },
+        memory_entries: MemoryEntries {
+            sink: l.sink,
+            beacon: l.beacons,
+            raw: l.window_flags.len(),
+        },
         kv_bytes: session.stats.peak_kv_bytes,
         kv_bytes_full: session.kv_bytes_full(),
         prefill_seconds: g.prefill_seconds,

@@ -25,10 +25,25 @@ pub enum Scorer {
 /// Grade an answer: (score, exact match where defined).
 pub fn grade(scorer: Scorer, output: &str, expected: &[String]) -> (f64, Option<f64>) {
     match scorer {
-        Scorer::Number => (expected.first().map(|e| qa::number_match(output, e)).unwrap_or(0.0), None),
+        Scorer::Number => (
+            expected
+                .first()
+                .map(|e| qa::number_match(output, e))
+                .unwrap_or(0.0),
+            None,
+        ),
         Scorer::AllRefs => (qa::string_match_all(output, expected), None),
-        Scorer::Subspan => (expected.first().map(|e| qa::subspan_em(output, e)).unwrap_or(0.0), None),
-        Scorer::F1 => (qa::max_over(expected, output, qa::f1), Some(qa::max_over(expected, output, qa::exact_match))),
+        Scorer::Subspan => (
+            expected
+                .first()
+                .map(|e| qa::subspan_em(output, e))
+                .unwrap_or(0.0),
+            None,
+        ),
+        Scorer::F1 => (
+            qa::max_over(expected, output, qa::f1),
+            Some(qa::max_over(expected, output, qa::exact_match)),
+        ),
     }
 }
 
@@ -72,18 +87,37 @@ pub struct CaseRecord {
 }
 
 /// Answer every case with every configuration.
-pub fn run_cases(ev: &Evaluator, specs: &[ModeSpec], cases: &[Case], chat: bool, seed: u64, pb: &ProgressBar) -> Result<Vec<CaseRecord>> {
+pub fn run_cases(
+    ev: &Evaluator,
+    specs: &[ModeSpec],
+    cases: &[Case],
+    chat: bool,
+    seed: u64,
+    pb: &ProgressBar,
+) -> Result<Vec<CaseRecord>> {
     let tok = ev.tok();
     let mut out = Vec::new();
     for case in cases {
-        let prompt = Prompt::build(&tok, chat, &case.context, &case.question, &case.answer_prefix)?;
+        let prompt = Prompt::build(
+            &tok,
+            chat,
+            &case.context,
+            &case.question,
+            &case.answer_prefix,
+        )?;
         let mut full: Option<CaseRecord> = None;
         for spec in specs {
             let label = spec.label(ev.native);
-            pb.set_message(format!("{} {} {label}", case.task, fmt_len(case.target_tokens)));
+            pb.set_message(format!(
+                "{} {} {label}",
+                case.task,
+                fmt_len(case.target_tokens)
+            ));
             let base = pb.position();
             // truncate/streaming never cut a prompt that fits what they keep: the answer is full's
-            let budget = spec.keep_limit(ev.native).map(|k| k.saturating_sub(case.max_new));
+            let budget = spec
+                .keep_limit(ev.native)
+                .map(|k| k.saturating_sub(case.max_new));
             if let (Some(k), Some(f)) = (budget, &full) {
                 if prompt.ids.len() <= k {
                     let mut r = f.clone();
@@ -100,7 +134,14 @@ pub fn run_cases(ev: &Evaluator, specs: &[ModeSpec], cases: &[Case], chat: bool,
             let t0 = std::time::Instant::now();
             // One-line answers stop at a newline; list answers (AllRefs) may span lines.
             let stop_newline = case.scorer != Scorer::AllRefs;
-            let a = answer_greedy(ev, &mut session, &prompt.ids, case.max_new, stop_newline, &mut |d| pb.set_position(base + d as u64))?;
+            let a = answer_greedy(
+                ev,
+                &mut session,
+                &prompt.ids,
+                case.max_new,
+                stop_newline,
+                &mut |d| pb.set_position(base + d as u64),
+            )?;
             let (score, em) = grade(case.scorer, &a.text, &case.expected);
             pb.set_position(base + prompt.ids.len() as u64);
             let rec = CaseRecord {
@@ -198,7 +239,11 @@ pub fn markdown(records: &[CaseRecord], metric: &str) -> String {
                             tot += sc;
                             n += k;
                             if has_em {
-                                format!("{:.1} / {:.1}", 100.0 * sc / *k as f64, 100.0 * em / *k as f64)
+                                format!(
+                                    "{:.1} / {:.1}",
+                                    100.0 * sc / *k as f64,
+                                    100.0 * em / *k as f64
+                                )
                             } else {
                                 format!("{:.1}", 100.0 * sc / *k as f64)
                             }
@@ -206,14 +251,22 @@ pub fn markdown(records: &[CaseRecord], metric: &str) -> String {
                         None => "–".into(),
                     });
                 }
-                row.push(if n > 0 { format!("{:.1}", 100.0 * tot / n as f64) } else { "–".into() });
+                row.push(if n > 0 {
+                    format!("{:.1}", 100.0 * tot / n as f64)
+                } else {
+                    "–".into()
+                });
                 row
             })
             .collect();
         s.push_str(&format!(
             "**{task}** — {} (×100), up to {samples} sample(s) per cell{}:\n\n{}\n",
             metric_name(rs[0], metric),
-            if has_em { "; cells are F1 / exact match" } else { "" },
+            if has_em {
+                "; cells are F1 / exact match"
+            } else {
+                ""
+            },
             md_table(&header, &rows)
         ));
     }

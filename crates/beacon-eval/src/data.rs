@@ -8,16 +8,21 @@ use std::path::{Path, PathBuf};
 
 /// Books held out from training for perplexity (the data README's suggested split; the trainer holds
 /// out the same books). All are over 1 MB, so 128K-token contexts can be cut from one book.
-pub const HELD_OUT_BOOKS: [&str; 8] =
-    ["pg28054", "pg6593", "pg3300", "pg4300", "pg4276", "pg6688", "pg2600", "pg1023"];
+pub const HELD_OUT_BOOKS: [&str; 8] = [
+    "pg28054", "pg6593", "pg3300", "pg4300", "pg4276", "pg6688", "pg2600", "pg1023",
+];
 
 pub fn held_out_paths(data: &Path) -> Vec<PathBuf> {
-    HELD_OUT_BOOKS.iter().map(|b| data.join("books").join(format!("{b}.txt"))).collect()
+    HELD_OUT_BOOKS
+        .iter()
+        .map(|b| data.join("books").join(format!("{b}.txt")))
+        .collect()
 }
 
 /// The first `max_chars` characters of a text file (whole file when smaller).
 pub fn read_prefix(path: &Path, max_chars: usize) -> Result<String> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     Ok(match text.char_indices().nth(max_chars) {
         Some((i, _)) => text[..i].to_string(),
         None => text,
@@ -118,7 +123,8 @@ pub fn squad(path: &Path) -> Result<(Vec<QaItem>, Vec<String>)> {
         data: Vec<Article>,
     }
     let s = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    let f: File = serde_json::from_str(&s).with_context(|| format!("parsing {}", path.display()))?;
+    let f: File =
+        serde_json::from_str(&s).with_context(|| format!("parsing {}", path.display()))?;
     let mut items = Vec::new();
     let mut pool = Vec::new();
     for a in f.data {
@@ -129,7 +135,11 @@ pub fn squad(path: &Path) -> Result<(Vec<QaItem>, Vec<String>)> {
                 }
                 let mut answers: Vec<String> = q.answers.iter().map(|a| a.text.clone()).collect();
                 answers.dedup();
-                items.push(QaItem { question: q.question.clone(), answers, gold: vec![p.context.clone()] });
+                items.push(QaItem {
+                    question: q.question.clone(),
+                    answers,
+                    gold: vec![p.context.clone()],
+                });
             }
             pool.push(p.context);
         }
@@ -148,7 +158,8 @@ pub fn hotpotqa(path: &Path) -> Result<(Vec<QaItem>, Vec<String>)> {
         context: Vec<(String, Vec<String>)>,
     }
     let s = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    let recs: Vec<Rec> = serde_json::from_str(&s).with_context(|| format!("parsing {}", path.display()))?;
+    let recs: Vec<Rec> =
+        serde_json::from_str(&s).with_context(|| format!("parsing {}", path.display()))?;
     let mut items = Vec::new();
     let mut pool = Vec::new();
     for r in recs {
@@ -161,7 +172,11 @@ pub fn hotpotqa(path: &Path) -> Result<(Vec<QaItem>, Vec<String>)> {
             .collect();
         pool.extend(r.context.iter().map(para));
         if !gold.is_empty() {
-            items.push(QaItem { question: r.question, answers: vec![r.answer], gold });
+            items.push(QaItem {
+                question: r.question,
+                answers: vec![r.answer],
+                gold,
+            });
         }
     }
     Ok((items, pool))

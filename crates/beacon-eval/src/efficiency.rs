@@ -1,7 +1,9 @@
 //! `beacon eval efficiency`: the paper's efficiency table — prefill seconds, decode speed and peak K/V
 //! bytes against context length, for full attention, the baselines and beacon ratios.
 
-use crate::harness::{self, bar, expand_modes, fmt_len, md_table, CommonArgs, Evaluator, ModeArgs, Output};
+use crate::harness::{
+    self, bar, expand_modes, fmt_len, md_table, CommonArgs, Evaluator, ModeArgs, Output,
+};
 use anyhow::{Context, Result};
 use beacon::engine::{FeedOptions, Want};
 use serde::{Deserialize, Serialize};
@@ -46,9 +48,17 @@ pub fn run(args: &EfficiencyArgs, command: &str) -> Result<Vec<EfficiencyRecord>
     let t_start = std::time::Instant::now();
     let ev = Evaluator::load(&args.common)?;
     let quick = args.common.quick;
-    let specs = expand_modes(&harness::with_defaults(&args.modes, &["full", "beacon"], quick))?;
+    let specs = expand_modes(&harness::with_defaults(
+        &args.modes,
+        &["full", "beacon"],
+        quick,
+    ))?;
     let mut lengths = if args.lengths.is_empty() {
-        if quick { vec![2048, 4096, 8192] } else { vec![4096, 8192, 16384, 32768] }
+        if quick {
+            vec![2048, 4096, 8192]
+        } else {
+            vec![4096, 8192, 16384, 32768]
+        }
     } else {
         args.lengths.clone()
     };
@@ -62,7 +72,11 @@ pub fn run(args: &EfficiencyArgs, command: &str) -> Result<Vec<EfficiencyRecord>
     let tok = ev.tok();
     let ids = tok.encode(&crate::data::read_prefix(&path, lmax * 8 + 4096)?)?;
     if ids.len() < lmax {
-        anyhow::bail!("{} has {} tokens, fewer than {lmax}", path.display(), ids.len());
+        anyhow::bail!(
+            "{} has {} tokens, fewer than {lmax}",
+            path.display(),
+            ids.len()
+        );
     }
     let model = &ev.loaded.model;
     let total: u64 = lengths.iter().map(|&l| (l * specs.len()) as u64).sum();
@@ -76,7 +90,13 @@ pub fn run(args: &EfficiencyArgs, command: &str) -> Result<Vec<EfficiencyRecord>
             let mut s = spec.session(&ev, args.common.seed)?;
             let t0 = std::time::Instant::now();
             let mut logits = s
-                .feed_with(model, &ids[..len], Want::Last, FeedOptions::default(), &mut |d| pb.set_position(base + d as u64))?
+                .feed_with(
+                    model,
+                    &ids[..len],
+                    Want::Last,
+                    FeedOptions::default(),
+                    &mut |d| pb.set_position(base + d as u64),
+                )?
                 .context("no logits")?;
             let prefill = t0.elapsed().as_secs_f64();
             let kv_entries = s.layout.context_len();
@@ -97,7 +117,11 @@ pub fn run(args: &EfficiencyArgs, command: &str) -> Result<Vec<EfficiencyRecord>
                 context_tokens: len,
                 prefill_seconds: prefill,
                 prefill_tokens_per_second: len as f64 / prefill.max(1e-9),
-                decode_ms_per_token: if args.decode > 0 { 1000.0 * decode / args.decode as f64 } else { f64::NAN },
+                decode_ms_per_token: if args.decode > 0 {
+                    1000.0 * decode / args.decode as f64
+                } else {
+                    f64::NAN
+                },
                 peak_kv_bytes,
                 full_kv_bytes: len * s.bytes_per_entry(),
                 kv_entries,
@@ -116,8 +140,17 @@ pub fn run(args: &EfficiencyArgs, command: &str) -> Result<Vec<EfficiencyRecord>
         }
     }
     pb.finish_and_clear();
-    let out = Output { common: &args.common, name: "efficiency", command };
-    out.write(&ev, &records, &markdown(&records, args.decode), t_start.elapsed().as_secs_f64())?;
+    let out = Output {
+        common: &args.common,
+        name: "efficiency",
+        command,
+    };
+    out.write(
+        &ev,
+        &records,
+        &markdown(&records, args.decode),
+        t_start.elapsed().as_secs_f64(),
+    )?;
     if !args.common.no_plot && !records.is_empty() {
         plot(&records, &out.png_path(""))?;
     }
@@ -149,7 +182,13 @@ pub fn markdown(records: &[EfficiencyRecord], decode: usize) -> String {
             .map(|lab| {
                 let mut row = vec![lab.clone()];
                 for &l in &lengths {
-                    row.push(records.iter().find(|r| &r.label == lab && r.context_tokens == l).map(f).unwrap_or_else(|| "–".into()));
+                    row.push(
+                        records
+                            .iter()
+                            .find(|r| &r.label == lab && r.context_tokens == l)
+                            .map(f)
+                            .unwrap_or_else(|| "–".into()),
+                    );
                 }
                 row
             })
@@ -174,12 +213,21 @@ pub fn plot(records: &[EfficiencyRecord], path: &std::path::Path) -> Result<()> 
             .map(|lab| {
                 (
                     lab.clone(),
-                    records.iter().filter(|r| &r.label == lab).map(|r| (r.context_tokens as f64, f(r))).collect(),
+                    records
+                        .iter()
+                        .filter(|r| &r.label == lab)
+                        .map(|r| (r.context_tokens as f64, f(r)))
+                        .collect(),
                 )
             })
             .collect()
     };
     let secs = series(&|r| r.prefill_seconds);
     let kv = series(&|r| r.peak_kv_bytes as f64 / 1048576.0);
-    crate::plot::two_line_plots(path, "Efficiency: prefill time and peak K/V vs context length", ("prefill seconds", &secs), ("peak K/V (MiB)", &kv))
+    crate::plot::two_line_plots(
+        path,
+        "Efficiency: prefill time and peak K/V vs context length",
+        ("prefill seconds", &secs),
+        ("peak K/V (MiB)", &kv),
+    )
 }

@@ -80,7 +80,11 @@ pub fn with_defaults(args: &ModeArgs, modes: &[&str], quick: bool) -> ModeArgs {
         a.modes = modes.iter().map(|s| s.to_string()).collect();
     }
     if a.ratios.is_empty() {
-        let r: &[&str] = if quick { &QUICK_RATIOS } else { &DEFAULT_RATIOS };
+        let r: &[&str] = if quick {
+            &QUICK_RATIOS
+        } else {
+            &DEFAULT_RATIOS
+        };
         a.ratios = r.iter().map(|s| s.to_string()).collect();
     }
     a
@@ -100,7 +104,12 @@ pub struct ModeSpec {
 impl ModeSpec {
     pub fn new(mode: &str, ratio: Option<&str>, keep: Option<usize>) -> Self {
         // (full comes first in expand_modes, so the others can reuse its results)
-        ModeSpec { mode: mode.into(), ratio: ratio.map(String::from), keep, window: None }
+        ModeSpec {
+            mode: mode.into(),
+            ratio: ratio.map(String::from),
+            keep,
+            window: None,
+        }
     }
 
     /// Short stable name: `full`, `truncate-8192`, `streaming-8192`, `beacon-x8`, `beacon-adapt`.
@@ -160,7 +169,12 @@ impl ModeSpec {
 /// Expand `--modes/--ratios/--keep` into configurations, full first (others may reuse its results).
 pub fn expand_modes(args: &ModeArgs) -> Result<Vec<ModeSpec>> {
     let mut out = Vec::new();
-    let mut modes: Vec<String> = args.modes.iter().map(|m| m.trim().to_lowercase()).filter(|m| !m.is_empty()).collect();
+    let mut modes: Vec<String> = args
+        .modes
+        .iter()
+        .map(|m| m.trim().to_lowercase())
+        .filter(|m| !m.is_empty())
+        .collect();
     modes.sort_by_key(|m| if m == "full" { 0 } else { 1 });
     modes.dedup();
     for m in &modes {
@@ -207,7 +221,9 @@ pub fn parse_len(s: &str) -> Result<usize, String> {
         Some('m') | Some('M') => (&s[..s.len() - 1], 1024 * 1024),
         _ => (s, 1),
     };
-    num.parse::<usize>().map(|n| n * mul).map_err(|_| format!("expected a token count like 4096 or 4K, found {s:?}"))
+    num.parse::<usize>()
+        .map(|n| n * mul)
+        .map_err(|_| format!("expected a token count like 4096 or 4K, found {s:?}"))
 }
 
 /// `4096` → `4K`.
@@ -244,7 +260,10 @@ impl Tok<'_> {
     pub fn decode(&self, ids: &[u32]) -> String {
         match self {
             Tok::Hf(t) => t.decode(ids).unwrap_or_default(),
-            Tok::Bytes => String::from_utf8_lossy(&ids.iter().map(|&i| i as u8).collect::<Vec<_>>()).into_owned(),
+            Tok::Bytes => {
+                String::from_utf8_lossy(&ids.iter().map(|&i| i as u8).collect::<Vec<_>>())
+                    .into_owned()
+            }
         }
     }
 
@@ -253,7 +272,10 @@ impl Tok<'_> {
     pub fn chat_frame(&self) -> Option<(String, String)> {
         let Tok::Hf(t) = self else { return None };
         const MARK: &str = "\u{1}\u{2}USER\u{2}\u{1}";
-        let msg = ChatMessage { role: "user".into(), content: MARK.into() };
+        let msg = ChatMessage {
+            role: "user".into(),
+            content: MARK.into(),
+        };
         let s = t.apply_chat_template(&[msg], true).ok()?;
         let i = s.find(MARK)?;
         Some((s[..i].to_string(), s[i + MARK.len()..].to_string()))
@@ -282,7 +304,8 @@ impl Evaluator {
             untrained_beacons: c.untrained,
             ..LoadOptions::default()
         };
-        let loaded = beacon::load(&path, &opts).with_context(|| format!("loading {}", path.display()))?;
+        let loaded =
+            beacon::load(&path, &opts).with_context(|| format!("loading {}", path.display()))?;
         let native = loaded.model.cfg.max_position_embeddings;
         let weights = match &loaded.beacon_source {
             BeaconSource::Initialised => "untrained".to_string(),
@@ -292,7 +315,12 @@ impl Evaluator {
         if loaded.tokenizer.is_none() && loaded.model.cfg.vocab_size < 256 {
             bail!("the model has no tokenizer and fewer than 256 ids: cannot encode text as bytes");
         }
-        Ok(Evaluator { loaded, native, weights, model_path: path })
+        Ok(Evaluator {
+            loaded,
+            native,
+            weights,
+            model_path: path,
+        })
     }
 
     pub fn tok(&self) -> Tok<'_> {
@@ -317,7 +345,10 @@ impl Evaluator {
     }
 
     pub fn model_name(&self) -> String {
-        self.model_path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| self.model_path.display().to_string())
+        self.model_path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| self.model_path.display().to_string())
     }
 }
 
@@ -332,7 +363,13 @@ pub struct Prompt {
 impl Prompt {
     /// `[chat prefix] context question [chat suffix] answer_prefix`; plain text when no chat template
     /// (or `chat` is false).
-    pub fn build(tok: &Tok, chat: bool, context: &[u32], question: &str, answer_prefix: &str) -> Result<Prompt> {
+    pub fn build(
+        tok: &Tok,
+        chat: bool,
+        context: &[u32],
+        question: &str,
+        answer_prefix: &str,
+    ) -> Result<Prompt> {
         let frame = if chat { tok.chat_frame() } else { None };
         let mut ids = Vec::with_capacity(context.len() + 128);
         match frame {
@@ -357,7 +394,10 @@ impl Prompt {
     /// question off a beacon-window boundary for the usual power-of-two L: a prompt ending exactly where a
     /// window closes would have its question compressed before the first answer token.)
     pub fn overhead(tok: &Tok, chat: bool, question: &str, answer_prefix: &str) -> Result<usize> {
-        Ok(Prompt::build(tok, chat, &[], question, answer_prefix)?.ids.len() + ANSWER_ROOM)
+        Ok(Prompt::build(tok, chat, &[], question, answer_prefix)?
+            .ids
+            .len()
+            + ANSWER_ROOM)
     }
 }
 
@@ -412,7 +452,9 @@ pub fn answer_greedy(
         if out.len() == max_new {
             break;
         }
-        logits = session.feed(model, &[next], Want::Last)?.context("decode step produced no logits")?;
+        logits = session
+            .feed(model, &[next], Want::Last)?
+            .context("decode step produced no logits")?;
     }
     let mut text = tok.decode(&out);
     if stop_newline {
@@ -421,7 +463,11 @@ pub fn answer_greedy(
             text = t[..i].to_string();
         }
     }
-    Ok(Answer { text: text.trim().to_string(), prefill_seconds, peak_kv_bytes: session.stats.peak_kv_bytes })
+    Ok(Answer {
+        text: text.trim().to_string(),
+        prefill_seconds,
+        peak_kv_bytes: session.stats.peak_kv_bytes,
+    })
 }
 
 /// A progress bar over `total` units (hidden when stderr is not a terminal).
@@ -453,7 +499,10 @@ pub fn data_dir(c: &CommonArgs) -> Result<PathBuf> {
     if let Ok(d) = std::env::var("BEACON_DATA") {
         return Ok(PathBuf::from(d));
     }
-    let mut cands = vec![PathBuf::from("../shared/data"), PathBuf::from("shared/data")];
+    let mut cands = vec![
+        PathBuf::from("../shared/data"),
+        PathBuf::from("shared/data"),
+    ];
     cands.push(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data"));
     for c in &cands {
         if c.join("README.md").exists() || c.join("books").exists() {
@@ -484,15 +533,25 @@ struct Meta<'a> {
 
 impl Output<'_> {
     pub fn json_path(&self) -> PathBuf {
-        self.common.json.clone().unwrap_or_else(|| self.common.out.join(format!("{}.json", self.name)))
+        self.common
+            .json
+            .clone()
+            .unwrap_or_else(|| self.common.out.join(format!("{}.json", self.name)))
     }
     pub fn png_path(&self, suffix: &str) -> PathBuf {
         self.common.out.join(format!("{}{suffix}.png", self.name))
     }
 
     /// Write the JSON records, the markdown (with the command on top) and the meta file.
-    pub fn write<T: Serialize>(&self, ev: &Evaluator, records: &T, markdown: &str, seconds: f64) -> Result<()> {
-        std::fs::create_dir_all(&self.common.out).with_context(|| format!("creating {}", self.common.out.display()))?;
+    pub fn write<T: Serialize>(
+        &self,
+        ev: &Evaluator,
+        records: &T,
+        markdown: &str,
+        seconds: f64,
+    ) -> Result<()> {
+        std::fs::create_dir_all(&self.common.out)
+            .with_context(|| format!("creating {}", self.common.out.display()))?;
         let jp = self.json_path();
         if let Some(d) = jp.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(d)?;
@@ -506,7 +565,10 @@ impl Output<'_> {
             self.command,
             markdown
         );
-        beacon::util::atomic_write(&self.common.out.join(format!("{}.md", self.name)), md.as_bytes())?;
+        beacon::util::atomic_write(
+            &self.common.out.join(format!("{}.md", self.name)),
+            md.as_bytes(),
+        )?;
         let meta = Meta {
             command: self.command,
             seed: self.common.seed,
@@ -522,7 +584,11 @@ impl Output<'_> {
             &self.common.out.join(format!("{}.meta.json", self.name)),
             serde_json::to_string_pretty(&meta)?.as_bytes(),
         )?;
-        eprintln!("wrote {} and {}", jp.display(), self.common.out.join(format!("{}.md", self.name)).display());
+        eprintln!(
+            "wrote {} and {}",
+            jp.display(),
+            self.common.out.join(format!("{}.md", self.name)).display()
+        );
         Ok(())
     }
 }
@@ -531,7 +597,14 @@ impl Output<'_> {
 pub fn md_table(header: &[String], rows: &[Vec<String>]) -> String {
     let mut s = String::new();
     s.push_str(&format!("| {} |\n", header.join(" | ")));
-    s.push_str(&format!("|{}\n", header.iter().enumerate().map(|(i, _)| if i == 0 { "---|" } else { "---:|" }).collect::<String>()));
+    s.push_str(&format!(
+        "|{}\n",
+        header
+            .iter()
+            .enumerate()
+            .map(|(i, _)| if i == 0 { "---|" } else { "---:|" })
+            .collect::<String>()
+    ));
     for r in rows {
         s.push_str(&format!("| {} |\n", r.join(" | ")));
     }
@@ -542,7 +615,10 @@ pub fn md_table(header: &[String], rows: &[Vec<String>]) -> String {
 pub fn sub_seed(seed: u64, parts: &[u64]) -> u64 {
     let mut h = seed ^ 0x9E37_79B9_7F4A_7C15;
     for &p in parts {
-        h ^= p.wrapping_add(0x9E37_79B9_7F4A_7C15).wrapping_add(h << 6).wrapping_add(h >> 2);
+        h ^= p
+            .wrapping_add(0x9E37_79B9_7F4A_7C15)
+            .wrapping_add(h << 6)
+            .wrapping_add(h >> 2);
         h = h.wrapping_mul(0xBF58_476D_1CE4_E5B9);
         h ^= h >> 31;
     }
@@ -551,5 +627,7 @@ pub fn sub_seed(seed: u64, parts: &[u64]) -> u64 {
 
 /// A stable hash of a string (for per-file seeds).
 pub fn str_hash(s: &str) -> u64 {
-    s.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3))
+    s.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+    })
 }

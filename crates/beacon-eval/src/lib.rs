@@ -35,7 +35,10 @@ pub enum EvalCommand {
 
 /// Parser for `beacon eval` on its own (used by the `beacon-eval` binary and by the report's suite).
 #[derive(clap::Parser, Debug)]
-#[command(name = "beacon eval", about = "Evaluate the engine's modes on the offline data")]
+#[command(
+    name = "beacon eval",
+    about = "Evaluate the engine's modes on the offline data"
+)]
 pub struct EvalCli {
     #[command(subcommand)]
     pub cmd: EvalCommand,
@@ -50,7 +53,15 @@ pub fn command_line() -> String {
     };
     let quoted: Vec<String> = args
         .iter()
-        .map(|a| if a.chars().any(|c| c.is_whitespace() || c == '\'' || c == '"') { format!("'{a}'") } else { a.clone() })
+        .map(|a| {
+            if a.chars()
+                .any(|c| c.is_whitespace() || c == '\'' || c == '"')
+            {
+                format!("'{a}'")
+            } else {
+                a.clone()
+            }
+        })
         .collect();
     format!("beacon eval {}", quoted.join(" "))
 }
@@ -74,10 +85,20 @@ pub fn run_with_command(cmd: EvalCommand, command: &str) -> Result<()> {
 /// Parse and run `beacon eval ARGS…` (ARGS without the `beacon eval` prefix).
 pub fn run_args(args: &[String]) -> Result<()> {
     use clap::Parser;
-    let cli = EvalCli::try_parse_from(std::iter::once("beacon eval".to_string()).chain(args.iter().cloned()))?;
+    let cli = EvalCli::try_parse_from(
+        std::iter::once("beacon eval".to_string()).chain(args.iter().cloned()),
+    )?;
     let quoted: Vec<String> = args
         .iter()
-        .map(|a| if a.chars().any(|c| c.is_whitespace() || c == '\'' || c == '"') { format!("'{a}'") } else { a.clone() })
+        .map(|a| {
+            if a.chars()
+                .any(|c| c.is_whitespace() || c == '\'' || c == '"')
+            {
+                format!("'{a}'")
+            } else {
+                a.clone()
+            }
+        })
         .collect();
     run_with_command(cli.cmd, &format!("beacon eval {}", quoted.join(" ")))
 }

@@ -3,7 +3,9 @@
 //! match of VALUE) and passkey retrieval (random digits hidden in repeated filler).
 
 use crate::cases::{self, Case, CaseRecord, Scorer};
-use crate::harness::{self, bar, expand_modes, sub_seed, CommonArgs, Evaluator, ModeArgs, Output, Prompt, Tok};
+use crate::harness::{
+    self, bar, expand_modes, sub_seed, CommonArgs, Evaluator, ModeArgs, Output, Prompt, Tok,
+};
 use anyhow::{bail, Context, Result};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -40,7 +42,12 @@ pub struct NeedleArgs {
 
 /// Insert `needle` into `hay` at `depth` percent, moved back to the nearest position where
 /// `boundary(i)` holds (a sentence start) within the first part; depth 0 → front, 100 → end.
-pub fn insert_at_depth(hay: &[u32], needle: &[u32], depth: f64, boundary: &dyn Fn(usize) -> bool) -> (Vec<u32>, usize) {
+pub fn insert_at_depth(
+    hay: &[u32],
+    needle: &[u32],
+    depth: f64,
+    boundary: &dyn Fn(usize) -> bool,
+) -> (Vec<u32>, usize) {
     let n = hay.len();
     let target = ((depth.clamp(0.0, 100.0) / 100.0) * n as f64).round() as usize;
     let mut pos = target.min(n);
@@ -59,25 +66,35 @@ pub fn insert_at_depth(hay: &[u32], needle: &[u32], depth: f64, boundary: &dyn F
 
 const NIAH_INTRO: &str = "Some special magic numbers are hidden within the following text. Make sure to memorize it. I will quiz you about the numbers afterwards.\n";
 const PASSKEY_INTRO: &str = "There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. I will quiz you about the important information there.";
-const FILLER: &str = " The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again.";
+const FILLER: &str =
+    " The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again.";
 
 /// A few keys when the word lists are absent.
 const FALLBACK_WORDS: [&str; 16] = [
-    "amber", "lantern", "quiet", "harbor", "silver", "meadow", "brisk", "falcon", "velvet", "orchard", "rapid", "cinder",
-    "gentle", "summit", "hollow", "willow",
+    "amber", "lantern", "quiet", "harbor", "silver", "meadow", "brisk", "falcon", "velvet",
+    "orchard", "rapid", "cinder", "gentle", "summit", "hollow", "willow",
 ];
 
 pub fn key_words(data: Option<&std::path::Path>) -> (Vec<String>, Vec<String>) {
     let load = |name: &str| -> Option<Vec<String>> {
         let d = data?;
-        crate::data::words(&d.join("eval/ruler/wonderwords").join(name)).ok().filter(|w| !w.is_empty())
+        crate::data::words(&d.join("eval/ruler/wonderwords").join(name))
+            .ok()
+            .filter(|w| !w.is_empty())
     };
     let fb: Vec<String> = FALLBACK_WORDS.iter().map(|s| s.to_string()).collect();
-    (load("adjectivelist.txt").unwrap_or_else(|| fb.clone()), load("nounlist.txt").unwrap_or(fb))
+    (
+        load("adjectivelist.txt").unwrap_or_else(|| fb.clone()),
+        load("nounlist.txt").unwrap_or(fb),
+    )
 }
 
 pub fn random_key(rng: &mut StdRng, adj: &[String], noun: &[String]) -> String {
-    format!("{}-{}", adj[rng.random_range(0..adj.len())].to_lowercase(), noun[rng.random_range(0..noun.len())].to_lowercase())
+    format!(
+        "{}-{}",
+        adj[rng.random_range(0..adj.len())].to_lowercase(),
+        noun[rng.random_range(0..noun.len())].to_lowercase()
+    )
 }
 
 /// Haystack tokens sized for `total` prompt tokens, given the frame overhead.
@@ -85,7 +102,12 @@ fn budget(total: usize, overhead: usize, extra: usize) -> Result<usize> {
     total
         .checked_sub(overhead + extra)
         .filter(|&n| n > 0)
-        .with_context(|| format!("length {total} is too short for the prompt ({} tokens of frame)", overhead + extra))
+        .with_context(|| {
+            format!(
+                "length {total} is too short for the prompt ({} tokens of frame)",
+                overhead + extra
+            )
+        })
 }
 
 /// Needle cases over the grid.
@@ -110,16 +132,24 @@ pub fn needle_cases(
     for (li, &len) in lengths.iter().enumerate() {
         for (di, &depth) in depths.iter().enumerate() {
             for s in 0..samples {
-                let mut rng = StdRng::seed_from_u64(sub_seed(seed, &[1, li as u64, di as u64, s as u64]));
+                let mut rng =
+                    StdRng::seed_from_u64(sub_seed(seed, &[1, li as u64, di as u64, s as u64]));
                 let key = random_key(&mut rng, &words.0, &words.1);
                 let value = rng.random_range(1_000_000u32..10_000_000).to_string();
-                let needle = tok.encode(&format!(" One of the special magic numbers for {key} is: {value}."))?;
+                let needle = tok.encode(&format!(
+                    " One of the special magic numbers for {key} is: {value}."
+                ))?;
                 let question = format!("\n\nWhat is the special magic number for {key} mentioned in the provided text?");
-                let answer_prefix = format!("The special magic number for {key} mentioned in the provided text is");
+                let answer_prefix =
+                    format!("The special magic number for {key} mentioned in the provided text is");
                 let overhead = Prompt::overhead(tok, chat, &question, &answer_prefix)?;
                 let n = budget(len, overhead, intro.len() + needle.len())?;
                 if n > hay_ids.len() {
-                    bail!("the haystack has {} tokens, {} needed for length {len}", hay_ids.len(), n);
+                    bail!(
+                        "the haystack has {} tokens, {} needed for length {len}",
+                        hay_ids.len(),
+                        n
+                    );
                 }
                 let (with, _) = insert_at_depth(&hay_ids[..n], &needle, depth, &is_boundary);
                 let mut context = intro.clone();
@@ -143,22 +173,38 @@ pub fn needle_cases(
 }
 
 /// Passkey cases over the grid.
-pub fn passkey_cases(tok: &Tok, chat: bool, lengths: &[usize], depths: &[f64], samples: usize, seed: u64, max_new: usize) -> Result<Vec<Case>> {
+pub fn passkey_cases(
+    tok: &Tok,
+    chat: bool,
+    lengths: &[usize],
+    depths: &[f64],
+    samples: usize,
+    seed: u64,
+    max_new: usize,
+) -> Result<Vec<Case>> {
     let intro = tok.encode(PASSKEY_INTRO)?;
     let filler = tok.encode(FILLER)?;
     let mut cases = Vec::new();
     for (li, &len) in lengths.iter().enumerate() {
         for (di, &depth) in depths.iter().enumerate() {
             for s in 0..samples {
-                let mut rng = StdRng::seed_from_u64(sub_seed(seed, &[2, li as u64, di as u64, s as u64]));
+                let mut rng =
+                    StdRng::seed_from_u64(sub_seed(seed, &[2, li as u64, di as u64, s as u64]));
                 let key = rng.random_range(10_000u32..100_000).to_string();
-                let line = tok.encode(&format!(" The pass key is {key}. Remember it. {key} is the pass key."))?;
+                let line = tok.encode(&format!(
+                    " The pass key is {key}. Remember it. {key} is the pass key."
+                ))?;
                 let question = " What is the pass key?".to_string();
                 let answer_prefix = "The pass key is".to_string();
                 let overhead = Prompt::overhead(tok, chat, &question, &answer_prefix)?;
                 let n = budget(len, overhead, intro.len() + line.len())?;
                 let reps = n.div_ceil(filler.len().max(1));
-                let hay: Vec<u32> = filler.iter().copied().cycle().take(reps * filler.len()).collect();
+                let hay: Vec<u32> = filler
+                    .iter()
+                    .copied()
+                    .cycle()
+                    .take(reps * filler.len())
+                    .collect();
                 let hay = &hay[..n];
                 let fl = filler.len();
                 let (with, _) = insert_at_depth(hay, &line, depth, &|i| i % fl == 0);
@@ -185,17 +231,29 @@ pub fn passkey_cases(tok: &Tok, chat: bool, lengths: &[usize], depths: &[f64], s
 pub fn run(args: &NeedleArgs, command: &str) -> Result<Vec<CaseRecord>> {
     let t_start = std::time::Instant::now();
     let ev = Evaluator::load(&args.common)?;
-    let specs = expand_modes(&harness::with_defaults(&args.modes, &harness::DEFAULT_MODES, args.common.quick))?;
+    let specs = expand_modes(&harness::with_defaults(
+        &args.modes,
+        &harness::DEFAULT_MODES,
+        args.common.quick,
+    ))?;
     let quick = args.common.quick;
     let mut lengths = if args.lengths.is_empty() {
-        if quick { vec![1024, 4096] } else { vec![2048, 4096, 8192, 16384] }
+        if quick {
+            vec![1024, 4096]
+        } else {
+            vec![2048, 4096, 8192, 16384]
+        }
     } else {
         args.lengths.clone()
     };
     lengths.sort_unstable();
     lengths.dedup();
     let depths = if args.depths.is_empty() {
-        if quick { vec![0.0, 50.0, 100.0] } else { vec![0.0, 25.0, 50.0, 75.0, 100.0] }
+        if quick {
+            vec![0.0, 50.0, 100.0]
+        } else {
+            vec![0.0, 25.0, 50.0, 75.0, 100.0]
+        }
     } else {
         args.depths.clone()
     };
@@ -217,16 +275,38 @@ pub fn run(args: &NeedleArgs, command: &str) -> Result<Vec<CaseRecord>> {
                 let text: String = text.chars().take(lmax * 8 + 4096).collect();
                 let hay_ids = tok.encode(&text)?;
                 let words = key_words(data.as_deref());
-                cases.extend(needle_cases(&tok, chat, &hay_ids, &lengths, &depths, samples, &words, args.common.seed, args.max_new)?);
+                cases.extend(needle_cases(
+                    &tok,
+                    chat,
+                    &hay_ids,
+                    &lengths,
+                    &depths,
+                    samples,
+                    &words,
+                    args.common.seed,
+                    args.max_new,
+                )?);
             }
-            "passkey" => cases.extend(passkey_cases(&tok, chat, &lengths, &depths, samples, args.common.seed, args.max_new)?),
+            "passkey" => cases.extend(passkey_cases(
+                &tok,
+                chat,
+                &lengths,
+                &depths,
+                samples,
+                args.common.seed,
+                args.max_new,
+            )?),
             other => bail!("unknown task {other:?} (expected needle or passkey)"),
         }
     }
     let pb = bar(cases::total_tokens(&tok, chat, &cases, specs.len()), "tok");
     let records = cases::run_cases(&ev, &specs, &cases, chat, args.common.seed, &pb)?;
     pb.finish_and_clear();
-    let out = Output { common: &args.common, name: "needle", command };
+    let out = Output {
+        common: &args.common,
+        name: "needle",
+        command,
+    };
     let md = format!(
         "Exact match of the needle's value (the first number of the greedy answer), ×100, averaged over depths {:?} %. \
          A column L is a prompt of L − 64 tokens (room for the answer). Heat-maps: `needle.png`, `needle_passkey.png`.\n\n{}",
@@ -240,7 +320,11 @@ pub fn run(args: &NeedleArgs, command: &str) -> Result<Vec<CaseRecord>> {
             if rs.is_empty() {
                 continue;
             }
-            let suffix = if task == "needle" { String::new() } else { format!("_{task}") };
+            let suffix = if task == "needle" {
+                String::new()
+            } else {
+                format!("_{task}")
+            };
             plot(&rs, &lengths, &depths, &out.png_path(&suffix), task)?;
         }
     }
@@ -248,7 +332,13 @@ pub fn run(args: &NeedleArgs, command: &str) -> Result<Vec<CaseRecord>> {
 }
 
 /// Heat-maps, one panel per configuration.
-pub fn plot(records: &[&CaseRecord], lengths: &[usize], depths: &[f64], path: &std::path::Path, task: &str) -> Result<()> {
+pub fn plot(
+    records: &[&CaseRecord],
+    lengths: &[usize],
+    depths: &[f64],
+    path: &std::path::Path,
+    task: &str,
+) -> Result<()> {
     let mut labels: Vec<&str> = Vec::new();
     for r in records {
         if !labels.contains(&r.label.as_str()) {
@@ -266,7 +356,9 @@ pub fn plot(records: &[&CaseRecord], lengths: &[usize], depths: &[f64], path: &s
                         .map(|&l| {
                             let v: Vec<f64> = records
                                 .iter()
-                                .filter(|r| r.label == *lab && r.context_tokens == l && r.depth == Some(d))
+                                .filter(|r| {
+                                    r.label == *lab && r.context_tokens == l && r.depth == Some(d)
+                                })
                                 .map(|r| r.score)
                                 .collect();
                             (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64)
@@ -274,8 +366,17 @@ pub fn plot(records: &[&CaseRecord], lengths: &[usize], depths: &[f64], path: &s
                         .collect()
                 })
                 .collect();
-            crate::plot::Heatmap { title: lab.to_string(), lengths: lengths.to_vec(), depths: depths.to_vec(), values }
+            crate::plot::Heatmap {
+                title: lab.to_string(),
+                lengths: lengths.to_vec(),
+                depths: depths.to_vec(),
+                values,
+            }
         })
         .collect();
-    crate::plot::heatmaps(path, &format!("{task}: exact match (%) by depth × length"), &panels)
+    crate::plot::heatmaps(
+        path,
+        &format!("{task}: exact match (%) by depth × length"),
+        &panels,
+    )
 }

@@ -36,7 +36,11 @@ pub fn color(i: usize) -> RGBColor {
 }
 
 fn bounds(series: &[(String, Vec<(f64, f64)>)], log_y: bool) -> Option<(f64, f64, f64, f64)> {
-    let pts: Vec<(f64, f64)> = series.iter().flat_map(|(_, p)| p.iter().copied()).filter(|(x, y)| x.is_finite() && y.is_finite() && (!log_y || *y > 0.0)).collect();
+    let pts: Vec<(f64, f64)> = series
+        .iter()
+        .flat_map(|(_, p)| p.iter().copied())
+        .filter(|(x, y)| x.is_finite() && y.is_finite() && (!log_y || *y > 0.0))
+        .collect();
     if pts.is_empty() {
         return None;
     }
@@ -69,21 +73,41 @@ pub fn line_plot(
     marker_x: Option<f64>,
 ) -> Result<()> {
     fonts();
-    let Some((x0, x1, y0, y1)) = bounds(series, log_y) else { return Ok(()) };
+    let Some((x0, x1, y0, y1)) = bounds(series, log_y) else {
+        return Ok(());
+    };
     if let Some(d) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(d)?;
     }
     let root = BitMapBackend::new(path, (960, 600)).into_drawing_area();
     root.fill(&WHITE).map_err(err)?;
-    let (xa, xb) = if log_x { (x0 / 1.2, x1 * 1.2) } else { (x0, x1) };
-    let (ya, yb) = if log_y { (y0 / 1.3, y1 * 1.3) } else { (y0 - 0.05 * (y1 - y0), y1 + 0.05 * (y1 - y0)) };
-    let mut xs: Vec<f64> = series.iter().flat_map(|(_, p)| p.iter().map(|q| q.0)).collect();
+    let (xa, xb) = if log_x {
+        (x0 / 1.2, x1 * 1.2)
+    } else {
+        (x0, x1)
+    };
+    let (ya, yb) = if log_y {
+        (y0 / 1.3, y1 * 1.3)
+    } else {
+        (y0 - 0.05 * (y1 - y0), y1 + 0.05 * (y1 - y0))
+    };
+    let mut xs: Vec<f64> = series
+        .iter()
+        .flat_map(|(_, p)| p.iter().map(|q| q.0))
+        .collect();
     xs.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
     xs.dedup();
     let xk = if xs.len() <= 12 { xs } else { Vec::new() };
-    let yk = if log_y { nice_log_ticks(ya, yb) } else { Vec::new() };
+    let yk = if log_y {
+        nice_log_ticks(ya, yb)
+    } else {
+        Vec::new()
+    };
     let mut b = ChartBuilder::on(&root);
-    b.caption(title, ("sans-serif", 22)).margin(16).x_label_area_size(44).y_label_area_size(70);
+    b.caption(title, ("sans-serif", 22))
+        .margin(16)
+        .x_label_area_size(44)
+        .y_label_area_size(70);
     macro_rules! draw {
         ($chart:expr) => {{
             let mut chart = $chart;
@@ -91,26 +115,43 @@ pub fn line_plot(
                 .configure_mesh()
                 .x_desc(x_label)
                 .y_desc(y_label)
-                .x_label_formatter(&|v| if log_x { crate::harness::fmt_len(v.round() as usize) } else { format!("{v}") })
+                .x_label_formatter(&|v| {
+                    if log_x {
+                        crate::harness::fmt_len(v.round() as usize)
+                    } else {
+                        format!("{v}")
+                    }
+                })
                 .y_label_formatter(&|v| fmt_num(*v))
                 .label_style(("sans-serif", 14))
                 .draw()
                 .map_err(err)?;
             if let Some(m) = marker_x.filter(|m| *m >= xa && *m <= xb) {
                 chart
-                    .draw_series(DashedLineSeries::new(vec![(m, ya), (m, yb)], 6, 4, BLACK.mix(0.5).stroke_width(1)))
+                    .draw_series(DashedLineSeries::new(
+                        vec![(m, ya), (m, yb)],
+                        6,
+                        4,
+                        BLACK.mix(0.5).stroke_width(1),
+                    ))
                     .map_err(err)?
                     .label("native window")
                     .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], BLACK.mix(0.5)));
             }
             for (i, (name, pts)) in series.iter().enumerate() {
                 let c = color(i);
-                let pts: Vec<(f64, f64)> = pts.iter().copied().filter(|(_, y)| y.is_finite() && (!log_y || *y > 0.0)).collect();
+                let pts: Vec<(f64, f64)> = pts
+                    .iter()
+                    .copied()
+                    .filter(|(_, y)| y.is_finite() && (!log_y || *y > 0.0))
+                    .collect();
                 chart
                     .draw_series(LineSeries::new(pts, c.stroke_width(2)).point_size(3))
                     .map_err(err)?
                     .label(name.as_str())
-                    .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], c.stroke_width(2)));
+                    .legend(move |(x, y)| {
+                        PathElement::new(vec![(x, y), (x + 18, y)], c.stroke_width(2))
+                    });
             }
             chart
                 .configure_series_labels()
@@ -124,9 +165,13 @@ pub fn line_plot(
     }
     let xr = (xa..xb).log_scale().base(2.0).with_key_points(xk);
     match (log_x, log_y) {
-        (true, true) => draw!(b.build_cartesian_2d(xr, (ya..yb).log_scale().with_key_points(yk)).map_err(err)?),
+        (true, true) => draw!(b
+            .build_cartesian_2d(xr, (ya..yb).log_scale().with_key_points(yk))
+            .map_err(err)?),
         (true, false) => draw!(b.build_cartesian_2d(xr, ya..yb).map_err(err)?),
-        (false, true) => draw!(b.build_cartesian_2d(xa..xb, (ya..yb).log_scale().with_key_points(yk)).map_err(err)?),
+        (false, true) => draw!(b
+            .build_cartesian_2d(xa..xb, (ya..yb).log_scale().with_key_points(yk))
+            .map_err(err)?),
         (false, false) => draw!(b.build_cartesian_2d(xa..xb, ya..yb).map_err(err)?),
     }
     root.present().map_err(err)?;
@@ -139,7 +184,10 @@ pub fn nice_log_ticks(lo: f64, hi: f64) -> Vec<f64> {
     if !(lo > 0.0 && hi > lo) {
         return out;
     }
-    for ms in [&[1.0, 2.0, 5.0][..], &[1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0][..]] {
+    for ms in [
+        &[1.0, 2.0, 5.0][..],
+        &[1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0][..],
+    ] {
         out.clear();
         let mut e = lo.log10().floor() as i32 - 1;
         while 10f64.powi(e) <= hi {
@@ -178,7 +226,11 @@ pub struct Heatmap {
 /// Red (0) → yellow → green (1).
 pub fn score_color(v: f64) -> RGBColor {
     let v = v.clamp(0.0, 1.0);
-    let (r, g) = if v < 0.5 { (230.0, 60.0 + 340.0 * v) } else { (230.0 - 360.0 * (v - 0.5), 230.0) };
+    let (r, g) = if v < 0.5 {
+        (230.0, 60.0 + 340.0 * v)
+    } else {
+        (230.0 - 360.0 * (v - 0.5), 230.0)
+    };
     RGBColor(r as u8, g.min(230.0) as u8, 70)
 }
 
@@ -194,7 +246,8 @@ pub fn heatmaps(path: &Path, title: &str, panels: &[Heatmap]) -> Result<()> {
     let cols = panels.len().min(4);
     let rows = panels.len().div_ceil(cols);
     let (pw, ph) = (360u32, 320u32);
-    let root = BitMapBackend::new(path, (pw * cols as u32, ph * rows as u32 + 50)).into_drawing_area();
+    let root =
+        BitMapBackend::new(path, (pw * cols as u32, ph * rows as u32 + 50)).into_drawing_area();
     root.fill(&WHITE).map_err(err)?;
     let (top, body) = root.split_vertically(50);
     top.titled(title, ("sans-serif", 22)).map_err(err)?;
@@ -213,7 +266,12 @@ pub fn heatmaps(path: &Path, title: &str, panels: &[Heatmap]) -> Result<()> {
             plotters::style::text_anchor::VPos::Center,
         );
         let font = |size: i32| ("sans-serif", size).into_font().color(&BLACK).pos(center);
-        area.draw(&Text::new(p.title.clone(), (left + cw * nl as i32 / 2, top / 2), font(16))).map_err(err)?;
+        area.draw(&Text::new(
+            p.title.clone(),
+            (left + cw * nl as i32 / 2, top / 2),
+            font(16),
+        ))
+        .map_err(err)?;
         for (d, row) in p.values.iter().enumerate() {
             let y = top + ch * d as i32;
             for (l, v) in row.iter().enumerate() {
@@ -222,19 +280,36 @@ pub fn heatmaps(path: &Path, title: &str, panels: &[Heatmap]) -> Result<()> {
                     Some(v) => score_color(*v).filled(),
                     None => RGBColor(235, 235, 235).filled(),
                 };
-                area.draw(&Rectangle::new([(x, y), (x + cw - 1, y + ch - 1)], fill)).map_err(err)?;
+                area.draw(&Rectangle::new([(x, y), (x + cw - 1, y + ch - 1)], fill))
+                    .map_err(err)?;
                 if let Some(v) = v {
-                    area.draw(&Text::new(format!("{:.0}", v * 100.0), (x + cw / 2, y + ch / 2), font(13))).map_err(err)?;
+                    area.draw(&Text::new(
+                        format!("{:.0}", v * 100.0),
+                        (x + cw / 2, y + ch / 2),
+                        font(13),
+                    ))
+                    .map_err(err)?;
                 }
             }
             let label = format!("{}%", p.depths.get(d).copied().unwrap_or(0.0));
-            area.draw(&Text::new(label, (left / 2 + 6, y + ch / 2), font(12))).map_err(err)?;
+            area.draw(&Text::new(label, (left / 2 + 6, y + ch / 2), font(12)))
+                .map_err(err)?;
         }
         for (l, len) in p.lengths.iter().enumerate() {
             let x = left + cw * l as i32 + cw / 2;
-            area.draw(&Text::new(crate::harness::fmt_len(*len), (x, top + ch * nd as i32 + 12), font(12))).map_err(err)?;
+            area.draw(&Text::new(
+                crate::harness::fmt_len(*len),
+                (x, top + ch * nd as i32 + 12),
+                font(12),
+            ))
+            .map_err(err)?;
         }
-        area.draw(&Text::new("context tokens", (left + cw * nl as i32 / 2, top + ch * nd as i32 + 30), font(12))).map_err(err)?;
+        area.draw(&Text::new(
+            "context tokens",
+            (left + cw * nl as i32 / 2, top + ch * nd as i32 + 30),
+            font(12),
+        ))
+        .map_err(err)?;
     }
     root.present().map_err(err)?;
     Ok(())
@@ -260,19 +335,26 @@ pub fn two_line_plots(
     top.titled(title, ("sans-serif", 22)).map_err(err)?;
     let halves = body.split_evenly((1, 2));
     for (area, (ylab, series)) in halves.iter().zip([left, right]) {
-        let Some((x0, x1, y0, y1)) = bounds(series, true) else { continue };
+        let Some((x0, x1, y0, y1)) = bounds(series, true) else {
+            continue;
+        };
         let mut chart = ChartBuilder::on(area)
             .margin(14)
             .x_label_area_size(44)
             .y_label_area_size(70)
             .build_cartesian_2d(
                 (x0 / 1.2..x1 * 1.2).log_scale().base(2.0).with_key_points({
-                    let mut xs: Vec<f64> = series.iter().flat_map(|(_, p)| p.iter().map(|q| q.0)).collect();
+                    let mut xs: Vec<f64> = series
+                        .iter()
+                        .flat_map(|(_, p)| p.iter().map(|q| q.0))
+                        .collect();
                     xs.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
                     xs.dedup();
                     xs
                 }),
-                (y0 / 1.3..y1 * 1.3).log_scale().with_key_points(nice_log_ticks(y0 / 1.3, y1 * 1.3)),
+                (y0 / 1.3..y1 * 1.3)
+                    .log_scale()
+                    .with_key_points(nice_log_ticks(y0 / 1.3, y1 * 1.3)),
             )
             .map_err(err)?;
         chart
@@ -286,12 +368,18 @@ pub fn two_line_plots(
             .map_err(err)?;
         for (i, (name, pts)) in series.iter().enumerate() {
             let c = color(i);
-            let pts: Vec<(f64, f64)> = pts.iter().copied().filter(|(_, y)| y.is_finite() && *y > 0.0).collect();
+            let pts: Vec<(f64, f64)> = pts
+                .iter()
+                .copied()
+                .filter(|(_, y)| y.is_finite() && *y > 0.0)
+                .collect();
             chart
                 .draw_series(LineSeries::new(pts, c.stroke_width(2)).point_size(3))
                 .map_err(err)?
                 .label(name.as_str())
-                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], c.stroke_width(2)));
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 18, y)], c.stroke_width(2))
+                });
         }
         chart
             .configure_series_labels()

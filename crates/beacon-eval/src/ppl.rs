@@ -5,7 +5,10 @@
 //! length `L` the model first reads `[Lmax − L, Lmax − S)` and then the span, so every length scores
 //! the *same* tokens and only the amount of context differs. `context_tokens` is `L` (context + span).
 
-use crate::harness::{self, bar, expand_modes, fmt_len, logit_rows, md_table, CommonArgs, Evaluator, ModeArgs, ModeSpec, Output};
+use crate::harness::{
+    self, bar, expand_modes, fmt_len, logit_rows, md_table, CommonArgs, Evaluator, ModeArgs,
+    ModeSpec, Output,
+};
 use anyhow::{bail, Context, Result};
 use beacon::engine::{FeedOptions, Session, Want};
 use beacon::model::Model;
@@ -63,7 +66,12 @@ pub struct PplRecord {
 /// −log softmax(logits)[target], in nats.
 pub fn nll_of(logits: &[f32], target: u32) -> f64 {
     let max = logits.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x)) as f64;
-    let lse = logits.iter().map(|&x| (x as f64 - max).exp()).sum::<f64>().ln() + max;
+    let lse = logits
+        .iter()
+        .map(|&x| (x as f64 - max).exp())
+        .sum::<f64>()
+        .ln()
+        + max;
     lse - logits[target as usize] as f64
 }
 
@@ -92,7 +100,13 @@ pub fn score_span(
     let mut done = 0usize;
     if !context.is_empty() {
         let l = session
-            .feed_with(model, context, Want::Last, FeedOptions::default(), &mut |d| progress(d))?
+            .feed_with(
+                model,
+                context,
+                Want::Last,
+                FeedOptions::default(),
+                &mut |d| progress(d),
+            )?
             .context("the context produced no logits")?;
         prev = logit_rows(&l)?.pop();
         done = context.len();
@@ -100,10 +114,16 @@ pub fn score_span(
     }
     let (mut nll, mut n) = (0.0f64, 0usize);
     for chunk in span.chunks(piece) {
-        let l = session.feed(model, chunk, Want::From(0))?.context("a span piece produced no logits")?;
+        let l = session
+            .feed(model, chunk, Want::From(0))?
+            .context("a span piece produced no logits")?;
         let rows = logit_rows(&l)?;
         if rows.len() != chunk.len() {
-            bail!("expected {} logit rows for the piece, got {}", chunk.len(), rows.len());
+            bail!(
+                "expected {} logit rows for the piece, got {}",
+                chunk.len(),
+                rows.len()
+            );
         }
         if let Some(p) = prev.take() {
             nll += nll_of(&p, chunk[0]);
@@ -122,7 +142,12 @@ pub fn score_span(
 
 /// The context a configuration reads before the span: truncate keeps only what fits `keep` together
 /// with the span (so the model never sees more than `keep` tokens); the others read all of it.
-pub fn context_for<'a>(spec: &ModeSpec, native: usize, context: &'a [u32], scored: usize) -> &'a [u32] {
+pub fn context_for<'a>(
+    spec: &ModeSpec,
+    native: usize,
+    context: &'a [u32],
+    scored: usize,
+) -> &'a [u32] {
     if spec.mode == "truncate" {
         let keep = spec.keep.unwrap_or(native);
         let n = keep.saturating_sub(scored).min(context.len());
@@ -152,8 +177,16 @@ pub fn default_lengths(quick: bool) -> Vec<usize> {
 pub fn run(args: &PplArgs, command: &str) -> Result<Vec<PplRecord>> {
     let t_start = std::time::Instant::now();
     let ev = Evaluator::load(&args.common)?;
-    let specs = expand_modes(&harness::with_defaults(&args.modes, &harness::DEFAULT_MODES, args.common.quick))?;
-    let mut lengths = if args.lengths.is_empty() { default_lengths(args.common.quick) } else { args.lengths.clone() };
+    let specs = expand_modes(&harness::with_defaults(
+        &args.modes,
+        &harness::DEFAULT_MODES,
+        args.common.quick,
+    ))?;
+    let mut lengths = if args.lengths.is_empty() {
+        default_lengths(args.common.quick)
+    } else {
+        args.lengths.clone()
+    };
     lengths.sort_unstable();
     lengths.dedup();
     let scored = args.scored;
@@ -162,10 +195,20 @@ pub fn run(args: &PplArgs, command: &str) -> Result<Vec<PplRecord>> {
     }
     let files: Vec<PathBuf> = if args.text.is_empty() {
         let data = harness::data_dir(&args.common)?;
-        let n = args.common.limit.unwrap_or(if args.common.quick { 1 } else { 2 });
-        crate::data::held_out_paths(&data).into_iter().take(n).collect()
+        let n = args
+            .common
+            .limit
+            .unwrap_or(if args.common.quick { 1 } else { 2 });
+        crate::data::held_out_paths(&data)
+            .into_iter()
+            .take(n)
+            .collect()
     } else {
-        args.text.iter().take(args.common.limit.unwrap_or(usize::MAX)).cloned().collect()
+        args.text
+            .iter()
+            .take(args.common.limit.unwrap_or(usize::MAX))
+            .cloned()
+            .collect()
     };
     let lmax = *lengths.last().context("no lengths")?;
     let tok = ev.tok();
@@ -173,13 +216,25 @@ pub fn run(args: &PplArgs, command: &str) -> Result<Vec<PplRecord>> {
     let mut texts = Vec::new();
     for f in &files {
         let text = crate::data::read_prefix(f, lmax * 8 + 4096)?;
-        let ids = tok.encode(&text).with_context(|| format!("tokenizing {}", f.display()))?;
-        let name = f.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let ids = tok
+            .encode(&text)
+            .with_context(|| format!("tokenizing {}", f.display()))?;
+        let name = f
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
         texts.push((name, ids));
     }
     let total: u64 = texts
         .iter()
-        .map(|(_, ids)| lengths.iter().filter(|&&l| l <= ids.len()).map(|&l| l as u64).sum::<u64>() * specs.len() as u64)
+        .map(|(_, ids)| {
+            lengths
+                .iter()
+                .filter(|&&l| l <= ids.len())
+                .map(|&l| l as u64)
+                .sum::<u64>()
+                * specs.len() as u64
+        })
         .sum();
     let pb = bar(total, "tok");
     let model = &ev.loaded.model;
@@ -188,11 +243,18 @@ pub fn run(args: &PplArgs, command: &str) -> Result<Vec<PplRecord>> {
         // The longest length this file allows fixes the scored span.
         let top = lengths.iter().copied().filter(|&l| l <= ids.len()).max();
         let Some(top) = top else {
-            eprintln!("warning: {name} has {} tokens, fewer than the shortest length; skipped", ids.len());
+            eprintln!(
+                "warning: {name} has {} tokens, fewer than the shortest length; skipped",
+                ids.len()
+            );
             continue;
         };
         if top < lmax {
-            eprintln!("warning: {name} has {} tokens; lengths above {} skipped", ids.len(), fmt_len(top));
+            eprintln!(
+                "warning: {name} has {} tokens; lengths above {} skipped",
+                ids.len(),
+                fmt_len(top)
+            );
         }
         let window = &ids[..top];
         let span = &window[top - scored..];
@@ -239,13 +301,16 @@ pub fn run(args: &PplArgs, command: &str) -> Result<Vec<PplRecord>> {
                     native_window: Some(ev.native),
                 };
                 pb.set_position(base + len as u64);
-                harness::say(&pb, format!(
-                    "{name:>12} {:>5} {:<18} ppl {:>9.3}  {:.1}s",
-                    fmt_len(len),
-                    rec.label,
-                    rec.ppl,
-                    rec.seconds
-                ));
+                harness::say(
+                    &pb,
+                    format!(
+                        "{name:>12} {:>5} {:<18} ppl {:>9.3}  {:.1}s",
+                        fmt_len(len),
+                        rec.label,
+                        rec.ppl,
+                        rec.seconds
+                    ),
+                );
                 if spec.mode == "full" {
                     full_result = Some(rec.clone());
                 }
@@ -254,7 +319,11 @@ pub fn run(args: &PplArgs, command: &str) -> Result<Vec<PplRecord>> {
         }
     }
     pb.finish_and_clear();
-    let out = Output { common: &args.common, name: "ppl", command };
+    let out = Output {
+        common: &args.common,
+        name: "ppl",
+        command,
+    };
     let md = markdown(&records, ev.native, scored);
     out.write(&ev, &records, &md, t_start.elapsed().as_secs_f64())?;
     if !args.common.no_plot && !records.is_empty() {
@@ -282,7 +351,10 @@ pub fn pooled(records: &[PplRecord]) -> Pooled {
         e.1 += r.scored_tokens;
     }
     lengths.sort_unstable();
-    let map = acc.into_iter().map(|(k, (nll, n))| (k, perplexity(nll, n))).collect();
+    let map = acc
+        .into_iter()
+        .map(|(k, (nll, n))| (k, perplexity(nll, n)))
+        .collect();
     (labels, lengths, map)
 }
 
@@ -298,7 +370,11 @@ pub fn markdown(records: &[PplRecord], native: usize, scored: usize) -> String {
         .map(|lab| {
             let mut row = vec![lab.clone()];
             for &l in &lengths {
-                row.push(map.get(&(lab.clone(), l)).map(|p| format!("{p:.2}")).unwrap_or_else(|| "–".into()));
+                row.push(
+                    map.get(&(lab.clone(), l))
+                        .map(|p| format!("{p:.2}"))
+                        .unwrap_or_else(|| "–".into()),
+                );
             }
             row
         })
@@ -307,8 +383,13 @@ pub fn markdown(records: &[PplRecord], native: usize, scored: usize) -> String {
     for lab in &labels {
         let mut row = vec![lab.clone()];
         for &l in &lengths {
-            let v = records.iter().find(|r| &r.label == lab && r.context_tokens == l);
-            row.push(v.map(|r| format!("{:.0}", r.peak_kv_bytes as f64 / (1 << 20) as f64)).unwrap_or_else(|| "–".into()));
+            let v = records
+                .iter()
+                .find(|r| &r.label == lab && r.context_tokens == l);
+            row.push(
+                v.map(|r| format!("{:.0}", r.peak_kv_bytes as f64 / (1 << 20) as f64))
+                    .unwrap_or_else(|| "–".into()),
+            );
         }
         kv_rows.push(row);
     }
@@ -326,21 +407,31 @@ pub fn markdown(records: &[PplRecord], native: usize, scored: usize) -> String {
 }
 
 pub fn plot(records: &[PplRecord], path: &std::path::Path, native: usize) -> Result<()> {
-    let native = records.iter().find_map(|r| r.native_window).unwrap_or(native);
+    let native = records
+        .iter()
+        .find_map(|r| r.native_window)
+        .unwrap_or(native);
     let (labels, lengths, map) = pooled(records);
     let series: Vec<(String, Vec<(f64, f64)>)> = labels
         .iter()
         .map(|lab| {
             let pts = lengths
                 .iter()
-                .filter_map(|&l| map.get(&(lab.clone(), l)).filter(|p| p.is_finite()).map(|&p| (l as f64, p)))
+                .filter_map(|&l| {
+                    map.get(&(lab.clone(), l))
+                        .filter(|p| p.is_finite())
+                        .map(|&p| (l as f64, p))
+                })
                 .collect();
             (lab.clone(), pts)
         })
         .collect();
     crate::plot::line_plot(
         path,
-        &format!("Perplexity vs context length (native window {})", fmt_len(native)),
+        &format!(
+            "Perplexity vs context length (native window {})",
+            fmt_len(native)
+        ),
         "context tokens",
         "perplexity (log scale)",
         &series,

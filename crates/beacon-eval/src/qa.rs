@@ -56,7 +56,10 @@ pub fn f1(prediction: &str, gold: &str) -> f64 {
 
 /// Best score over several gold answers.
 pub fn max_over(golds: &[String], prediction: &str, score: fn(&str, &str) -> f64) -> f64 {
-    golds.iter().map(|g| score(prediction, g)).fold(0.0, f64::max)
+    golds
+        .iter()
+        .map(|g| score(prediction, g))
+        .fold(0.0, f64::max)
 }
 
 /// 1 when the normalised gold is a substring of the normalised prediction (lost in the middle's
@@ -72,14 +75,19 @@ pub fn string_match_all(prediction: &str, refs: &[String]) -> f64 {
         return 0.0;
     }
     let p = prediction.to_lowercase();
-    refs.iter().filter(|r| p.contains(&r.to_lowercase())).count() as f64 / refs.len() as f64
+    refs.iter()
+        .filter(|r| p.contains(&r.to_lowercase()))
+        .count() as f64
+        / refs.len() as f64
 }
 
 /// The first run of ASCII digits in the text.
 pub fn first_number(s: &str) -> Option<&str> {
     let start = s.find(|c: char| c.is_ascii_digit())?;
     let rest = &s[start..];
-    let end = rest.find(|c: char| !c.is_ascii_digit()).unwrap_or(rest.len());
+    let end = rest
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(rest.len());
     Some(&rest[..end])
 }
 

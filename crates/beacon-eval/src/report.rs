@@ -35,7 +35,13 @@ pub const SECTIONS: [(&str, &str); 4] = [
 ];
 
 /// The suite's commands (argument lists after `beacon eval`), for weights `flags`, into `out`.
-pub fn suite(common: &CommonArgs, ratios: &[String], task_ratios: &[String], out: &Path, trained: Option<&Path>) -> Vec<Vec<String>> {
+pub fn suite(
+    common: &CommonArgs,
+    ratios: &[String],
+    task_ratios: &[String],
+    out: &Path,
+    trained: Option<&Path>,
+) -> Vec<Vec<String>> {
     let mut base: Vec<String> = Vec::new();
     if let Some(m) = &common.model {
         base.extend(["-m".into(), m.display().to_string()]);
@@ -69,14 +75,31 @@ pub fn suite(common: &CommonArgs, ratios: &[String], task_ratios: &[String], out
         Some(p) => vec!["--beacon".into(), p.display().to_string()],
         None => vec!["--untrained".into()],
     };
-    let modes = if trained.is_some() { "beacon" } else { "full,truncate,streaming,beacon" };
+    let modes = if trained.is_some() {
+        "beacon"
+    } else {
+        "full,truncate,streaming,beacon"
+    };
     for sub in ["ppl", "needle", "retrieval", "efficiency"] {
         let mut c = vec![sub.to_string()];
         c.extend(base.iter().cloned());
         c.extend(weights.iter().cloned());
-        let modes = if sub == "efficiency" && trained.is_none() { "full,beacon" } else { modes };
-        let ratios = if sub == "ppl" || sub == "efficiency" { &ratios_main } else { &ratios_tasks };
-        c.extend(["--modes".into(), modes.into(), "--ratios".into(), ratios.clone()]);
+        let modes = if sub == "efficiency" && trained.is_none() {
+            "full,beacon"
+        } else {
+            modes
+        };
+        let ratios = if sub == "ppl" || sub == "efficiency" {
+            &ratios_main
+        } else {
+            &ratios_tasks
+        };
+        c.extend([
+            "--modes".into(),
+            modes.into(),
+            "--ratios".into(),
+            ratios.clone(),
+        ]);
         c.extend(["--out".into(), out.display().to_string()]);
         cmds.push(c);
     }
@@ -96,12 +119,20 @@ fn rel(from: &Path, to: &Path) -> String {
 /// Redraw a section's plots from its JSON records (so plots always match the records).
 fn replot(dir: &Path, name: &str) -> Result<()> {
     let path = dir.join(format!("{name}.json"));
-    let Ok(text) = std::fs::read_to_string(&path) else { return Ok(()) };
+    let Ok(text) = std::fs::read_to_string(&path) else {
+        return Ok(());
+    };
     let png = |suffix: &str| dir.join(format!("{name}{suffix}.png"));
     match name {
         "ppl" => {
             let r: Vec<crate::ppl::PplRecord> = serde_json::from_str(&text)?;
-            let native = r.iter().find_map(|r| r.native_window.or(if r.mode == "truncate" { r.keep } else { None })).unwrap_or(0);
+            let native = r
+                .iter()
+                .find_map(|r| {
+                    r.native_window
+                        .or(if r.mode == "truncate" { r.keep } else { None })
+                })
+                .unwrap_or(0);
             if !r.is_empty() {
                 crate::ppl::plot(&r, &png(""), native)?;
             }
@@ -109,7 +140,8 @@ fn replot(dir: &Path, name: &str) -> Result<()> {
         "needle" => {
             let r: Vec<crate::cases::CaseRecord> = serde_json::from_str(&text)?;
             for task in ["needle", "passkey"] {
-                let rs: Vec<&crate::cases::CaseRecord> = r.iter().filter(|x| x.task == task).collect();
+                let rs: Vec<&crate::cases::CaseRecord> =
+                    r.iter().filter(|x| x.task == task).collect();
                 if rs.is_empty() {
                     continue;
                 }
@@ -119,7 +151,11 @@ fn replot(dir: &Path, name: &str) -> Result<()> {
                 let mut depths: Vec<f64> = rs.iter().filter_map(|x| x.depth).collect();
                 depths.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
                 depths.dedup();
-                let suffix = if task == "needle" { String::new() } else { format!("_{task}") };
+                let suffix = if task == "needle" {
+                    String::new()
+                } else {
+                    format!("_{task}")
+                };
                 crate::needle::plot(&rs, &lengths, &depths, &png(&suffix), task)?;
             }
         }
@@ -169,7 +205,15 @@ fn section(dir: &Path, report_dir: &Path, name: &str, title: &str, level: &str) 
 
 fn shell(cmd: &[String]) -> String {
     cmd.iter()
-        .map(|a| if a.chars().any(|c| c.is_whitespace() || c == '\'' || c == '"') { format!("'{a}'") } else { a.clone() })
+        .map(|a| {
+            if a.chars()
+                .any(|c| c.is_whitespace() || c == '\'' || c == '"')
+            {
+                format!("'{a}'")
+            } else {
+                a.clone()
+            }
+        })
         .collect::<Vec<_>>()
         .join(" ")
 }
@@ -183,12 +227,23 @@ pub fn run(args: &ReportArgs, command: &str) -> Result<()> {
         }
     }
     if let Some(t) = &args.trained {
-        for cmd in suite(&args.common, &args.ratios, &args.task_ratios, &out.join("trained"), Some(t)) {
+        for cmd in suite(
+            &args.common,
+            &args.ratios,
+            &args.task_ratios,
+            &out.join("trained"),
+            Some(t),
+        ) {
             eprintln!("== beacon eval {}", shell(&cmd));
             crate::run_args(&cmd)?;
         }
     }
-    let report_dir = args.report.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")).to_path_buf();
+    let report_dir = args
+        .report
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
+        .to_path_buf();
     std::fs::create_dir_all(&report_dir)?;
     let mut s = String::new();
     s.push_str("# Results\n\n");
@@ -231,13 +286,22 @@ pub fn run(args: &ReportArgs, command: &str) -> Result<()> {
     let tdir = out.join("trained");
     let mut trained_any = false;
     for (name, title) in SECTIONS {
-        if let Some(sec) = section(&tdir, &report_dir, name, &format!("{title} (trained beacons)"), "###") {
+        if let Some(sec) = section(
+            &tdir,
+            &report_dir,
+            name,
+            &format!("{title} (trained beacons)"),
+            "###",
+        ) {
             s.push_str(&sec);
             trained_any = true;
         }
     }
     if !trained_any {
-        let w = args.trained.clone().unwrap_or_else(|| PathBuf::from("runs/smollm2-beacon/beacon.safetensors"));
+        let w = args
+            .trained
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("runs/smollm2-beacon/beacon.safetensors"));
         s.push_str(
             "_Not measured yet_: the trained beacon weights come from the trainer. Once they exist, the beacon rows \
              with trained weights are produced (and this section filled) by:\n\n```\n",
@@ -248,12 +312,19 @@ pub fn run(args: &ReportArgs, command: &str) -> Result<()> {
         }
         s.push_str(&line);
         s.push_str("\n```\n\nwhich runs, for each subcommand:\n\n```\n");
-        for cmd in suite(&args.common, &args.ratios, &args.task_ratios, &tdir, Some(&w)) {
+        for cmd in suite(
+            &args.common,
+            &args.ratios,
+            &args.task_ratios,
+            &tdir,
+            Some(&w),
+        ) {
             s.push_str(&format!("beacon eval {}\n", shell(&cmd)));
         }
         s.push_str("```\n");
     }
-    beacon::util::atomic_write(&args.report, s.as_bytes()).with_context(|| format!("writing {}", args.report.display()))?;
+    beacon::util::atomic_write(&args.report, s.as_bytes())
+        .with_context(|| format!("writing {}", args.report.display()))?;
     eprintln!("wrote {}", args.report.display());
     Ok(())
 }

@@ -3,9 +3,9 @@
 
 use beacon::engine::{Session, Want};
 use beacon::{load, LoadOptions};
+use beacon_eval::cases::CaseRecord;
 use beacon_eval::harness::{CommonArgs, ModeArgs, ModeSpec};
 use beacon_eval::ppl::{nll_of, score_span, PplRecord};
-use beacon_eval::cases::CaseRecord;
 use std::path::{Path, PathBuf};
 
 fn tiny() -> PathBuf {
@@ -21,11 +21,16 @@ fn tmp(name: &str) -> PathBuf {
 
 /// Pseudo-English text long enough for the grids below.
 fn text(n: usize) -> String {
-    let words = ["the", "sky", "was", "grey.", "A", "ship", "sailed", "north,", "and", "rain", "fell.", "They", "waited."];
+    let words = [
+        "the", "sky", "was", "grey.", "A", "ship", "sailed", "north,", "and", "rain", "fell.",
+        "They", "waited.",
+    ];
     let mut s = String::new();
     let mut x = 12345u64;
     while s.len() < n {
-        x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        x = x
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         s.push_str(words[(x >> 33) as usize % words.len()]);
         s.push(' ');
     }
@@ -33,7 +38,12 @@ fn text(n: usize) -> String {
 }
 
 fn common(out: &Path) -> CommonArgs {
-    CommonArgs { model: Some(tiny()), out: out.to_path_buf(), seed: 7, ..Default::default() }
+    CommonArgs {
+        model: Some(tiny()),
+        out: out.to_path_buf(),
+        seed: 7,
+        ..Default::default()
+    }
 }
 
 fn modes(modes: &str, ratios: &str) -> ModeArgs {
@@ -59,7 +69,10 @@ fn span_scoring_in_pieces_matches_one_forward() {
         let mut s = Session::new(model, beacon::Mode::Full, loaded.beacon.clone());
         let (nll, n) = score_span(model, &mut s, ctx, span, piece, &mut |_| {}).unwrap();
         assert_eq!(n, 50);
-        assert!((nll - want).abs() < 1e-3 * want.abs().max(1.0), "piece {piece}: {nll} vs {want}");
+        assert!(
+            (nll - want).abs() < 1e-3 * want.abs().max(1.0),
+            "piece {piece}: {nll} vs {want}"
+        );
     }
     // no context: the first token of the span is not scored
     let mut s = Session::new(model, beacon::Mode::Full, loaded.beacon.clone());
@@ -88,7 +101,11 @@ fn ppl_grid_on_tiny_model() {
         assert_eq!(r.scored_tokens, 32);
         assert_eq!(r.file, "book.txt");
     }
-    let find = |label: &str, len: usize| recs.iter().find(|r| r.label == label && r.context_tokens == len).unwrap();
+    let find = |label: &str, len: usize| {
+        recs.iter()
+            .find(|r| r.label == label && r.context_tokens == len)
+            .unwrap()
+    };
     // within the native window (256) truncate and streaming are full attention
     assert_eq!(find("truncate-256", 128).ppl, find("full", 128).ppl);
     assert_eq!(find("streaming-256", 128).same_as.as_deref(), Some("full"));
@@ -97,10 +114,14 @@ fn ppl_grid_on_tiny_model() {
     assert!(find("streaming-256", 384).peak_kv_bytes < find("full", 384).peak_kv_bytes);
     assert!(find("beacon-x8", 384).peak_kv_bytes < find("beacon-x2", 384).peak_kv_bytes);
     // outputs
-    let json: Vec<PplRecord> = serde_json::from_str(&std::fs::read_to_string(out.join("ppl.json")).unwrap()).unwrap();
+    let json: Vec<PplRecord> =
+        serde_json::from_str(&std::fs::read_to_string(out.join("ppl.json")).unwrap()).unwrap();
     assert_eq!(json.len(), recs.len());
     let md = std::fs::read_to_string(out.join("ppl.md")).unwrap();
-    assert!(md.contains("beacon eval ppl (test)") && md.contains("| beacon-adapt |"), "{md}");
+    assert!(
+        md.contains("beacon eval ppl (test)") && md.contains("| beacon-adapt |"),
+        "{md}"
+    );
     assert!(std::fs::metadata(out.join("ppl.png")).unwrap().len() > 1000);
     // deterministic under the seed (random ratio draws included)
     let mut a2 = args.clone();
@@ -109,15 +130,24 @@ fn ppl_grid_on_tiny_model() {
     a2.common.no_plot = true;
     let r1 = beacon_eval::ppl::run(&a2, "x").unwrap();
     let r2 = beacon_eval::ppl::run(&a2, "x").unwrap();
-    assert_eq!(r1.iter().map(|r| r.nll).collect::<Vec<_>>(), r2.iter().map(|r| r.nll).collect::<Vec<_>>());
+    assert_eq!(
+        r1.iter().map(|r| r.nll).collect::<Vec<_>>(),
+        r2.iter().map(|r| r.nll).collect::<Vec<_>>()
+    );
     // equal-memory comparison: --keep
     let mut a3 = args.clone();
-    a3.modes = ModeArgs { keep: vec![128], ..modes("truncate,streaming", "8") };
+    a3.modes = ModeArgs {
+        keep: vec![128],
+        ..modes("truncate,streaming", "8")
+    };
     a3.lengths = vec![384];
     a3.common.out = out.join("keep");
     a3.common.no_plot = true;
     let r3 = beacon_eval::ppl::run(&a3, "x").unwrap();
-    assert_eq!(r3.iter().map(|r| r.label.as_str()).collect::<Vec<_>>(), ["truncate-128", "streaming-128"]);
+    assert_eq!(
+        r3.iter().map(|r| r.label.as_str()).collect::<Vec<_>>(),
+        ["truncate-128", "streaming-128"]
+    );
     assert!(r3.iter().all(|r| r.keep == Some(128)));
     let _ = std::fs::remove_dir_all(&out);
 }
@@ -143,7 +173,13 @@ fn needle_and_passkey_grid_on_tiny_model() {
     for r in &recs {
         assert!(r.score == 0.0 || r.score == 1.0);
         // prompts leave ANSWER_ROOM (64) tokens for the answer
-        assert!(r.prompt_tokens + 64 <= r.context_tokens + 2 && r.prompt_tokens + 64 + 2 >= r.context_tokens, "{} vs {}", r.prompt_tokens, r.context_tokens);
+        assert!(
+            r.prompt_tokens + 64 <= r.context_tokens + 2
+                && r.prompt_tokens + 64 + 2 >= r.context_tokens,
+            "{} vs {}",
+            r.prompt_tokens,
+            r.context_tokens
+        );
         assert_eq!(r.expected[0].len(), if r.task == "needle" { 7 } else { 5 });
     }
     assert!(out.join("needle.png").exists() && out.join("needle_passkey.png").exists());
@@ -153,7 +189,10 @@ fn needle_and_passkey_grid_on_tiny_model() {
     a2.common.no_plot = true;
     let again = beacon_eval::needle::run(&a2, "t").unwrap();
     let key = |r: &CaseRecord| (r.expected.clone(), r.output.clone());
-    assert_eq!(recs.iter().map(key).collect::<Vec<_>>(), again.iter().map(key).collect::<Vec<_>>());
+    assert_eq!(
+        recs.iter().map(key).collect::<Vec<_>>(),
+        again.iter().map(key).collect::<Vec<_>>()
+    );
     let _ = std::fs::remove_dir_all(&out);
 }
 
@@ -163,13 +202,22 @@ fn synthetic_retrieval_and_efficiency_on_tiny_model() {
     let data = out.join("data");
     // a minimal data directory: the haystack only (word lists fall back to built-in ones)
     std::fs::create_dir_all(data.join("haystack")).unwrap();
-    std::fs::write(data.join("haystack/pd_essays_ruler_format.json"), serde_json::json!({ "text": text(20000) }).to_string()).unwrap();
+    std::fs::write(
+        data.join("haystack/pd_essays_ruler_format.json"),
+        serde_json::json!({ "text": text(20000) }).to_string(),
+    )
+    .unwrap();
     let mut c = common(&out);
     c.data = Some(data.clone());
     let args = beacon_eval::retrieval::RetrievalArgs {
         common: c.clone(),
         modes: modes("beacon", "8"),
-        tasks: vec!["niah_multikey".into(), "niah_multivalue".into(), "vt".into(), "cwe".into()],
+        tasks: vec![
+            "niah_multikey".into(),
+            "niah_multivalue".into(),
+            "vt".into(),
+            "cwe".into(),
+        ],
         lengths: vec![1024],
         lines: vec![],
         kv_keys: vec![],
@@ -180,10 +228,18 @@ fn synthetic_retrieval_and_efficiency_on_tiny_model() {
     assert_eq!(recs.len(), 4);
     for r in &recs {
         assert!((0.0..=1.0).contains(&r.score));
-        assert!(r.prompt_tokens <= 1024 - 64 + 2 && r.prompt_tokens > 800, "{}: {}", r.task, r.prompt_tokens);
+        assert!(
+            r.prompt_tokens <= 1024 - 64 + 2 && r.prompt_tokens > 800,
+            "{}: {}",
+            r.task,
+            r.prompt_tokens
+        );
     }
     let eff = beacon_eval::efficiency::EfficiencyArgs {
-        common: CommonArgs { out: out.join("eff"), ..c.clone() },
+        common: CommonArgs {
+            out: out.join("eff"),
+            ..c.clone()
+        },
         modes: modes("full,beacon,streaming", "2,8"),
         lengths: vec![128, 512],
         decode: 2,
@@ -195,14 +251,24 @@ fn synthetic_retrieval_and_efficiency_on_tiny_model() {
     };
     let er = beacon_eval::efficiency::run(&eff, "t").unwrap();
     assert_eq!(er.len(), 2 * 4);
-    let get = |l: &str, n: usize| er.iter().find(|r| r.label == l && r.context_tokens == n).unwrap();
-    assert_eq!(get("full", 512).peak_kv_bytes, get("full", 512).full_kv_bytes);
+    let get = |l: &str, n: usize| {
+        er.iter()
+            .find(|r| r.label == l && r.context_tokens == n)
+            .unwrap()
+    };
+    assert_eq!(
+        get("full", 512).peak_kv_bytes,
+        get("full", 512).full_kv_bytes
+    );
     assert!(get("beacon-x8", 512).peak_kv_bytes < get("beacon-x2", 512).peak_kv_bytes);
     assert!(get("beacon-x2", 512).peak_kv_bytes < get("full", 512).peak_kv_bytes);
     assert!(out.join("eff/efficiency.png").exists());
     // the report picks up the sections
     let rep = beacon_eval::report::ReportArgs {
-        common: CommonArgs { out: out.join("eff"), ..c },
+        common: CommonArgs {
+            out: out.join("eff"),
+            ..c
+        },
         report: out.join("RESULTS.md"),
         run: false,
         trained: None,
@@ -211,7 +277,12 @@ fn synthetic_retrieval_and_efficiency_on_tiny_model() {
     };
     beacon_eval::report::run(&rep, "beacon eval report (test)").unwrap();
     let md = std::fs::read_to_string(out.join("RESULTS.md")).unwrap();
-    assert!(md.contains("## Efficiency") && md.contains("efficiency.png") && md.contains("## Trained beacons"), "{md}");
+    assert!(
+        md.contains("## Efficiency")
+            && md.contains("efficiency.png")
+            && md.contains("## Trained beacons"),
+        "{md}"
+    );
     let _ = std::fs::remove_dir_all(&out);
 }
 
@@ -219,28 +290,44 @@ fn synthetic_retrieval_and_efficiency_on_tiny_model() {
 fn data_sets_load_when_present() {
     // The shared data is not part of the repository; check the readers when it is there.
     let c = CommonArgs::default();
-    let Ok(data) = beacon_eval::harness::data_dir(&c) else { return };
+    let Ok(data) = beacon_eval::harness::data_dir(&c) else {
+        return;
+    };
     if !data.join("eval").exists() {
         return;
     }
-    let lines = beacon_eval::data::longchat_lines(&data.join("eval/longchat_lines/200_lines.jsonl")).unwrap();
+    let lines =
+        beacon_eval::data::longchat_lines(&data.join("eval/longchat_lines/200_lines.jsonl"))
+            .unwrap();
     assert_eq!(lines.len(), 50);
-    assert!(lines[0].prompt.contains(&format!("<{}>", lines[0].expected_number)));
-    let kv = beacon_eval::data::kv_retrieval(&data.join("eval/lost_in_the_middle/kv-retrieval-75_keys.jsonl.gz")).unwrap();
+    assert!(lines[0]
+        .prompt
+        .contains(&format!("<{}>", lines[0].expected_number)));
+    let kv = beacon_eval::data::kv_retrieval(
+        &data.join("eval/lost_in_the_middle/kv-retrieval-75_keys.jsonl.gz"),
+    )
+    .unwrap();
     assert_eq!(kv.len(), 500);
-    assert!(kv[0].ordered_kv_records.iter().any(|(k, v)| k == &kv[0].key && v == &kv[0].value));
+    assert!(kv[0]
+        .ordered_kv_records
+        .iter()
+        .any(|(k, v)| k == &kv[0].key && v == &kv[0].value));
     let (items, pool) = beacon_eval::data::squad(&data.join("eval/ruler/squad.json")).unwrap();
     assert!(items.len() > 5000 && pool.len() > 1000);
-    let (h, _) = beacon_eval::data::hotpotqa(&data.join("eval/ruler/hotpotqa_first2000.json")).unwrap();
+    let (h, _) =
+        beacon_eval::data::hotpotqa(&data.join("eval/ruler/hotpotqa_first2000.json")).unwrap();
     assert!(h.len() > 1900 && h[0].gold.len() >= 2);
     for p in beacon_eval::data::held_out_paths(&data) {
         assert!(p.exists(), "{}", p.display());
     }
     // a QA case on bytes: the gold paragraph is inside, the length is met
     let tok = beacon_eval::harness::Tok::Bytes;
-    let cases = beacon_eval::retrieval::qa_cases(&tok, false, "qa_squad", &items, &pool, &[4096], 2, 1).unwrap();
+    let cases =
+        beacon_eval::retrieval::qa_cases(&tok, false, "qa_squad", &items, &pool, &[4096], 2, 1)
+            .unwrap();
     for c in &cases {
-        let ctx = String::from_utf8_lossy(&c.context.iter().map(|&b| b as u8).collect::<Vec<_>>()).into_owned();
+        let ctx = String::from_utf8_lossy(&c.context.iter().map(|&b| b as u8).collect::<Vec<_>>())
+            .into_owned();
         assert!(c.context.len() <= 4096 && c.context.len() > 3000);
         assert!(c.expected.iter().any(|a| ctx.contains(a.as_str())));
     }

@@ -36,13 +36,19 @@ fn f1_worked_examples() {
     // best over golds
     let golds = s(&["10th and 11th centuries", "in the 10th and 11th centuries"]);
     assert_eq!(max_over(&golds, "in the 10th and 11th centuries", f1), 1.0);
-    assert_eq!(max_over(&golds, "10th and 11th centuries", exact_match), 1.0);
+    assert_eq!(
+        max_over(&golds, "10th and 11th centuries", exact_match),
+        1.0
+    );
 }
 
 #[test]
 fn number_and_substring_matches() {
     assert_eq!(number_match(" 4821931.", "4821931"), 1.0);
-    assert_eq!(number_match("The number is 4821931, indeed", "4821931"), 1.0);
+    assert_eq!(
+        number_match("The number is 4821931, indeed", "4821931"),
+        1.0
+    );
     assert_eq!(number_match("4821932", "4821931"), 0.0);
     assert_eq!(number_match("48219310", "4821931"), 0.0);
     assert_eq!(number_match("no number", "4821931"), 0.0);
@@ -57,9 +63,19 @@ fn number_and_substring_matches() {
 fn grading_perfect_and_wrong_answers() {
     for (scorer, good, bad, exp) in [
         (Scorer::Number, "1234567", "7654321", s(&["1234567"])),
-        (Scorer::AllRefs, "QWERT, ASDFG", "none", s(&["QWERT", "ASDFG"])),
+        (
+            Scorer::AllRefs,
+            "QWERT, ASDFG",
+            "none",
+            s(&["QWERT", "ASDFG"]),
+        ),
         (Scorer::Subspan, "value: abc-def", "abc", s(&["abc-def"])),
-        (Scorer::F1, "Paris", "London", s(&["Paris", "the city of Paris"])),
+        (
+            Scorer::F1,
+            "Paris",
+            "London",
+            s(&["Paris", "the city of Paris"]),
+        ),
     ] {
         assert_eq!(grade(scorer, good, &exp).0, 1.0, "{scorer:?}");
         assert_eq!(grade(scorer, bad, &exp).0, 0.0, "{scorer:?}");

@@ -199,7 +199,11 @@ fn compress_command_writes_a_loadable_context() {
     let dir = tiny_model();
     let scratch = scratch("compress");
     let book = scratch.join("book.txt");
-    std::fs::write(&book, "A lighthouse keeper counted ships at night. ".repeat(8)).unwrap();
+    std::fs::write(
+        &book,
+        "A lighthouse keeper counted ships at night. ".repeat(8),
+    )
+    .unwrap();
     let out = scratch.join("book.beacon");
     let report = beacon_server::run_compress(beacon_server::CompressArgs {
         model: Some(dir.clone()),
@@ -212,11 +216,17 @@ fn compress_command_writes_a_loadable_context() {
     })
     .unwrap();
     assert_eq!(report.file_bytes, std::fs::metadata(&out).unwrap().len());
-    assert!(report.file_bytes < report.kv_bytes_full as u64, "{report:?}");
+    assert!(
+        report.file_bytes < report.kv_bytes_full as u64,
+        "{report:?}"
+    );
     let loaded = beacon::load(&dir, &LoadOptions::default()).unwrap();
     let ctx = load_context(&out, &loaded.model, &loaded.fingerprint).unwrap();
     assert_eq!(ctx.session.tokens.len(), report.tokens);
     assert!(ctx.logits.is_some());
     let text = std::fs::read(&book).unwrap();
-    assert_eq!(ctx.header.input_sha256, Some(beacon::context_file::sha256_hex(&text)));
+    assert_eq!(
+        ctx.header.input_sha256,
+        Some(beacon::context_file::sha256_hex(&text))
+    );
 }

@@ -70,11 +70,22 @@ impl FusedAttention {
         if v.dims3()? != (kvh, t, dk) || dk != d || kvh == 0 || heads % kvh != 0 || t < n {
             candle_core::bail!("fused-attention: q {q:?}, k {k:?}, v {v:?}");
         }
-        Ok(Dims { kvh, g: heads / kvh, n, t, d })
+        Ok(Dims {
+            kvh,
+            g: heads / kvh,
+            n,
+            t,
+            d,
+        })
     }
 
     /// Columns a block of rows `start..start+nb` reads, and its additive mask (if any).
-    fn block_mask(&self, dm: &Dims, start: usize, nb: usize) -> candle_core::Result<(usize, Option<Tensor>)> {
+    fn block_mask(
+        &self,
+        dm: &Dims,
+        start: usize,
+        nb: usize,
+    ) -> candle_core::Result<(usize, Option<Tensor>)> {
         Ok(match &self.mask {
             AttnMask::Causal => {
                 let ctx = dm.t - dm.n;
@@ -100,7 +111,11 @@ impl FusedAttention {
         nb: usize,
     ) -> candle_core::Result<(usize, Tensor)> {
         let (cols, m) = self.block_mask(dm, start, nb)?;
-        let kc = if cols == dm.t { k.clone() } else { k.narrow(1, 0, cols)? };
+        let kc = if cols == dm.t {
+            k.clone()
+        } else {
+            k.narrow(1, 0, cols)?
+        };
         let mut s = (qb.matmul(&kc.t()?)? * self.scale)?;
         if let Some(m) = m {
             s = s
@@ -117,7 +132,9 @@ impl FusedAttention {
         if nb == dm.n {
             return x.reshape((dm.kvh, dm.g * nb, w));
         }
-        x.narrow(2, start, nb)?.contiguous()?.reshape((dm.kvh, dm.g * nb, w))
+        x.narrow(2, start, nb)?
+            .contiguous()?
+            .reshape((dm.kvh, dm.g * nb, w))
     }
 
     /// The forward on graph-free tensors.
@@ -130,12 +147,20 @@ impl FusedAttention {
             let nb = self.block.min(dm.n - start);
             let qb = Self::rows(&dm, &q4, start, nb)?;
             let (cols, p) = self.probs(&dm, &qb, k, start, nb)?;
-            let vc = if cols == dm.t { v.clone() } else { v.narrow(1, 0, cols)? };
+            let vc = if cols == dm.t {
+                v.clone()
+            } else {
+                v.narrow(1, 0, cols)?
+            };
             let o = p.matmul(&vc)?.reshape((dm.kvh, dm.g, nb, dm.d))?;
             outs.push(o);
             start += nb;
         }
-        let o = if outs.len() == 1 { outs.pop().expect("one block") } else { Tensor::cat(&outs, 2)? };
+        let o = if outs.len() == 1 {
+            outs.pop().expect("one block")
+        } else {
+            Tensor::cat(&outs, 2)?
+        };
         o.reshape((dm.kvh * dm.g, dm.n, dm.d))
     }
 }
@@ -216,7 +241,11 @@ impl CustomOp3 for FusedAttention {
             dq_blocks.push(dq_b.reshape((kvh, g, nb, d))?);
             start += nb;
         }
-        let dq = if dq_blocks.len() == 1 { dq_blocks.pop().expect("one block") } else { Tensor::cat(&dq_blocks, 2)? };
+        let dq = if dq_blocks.len() == 1 {
+            dq_blocks.pop().expect("one block")
+        } else {
+            Tensor::cat(&dq_blocks, 2)?
+        };
         let dq = dq.reshape((kvh * g, n, d))?;
         let dk = Tensor::from_vec(dk, (kvh, t, d), &Device::Cpu)?;
         let dv = Tensor::from_vec(dv, (kvh, t, d), &Device::Cpu)?;
@@ -247,10 +276,19 @@ pub fn fused_attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: AttnMask) -> Re
 }
 
 /// [`fused_attention`] with an explicit query block size (tests exercise several blocks).
-pub fn fused_attention_blocked(q: &Tensor, k: &Tensor, v: &Tensor, mask: AttnMask, block: usize) -> Result<Tensor> {
+pub fn fused_attention_blocked(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: AttnMask,
+    block: usize,
+) -> Result<Tensor> {
     for x in [q, k, v] {
         if x.dtype() != DType::F32 {
-            return Err(BeaconError::invalid(format!("fused-attention: f32 only, got {:?}", x.dtype())));
+            return Err(BeaconError::invalid(format!(
+                "fused-attention: f32 only, got {:?}",
+                x.dtype()
+            )));
         }
     }
     let (_, n, d) = q.dims3()?;
@@ -259,13 +297,21 @@ pub fn fused_attention_blocked(q: &Tensor, k: &Tensor, v: &Tensor, mask: AttnMas
         AttnMask::Causal => AttnMask::Causal,
         AttnMask::Explicit(m) => {
             if m.dims2()? != (n, t) {
-                return Err(BeaconError::invalid(format!("fused-attention: mask {:?}, want [{n}, {t}]", m.shape())));
+                return Err(BeaconError::invalid(format!(
+                    "fused-attention: mask {:?}, want [{n}, {t}]",
+                    m.shape()
+                )));
             }
             AttnMask::Explicit(m.detach().to_dtype(DType::F32)?.contiguous()?)
         }
     };
-    let op = FusedAttention { mask, scale: 1.0 / (d as f64).sqrt(), block: block.max(1) };
-    Ok(q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, op)?)
+    let op = FusedAttention {
+        mask,
+        scale: 1.0 / (d as f64).sqrt(),
+        block: block.max(1),
+    };
+    Ok(q.contiguous()?
+        .apply_op3(&k.contiguous()?, &v.contiguous()?, op)?)
 }
 
 #[cfg(test)]
@@ -279,7 +325,9 @@ mod tests {
         let n = shape.0 * shape.1 * shape.2;
         let v: Vec<f32> = (0..n)
             .map(|_| {
-                *seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                *seed = seed
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
                 ((*seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
             })
             .collect();
@@ -287,8 +335,25 @@ mod tests {
     }
 
     fn rel(a: &Tensor, b: &Tensor) -> f32 {
-        let d = (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
-        let m = b.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+        let d = (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        let m = b
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         d / m.max(1e-12)
     }
 
@@ -296,13 +361,11 @@ mod tests {
     type AttnFn<'a> = &'a dyn Fn(&Tensor, &[(Tensor, Tensor)]) -> Tensor;
 
     /// Output and gradients (q, then k and v of every segment) of `sum(out ∘ r)`.
-    fn run(
-        f: AttnFn,
-        q: &Var,
-        segs: &[(Var, Var)],
-        r: &Tensor,
-    ) -> (Tensor, Vec<Tensor>) {
-        let s: Vec<(Tensor, Tensor)> = segs.iter().map(|(k, v)| (k.as_tensor().clone(), v.as_tensor().clone())).collect();
+    fn run(f: AttnFn, q: &Var, segs: &[(Var, Var)], r: &Tensor) -> (Tensor, Vec<Tensor>) {
+        let s: Vec<(Tensor, Tensor)> = segs
+            .iter()
+            .map(|(k, v)| (k.as_tensor().clone(), v.as_tensor().clone()))
+            .collect();
         let out = f(q.as_tensor(), &s);
         let loss = (&out * r).unwrap().sum_all().unwrap();
         let g = loss.backward().unwrap();
@@ -330,7 +393,9 @@ mod tests {
                 (Var::from_tensor(&k).unwrap(), Var::from_tensor(&v).unwrap())
             })
             .collect();
-        let r = rand_tensor(&mut seed, (1, n, heads * d)).squeeze(0).unwrap();
+        let r = rand_tensor(&mut seed, (1, n, heads * d))
+            .squeeze(0)
+            .unwrap();
         // Explicit: causal plus holes (never the row's own column).
         let mask_t = explicit.then(|| {
             let mut m = vec![0f32; n * t];
@@ -348,9 +413,16 @@ mod tests {
             Some(m) => Mask::Explicit(m.clone()),
             None => Mask::Causal,
         };
-        let (o_ref, g_ref) = run(&|q, s| attend_composed(q, s, &mask(), true, kvh).unwrap(), &q, &segs, &r);
-        let mut candidates: Vec<(String, (Tensor, Vec<Tensor>))> =
-            vec![("attend_fused".into(), run(&|q, s| attend_fused(q, s, &mask()).unwrap(), &q, &segs, &r))];
+        let (o_ref, g_ref) = run(
+            &|q, s| attend_composed(q, s, &mask(), true, kvh).unwrap(),
+            &q,
+            &segs,
+            &r,
+        );
+        let mut candidates: Vec<(String, (Tensor, Vec<Tensor>))> = vec![(
+            "attend_fused".into(),
+            run(&|q, s| attend_fused(q, s, &mask()).unwrap(), &q, &segs, &r),
+        )];
         for block in [1usize, 4, n] {
             let f = |q: &Tensor, s: &[(Tensor, Tensor)]| {
                 let k = Tensor::cat(&s.iter().map(|(k, _)| k).collect::<Vec<_>>(), 1).unwrap();

@@ -223,7 +223,11 @@ impl BeaconConfig {
             Err(BeaconError::config(source, key, expected, &found))
         };
         if self.window == 0 {
-            return err("beacon_window", "a positive number of raw tokens", "0".into());
+            return err(
+                "beacon_window",
+                "a positive number of raw tokens",
+                "0".into(),
+            );
         }
         if self.stride == 0 || self.stride > self.window {
             return err(
@@ -267,7 +271,7 @@ impl BeaconConfig {
             return err("beacon_ratio", "at least one ratio", "[]".into());
         }
         for &r in &self.ratios {
-            if r > 0 && (r > self.stride || self.stride % r != 0) {
+            if r > 0 && (r > self.stride || !self.stride.is_multiple_of(r)) {
                 // A single ratio is used as given by the reference, so it must tile the window itself.
                 if self.ratios.len() == 1 {
                     return err(
@@ -299,7 +303,7 @@ impl BeaconConfig {
         self.ratios
             .iter()
             .copied()
-            .filter(|&r| r == 0 || (r <= self.stride && self.stride % r == 0))
+            .filter(|&r| r == 0 || (r <= self.stride && self.stride.is_multiple_of(r)))
             .collect()
     }
 }
@@ -351,8 +355,14 @@ fn default_max_pos() -> usize {
 /// Token ids in HF configs are an int, a list of ints, or null.
 pub fn token_ids(v: &Option<serde_json::Value>) -> Vec<u32> {
     match v {
-        Some(serde_json::Value::Number(n)) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
-        Some(serde_json::Value::Array(a)) => a.iter().filter_map(|x| x.as_u64()).map(|x| x as u32).collect(),
+        Some(serde_json::Value::Number(n)) => {
+            n.as_u64().map(|x| vec![x as u32]).unwrap_or_default()
+        }
+        Some(serde_json::Value::Array(a)) => a
+            .iter()
+            .filter_map(|x| x.as_u64())
+            .map(|x| x as u32)
+            .collect(),
         _ => vec![],
     }
 }
@@ -374,18 +384,24 @@ impl HfConfig {
             }
         }
         let num_kv_heads = self.num_key_value_heads.unwrap_or(self.num_attention_heads);
-        if self.num_attention_heads % num_kv_heads != 0 {
+        if !self.num_attention_heads.is_multiple_of(num_kv_heads) {
             return Err(BeaconError::config(
                 source,
                 "num_key_value_heads",
-                &format!("a divisor of num_attention_heads={}", self.num_attention_heads),
+                &format!(
+                    "a divisor of num_attention_heads={}",
+                    self.num_attention_heads
+                ),
                 &num_kv_heads.to_string(),
             ));
         }
         let rope_scaling_factor = match &self.rope_scaling {
             None | Some(serde_json::Value::Null) => None,
             Some(v) => {
-                let kind = v.get("type").or_else(|| v.get("rope_type")).and_then(|t| t.as_str());
+                let kind = v
+                    .get("type")
+                    .or_else(|| v.get("rope_type"))
+                    .and_then(|t| t.as_str());
                 if kind != Some("linear") {
                     return Err(BeaconError::config(
                         source,
@@ -405,7 +421,9 @@ impl HfConfig {
             num_layers: self.num_hidden_layers,
             num_heads: self.num_attention_heads,
             num_kv_heads,
-            head_dim: self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads),
+            head_dim: self
+                .head_dim
+                .unwrap_or(self.hidden_size / self.num_attention_heads),
             rms_norm_eps: self.rms_norm_eps,
             rope_theta: self.rope_theta,
             rope_scaling_factor,
@@ -547,7 +565,12 @@ impl BeaconKeys {
                 "interleave" => BeaconPos::Interleave,
                 "append" => BeaconPos::Append,
                 other => {
-                    return Err(BeaconError::config(source, "beacon_pos", "interleave or append", other))
+                    return Err(BeaconError::config(
+                        source,
+                        "beacon_pos",
+                        "interleave or append",
+                        other,
+                    ))
                 }
             };
         }

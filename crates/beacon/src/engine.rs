@@ -80,7 +80,10 @@ enum LayerCache {
     /// Preallocated buffers `[kv, cap, d]` filled up to `len` (inference).
     Buffer { k: Tensor, v: Tensor, len: usize },
     /// Plain tensors grown by concatenation, keeping the autograd graph (training).
-    Graph { k: Option<Tensor>, v: Option<Tensor> },
+    Graph {
+        k: Option<Tensor>,
+        v: Option<Tensor>,
+    },
 }
 
 impl LayerCache {
@@ -94,8 +97,13 @@ impl LayerCache {
     fn view(&self) -> Result<Option<(Tensor, Tensor)>> {
         Ok(match self {
             LayerCache::Buffer { len: 0, .. } | LayerCache::Graph { k: None, .. } => None,
-            LayerCache::Buffer { k, v, len } => Some((k.narrow(1, 0, *len)?, v.narrow(1, 0, *len)?)),
-            LayerCache::Graph { k: Some(k), v: Some(v) } => Some((k.clone(), v.clone())),
+            LayerCache::Buffer { k, v, len } => {
+                Some((k.narrow(1, 0, *len)?, v.narrow(1, 0, *len)?))
+            }
+            LayerCache::Graph {
+                k: Some(k),
+                v: Some(v),
+            } => Some((k.clone(), v.clone())),
             LayerCache::Graph { .. } => None,
         })
     }
@@ -227,7 +235,13 @@ pub fn plan_step(
             }
         }
     };
-    StepPlan { n_raw: n, ratio, slots, closes_window: closes, remainder }
+    StepPlan {
+        n_raw: n,
+        ratio,
+        slots,
+        closes_window: closes,
+        remainder,
+    }
 }
 
 /// One sequence's memory and statistics.
@@ -287,8 +301,18 @@ impl Session {
                 if differentiable {
                     LayerCache::Graph { k: None, v: None }
                 } else {
-                    let z = || Tensor::zeros((cfg.num_kv_heads, 0, cfg.head_dim), self.dtype, &Device::Cpu);
-                    LayerCache::Buffer { k: z().expect("empty"), v: z().expect("empty"), len: 0 }
+                    let z = || {
+                        Tensor::zeros(
+                            (cfg.num_kv_heads, 0, cfg.head_dim),
+                            self.dtype,
+                            &Device::Cpu,
+                        )
+                    };
+                    LayerCache::Buffer {
+                        k: z().expect("empty"),
+                        v: z().expect("empty"),
+                        len: 0,
+                    }
                 }
             })
             .collect();
@@ -346,7 +370,9 @@ impl Session {
         }
         if opts.differentiable != self.differentiable {
             if !self.tokens.is_empty() {
-                return Err(BeaconError::invalid("cannot switch a started session between training and inference"));
+                return Err(BeaconError::invalid(
+                    "cannot switch a started session between training and inference",
+                ));
             }
             self.reset_caches(model, opts.differentiable);
         }
@@ -477,7 +503,11 @@ impl Session {
         if closing {
             let mut flags = std::mem::take(&mut l.window_flags);
             flags.extend_from_slice(&plan.slots);
-            let kept = if ratio == 0 { flags.len() } else { flags.iter().filter(|&&b| b).count() };
+            let kept = if ratio == 0 {
+                flags.len()
+            } else {
+                flags.iter().filter(|&&b| b).count()
+            };
             if l.sink == 0 && l.beacons == 0 && cfg.sink_size > 0 {
                 l.sink = cfg.sink_size.min(flags.len());
             }
@@ -524,16 +554,15 @@ impl Session {
         for (row, &is_b) in plan.slots.iter().enumerate() {
             let line = &mut mask[row * total..(row + 1) * total];
             // causal among the chunk
-            for c in (ctx_len + row + 1)..total {
-                line[c] = f32::NEG_INFINITY;
-            }
+            line[(ctx_len + row + 1)..total].fill(f32::NEG_INFINITY);
             if !is_b {
                 continue;
             }
             let i = beacon_i;
             beacon_i += 1;
             let covered = (i + 1) * alpha;
-            positions[row] = base + covered as i64 - 1 + if cfg.attend_prev { (i + 1) as i64 } else { 1 };
+            positions[row] =
+                base + covered as i64 - 1 + if cfg.attend_prev { (i + 1) as i64 } else { 1 };
             // window raw columns: cached raw entries, then this chunk's raw rows
             for j in 0..cached_raw {
                 if j >= covered {
@@ -565,7 +594,13 @@ impl Session {
     }
 
     /// One step of full / streaming / truncate: plain causal attention over a growing cache.
-    fn plain_step(&mut self, model: &Model, tokens: &[u32], done: usize, want: Want) -> Result<(usize, Option<Tensor>)> {
+    fn plain_step(
+        &mut self,
+        model: &Model,
+        tokens: &[u32],
+        done: usize,
+        want: Want,
+    ) -> Result<(usize, Option<Tensor>)> {
         let mut n = self.prefill_chunk.max(1).min(tokens.len() - done);
         if let Mode::Streaming { sink, recent } = self.mode {
             // A chunk never exceeds the recent window; evict the oldest non-sink entries so the context
@@ -573,15 +608,22 @@ impl Session {
             n = n.min(recent.max(1));
             let len = self.layout.context_len();
             if len + n > sink + recent {
-                let count = (len + n - (sink + recent)).max(64).min(len.saturating_sub(sink));
+                let count = (len + n - (sink + recent))
+                    .max(64)
+                    .min(len.saturating_sub(sink));
                 self.evict(model, sink, count)?;
             }
         }
         let ctx_len = self.layout.context_len();
         let positions: Vec<i64> = (ctx_len..ctx_len + n).map(|p| p as i64).collect();
         let slots = vec![false; n];
-        let rows: Vec<usize> = Self::wanted(want, done, n, tokens.len()).iter().map(|&i| i - done).collect();
-        let mut ctx = PlainContext { caches: &mut self.caches };
+        let rows: Vec<usize> = Self::wanted(want, done, n, tokens.len())
+            .iter()
+            .map(|&i| i - done)
+            .collect();
+        let mut ctx = PlainContext {
+            caches: &mut self.caches,
+        };
         let chunk = Chunk {
             ids: &tokens[done..done + n],
             is_beacon: &slots,
@@ -624,7 +666,11 @@ impl Session {
     /// The cached K/V per layer split into (sink, beacon, raw), keys **un-rotated** (pre-RoPE), for
     /// comparison with the reference's memory dumps. Each part `[kv, n, d]` or None when empty.
     #[allow(clippy::type_complexity)]
-    pub fn memory_pre_rope(&self, model: &Model, layer: usize) -> Result<[Option<(Tensor, Tensor)>; 3]> {
+    pub fn memory_pre_rope(
+        &self,
+        model: &Model,
+        layer: usize,
+    ) -> Result<[Option<(Tensor, Tensor)>; 3]> {
         let l = &self.layout;
         let (k, v) = match self.caches[layer].view()? {
             Some(kv) => kv,
@@ -634,9 +680,17 @@ impl Session {
         let positions: Vec<i64> = (0..len as i64).map(|p| -p).collect();
         let k = rotate_by(model, &k, &positions, false)?;
         let part = |start: usize, n: usize| -> Result<Option<(Tensor, Tensor)>> {
-            Ok(if n == 0 { None } else { Some((k.narrow(1, start, n)?, v.narrow(1, start, n)?)) })
+            Ok(if n == 0 {
+                None
+            } else {
+                Some((k.narrow(1, start, n)?, v.narrow(1, start, n)?))
+            })
         };
-        Ok([part(0, l.sink)?, part(l.sink, l.beacons)?, part(l.memory_len(), l.window_flags.len())?])
+        Ok([
+            part(0, l.sink)?,
+            part(l.sink, l.beacons)?,
+            part(l.memory_len(), l.window_flags.len())?,
+        ])
     }
 
     /// Export the per-layer caches (rotated keys, values), for saved contexts.
@@ -678,7 +732,10 @@ impl Session {
                 if k.dim(1).unwrap_or(0) == 0 {
                     LayerCache::Graph { k: None, v: None }
                 } else {
-                    LayerCache::Graph { k: Some(k), v: Some(v) }
+                    LayerCache::Graph {
+                        k: Some(k),
+                        v: Some(v),
+                    }
                 }
             })
             .collect();
@@ -703,12 +760,23 @@ impl Session {
 }
 
 /// Rotate keys `[kv, n, d]` by per-entry position offsets (may be negative).
-pub fn rotate_by(model: &Model, k: &Tensor, offsets: &[i64], differentiable: bool) -> Result<Tensor> {
+pub fn rotate_by(
+    model: &Model,
+    k: &Tensor,
+    offsets: &[i64],
+    differentiable: bool,
+) -> Result<Tensor> {
     if offsets.is_empty() {
         return Ok(k.clone());
     }
     let (cos, sin) = rope_tables(model.inv_freq(), offsets)?;
-    apply_rope(&k.contiguous()?, &cos, &sin, model.cfg.rope_interleaved, differentiable)
+    apply_rope(
+        &k.contiguous()?,
+        &cos,
+        &sin,
+        model.cfg.rope_interleaved,
+        differentiable,
+    )
 }
 
 /// Attention context of a plain step: attend to the whole cache, then append the chunk.
@@ -815,10 +883,21 @@ mod tests {
     use super::*;
 
     fn cfg(window: usize, pos: BeaconPos) -> BeaconConfig {
-        BeaconConfig { window, stride: window, pos, ratios: vec![4], ..Default::default() }
+        BeaconConfig {
+            window,
+            stride: window,
+            pos,
+            ratios: vec![4],
+            ..Default::default()
+        }
     }
 
-    fn run(layout: &mut MemoryLayout, c: &BeaconConfig, ratio: usize, mut n: usize) -> Vec<StepPlan> {
+    fn run(
+        layout: &mut MemoryLayout,
+        c: &BeaconConfig,
+        ratio: usize,
+        mut n: usize,
+    ) -> Vec<StepPlan> {
         let mut plans = Vec::new();
         while n > 0 {
             let p = plan_step(layout, c, ratio, n, false);
@@ -843,13 +922,19 @@ mod tests {
     fn memory_after_windows_is_sum_w_over_alpha() {
         // 200 tokens, W=32, α=2/4/8 → (beacons, raw entries) as in the reference fixtures.
         for (ratio, beacons, raw) in [(2, 96, 12), (4, 48, 10), (8, 24, 9)] {
-            let c = BeaconConfig { ratios: vec![ratio], ..cfg(32, BeaconPos::Interleave) };
+            let c = BeaconConfig {
+                ratios: vec![ratio],
+                ..cfg(32, BeaconPos::Interleave)
+            };
             let mut l = MemoryLayout::default();
             let plans = run(&mut l, &c, ratio, 200);
             assert_eq!(plans.len(), 7);
             assert_eq!(l.beacons, beacons);
             assert_eq!(l.window_flags.len(), raw);
-            let sizes: Vec<usize> = plans.iter().map(|p| p.slots.iter().filter(|&&b| b).count()).collect();
+            let sizes: Vec<usize> = plans
+                .iter()
+                .map(|p| p.slots.iter().filter(|&&b| b).count())
+                .collect();
             assert_eq!(sizes[..6], [32 / ratio; 6]);
             assert_eq!(sizes[6], 8 / ratio);
         }

@@ -38,7 +38,10 @@ pub type Result<T, E = BeaconError> = std::result::Result<T, E>;
 
 impl BeaconError {
     pub fn io(path: &Path, source: std::io::Error) -> Self {
-        BeaconError::Io { path: path.display().to_string(), source }
+        BeaconError::Io {
+            path: path.display().to_string(),
+            source,
+        }
     }
     pub fn config(source: &str, key: &str, expected: &str, found: &str) -> Self {
         BeaconError::Config {

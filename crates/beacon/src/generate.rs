@@ -28,18 +28,29 @@ pub struct SamplingParams {
 
 impl Default for SamplingParams {
     fn default() -> Self {
-        SamplingParams { temperature: 0.0, top_k: None, top_p: None, repetition_penalty: 1.0, seed: 0 }
+        SamplingParams {
+            temperature: 0.0,
+            top_k: None,
+            top_p: None,
+            repetition_penalty: 1.0,
+            seed: 0,
+        }
     }
 }
 
 impl SamplingParams {
     pub fn validate(&self) -> Result<()> {
         if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
-            return Err(BeaconError::invalid(format!("temperature must be ≥ 0, found {}", self.temperature)));
+            return Err(BeaconError::invalid(format!(
+                "temperature must be ≥ 0, found {}",
+                self.temperature
+            )));
         }
         if let Some(p) = self.top_p {
             if !(p > 0.0 && p <= 1.0) {
-                return Err(BeaconError::invalid(format!("top_p must be in (0, 1], found {p}")));
+                return Err(BeaconError::invalid(format!(
+                    "top_p must be in (0, 1], found {p}"
+                )));
             }
         }
         if self.top_k == Some(0) {
@@ -76,7 +87,11 @@ impl Sampler {
             seen.dedup();
             for t in seen {
                 if let Some(x) = l.get_mut(t as usize) {
-                    *x = if *x > 0.0 { *x / p.repetition_penalty } else { *x * p.repetition_penalty };
+                    *x = if *x > 0.0 {
+                        *x / p.repetition_penalty
+                    } else {
+                        *x * p.repetition_penalty
+                    };
                 }
             }
         }
@@ -89,7 +104,10 @@ impl Sampler {
             idx.truncate(k.max(1));
         }
         let max = l[idx[0]];
-        let mut probs: Vec<f64> = idx.iter().map(|&i| (((l[i] - max) / p.temperature) as f64).exp()).collect();
+        let mut probs: Vec<f64> = idx
+            .iter()
+            .map(|&i| (((l[i] - max) / p.temperature) as f64).exp())
+            .collect();
         let sum: f64 = probs.iter().sum();
         probs.iter_mut().for_each(|x| *x /= sum);
         if let Some(top_p) = p.top_p {
@@ -170,7 +188,12 @@ impl StopScanner {
     /// Add text; returns (text safe to emit, whether a stop string was hit).
     fn push(&mut self, text: &str) -> (String, bool) {
         self.pending.push_str(text);
-        if let Some(pos) = self.stops.iter().filter_map(|s| self.pending.find(s.as_str())).min() {
+        if let Some(pos) = self
+            .stops
+            .iter()
+            .filter_map(|s| self.pending.find(s.as_str()))
+            .min()
+        {
             let out = self.pending[..pos].to_string();
             self.pending.clear();
             return (out, true);
@@ -179,7 +202,10 @@ impl StopScanner {
         let mut hold = 0;
         for s in &self.stops {
             for k in (1..s.len()).rev() {
-                if k <= self.pending.len() && s.is_char_boundary(k) && self.pending.ends_with(&s[..k]) {
+                if k <= self.pending.len()
+                    && s.is_char_boundary(k)
+                    && self.pending.ends_with(&s[..k])
+                {
                     hold = hold.max(k);
                     break;
                 }
@@ -211,22 +237,41 @@ pub fn generate(
     opts.sampling.validate()?;
     let t0 = Instant::now();
     let mut logits = if prompt.is_empty() {
-        first_logits.ok_or_else(|| BeaconError::invalid("empty prompt and no logits to continue from"))?
+        first_logits
+            .ok_or_else(|| BeaconError::invalid("empty prompt and no logits to continue from"))?
     } else {
         session
-            .feed_with(model, prompt, Want::Last, FeedOptions::default(), on_prefill)?
+            .feed_with(
+                model,
+                prompt,
+                Want::Last,
+                FeedOptions::default(),
+                on_prefill,
+            )?
             .ok_or_else(|| BeaconError::invalid("prompt produced no logits"))?
     };
     let prefill_seconds = t0.elapsed().as_secs_f64();
     let t1 = Instant::now();
     let mut sampler = Sampler::new(opts.sampling.clone());
     let mut decoder = tokenizer.stream_decoder();
-    let mut scanner = StopScanner { stops: opts.stop_strings.iter().filter(|s| !s.is_empty()).cloned().collect(), pending: String::new() };
+    let mut scanner = StopScanner {
+        stops: opts
+            .stop_strings
+            .iter()
+            .filter(|s| !s.is_empty())
+            .cloned()
+            .collect(),
+        pending: String::new(),
+    };
     let mut tokens = Vec::new();
     let mut text = String::new();
     let mut finish = FinishReason::Length;
     while tokens.len() < opts.max_new_tokens {
-        let row = if logits.rank() == 2 { logits.get(logits.dim(0)? - 1)? } else { logits.clone() };
+        let row = if logits.rank() == 2 {
+            logits.get(logits.dim(0)? - 1)?
+        } else {
+            logits.clone()
+        };
         let next = sampler.sample(&row, &session.tokens)?;
         if opts.eos_ids.contains(&next) {
             finish = FinishReason::Stop;
@@ -290,21 +335,35 @@ mod tests {
 
     #[test]
     fn repetition_penalty_demotes_seen_tokens() {
-        let mut s = Sampler::new(SamplingParams { repetition_penalty: 4.0, ..Default::default() });
+        let mut s = Sampler::new(SamplingParams {
+            repetition_penalty: 4.0,
+            ..Default::default()
+        });
         // token 1 (3.0 → 0.75) falls below token 0 (1.0)
         assert_eq!(s.sample(&logits(&[1.0, 3.0, -1.0]), &[1]).unwrap(), 0);
     }
 
     #[test]
     fn top_k_one_is_greedy_and_seed_reproducible() {
-        let p = SamplingParams { temperature: 1.0, top_k: Some(1), seed: 7, ..Default::default() };
+        let p = SamplingParams {
+            temperature: 1.0,
+            top_k: Some(1),
+            seed: 7,
+            ..Default::default()
+        };
         let mut s = Sampler::new(p);
         for _ in 0..10 {
             assert_eq!(s.sample(&logits(&[0.0, 0.5, 0.4]), &[]).unwrap(), 1);
         }
         let draw = |seed| {
-            let mut s = Sampler::new(SamplingParams { temperature: 1.0, seed, ..Default::default() });
-            (0..32).map(|_| s.sample(&logits(&[0.0, 0.1, 0.2, 0.3]), &[]).unwrap()).collect::<Vec<_>>()
+            let mut s = Sampler::new(SamplingParams {
+                temperature: 1.0,
+                seed,
+                ..Default::default()
+            });
+            (0..32)
+                .map(|_| s.sample(&logits(&[0.0, 0.1, 0.2, 0.3]), &[]).unwrap())
+                .collect::<Vec<_>>()
         };
         assert_eq!(draw(3), draw(3));
         assert_ne!(draw(3), draw(4));
@@ -312,7 +371,12 @@ mod tests {
 
     #[test]
     fn top_p_keeps_the_nucleus() {
-        let p = SamplingParams { temperature: 1.0, top_p: Some(0.5), seed: 1, ..Default::default() };
+        let p = SamplingParams {
+            temperature: 1.0,
+            top_p: Some(0.5),
+            seed: 1,
+            ..Default::default()
+        };
         let mut s = Sampler::new(p);
         // p(token 2) ≈ 0.84 ≥ 0.5 → always token 2
         for _ in 0..20 {
@@ -322,12 +386,18 @@ mod tests {
 
     #[test]
     fn stop_strings_are_held_back_and_cut() {
-        let mut sc = StopScanner { stops: vec!["</s>".into()], pending: String::new() };
+        let mut sc = StopScanner {
+            stops: vec!["</s>".into()],
+            pending: String::new(),
+        };
         let (a, hit) = sc.push("hello <");
         assert_eq!((a.as_str(), hit), ("hello ", false));
         let (b, hit) = sc.push("/s> more");
         assert_eq!((b.as_str(), hit), ("", true));
-        let mut sc = StopScanner { stops: vec!["STOP".into()], pending: String::new() };
+        let mut sc = StopScanner {
+            stops: vec!["STOP".into()],
+            pending: String::new(),
+        };
         let (a, _) = sc.push("ST");
         let (b, hit) = sc.push("ill going");
         assert_eq!((a + &b, hit), ("STill going".to_string(), false));
@@ -335,8 +405,23 @@ mod tests {
 
     #[test]
     fn invalid_params_are_rejected() {
-        assert!(SamplingParams { temperature: -1.0, ..Default::default() }.validate().is_err());
-        assert!(SamplingParams { top_p: Some(1.5), ..Default::default() }.validate().is_err());
-        assert!(SamplingParams { top_k: Some(0), ..Default::default() }.validate().is_err());
+        assert!(SamplingParams {
+            temperature: -1.0,
+            ..Default::default()
+        }
+        .validate()
+        .is_err());
+        assert!(SamplingParams {
+            top_p: Some(1.5),
+            ..Default::default()
+        }
+        .validate()
+        .is_err());
+        assert!(SamplingParams {
+            top_k: Some(0),
+            ..Default::default()
+        }
+        .validate()
+        .is_err());
     }
 }

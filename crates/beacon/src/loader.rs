@@ -78,12 +78,19 @@ impl SafeFiles {
     fn open(paths: &[PathBuf]) -> Result<Self> {
         for p in paths {
             if !p.exists() {
-                return Err(BeaconError::io(p, std::io::Error::new(std::io::ErrorKind::NotFound, "file not found")));
+                return Err(BeaconError::io(
+                    p,
+                    std::io::Error::new(std::io::ErrorKind::NotFound, "file not found"),
+                ));
             }
         }
         // SAFETY: the files are mapped read-only and not modified while the model is loaded.
         let st = unsafe { MmapedSafetensors::multi(paths) }.map_err(|e| BeaconError::Parse {
-            path: paths.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "),
+            path: paths
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
             message: e.to_string(),
         })?;
         let names = st.tensors().into_iter().map(|(n, _)| n).collect();
@@ -111,7 +118,10 @@ impl Tensors for SafeFiles {
 }
 
 fn require(t: Option<Tensor>, file: &str, name: &str, shape: &[usize]) -> Result<Tensor> {
-    let t = t.ok_or_else(|| BeaconError::MissingTensor { file: file.into(), name: name.into() })?;
+    let t = t.ok_or_else(|| BeaconError::MissingTensor {
+        file: file.into(),
+        name: name.into(),
+    })?;
     check_shape(&t, file, name, shape)?;
     Ok(t)
 }
@@ -128,17 +138,32 @@ fn check_shape(t: &Tensor, file: &str, name: &str, shape: &[usize]) -> Result<()
     Ok(())
 }
 
-fn dense_linear(src: &dyn Tensors, prefix: &str, out: usize, inp: usize, bias: bool, dtype: DType) -> Result<Linear> {
+fn dense_linear(
+    src: &dyn Tensors,
+    prefix: &str,
+    out: usize,
+    inp: usize,
+    bias: bool,
+    dtype: DType,
+) -> Result<Linear> {
     let file = src.file();
     let wname = format!("{prefix}.weight");
     let w = require(src.get_dense(&wname, dtype)?, &file, &wname, &[out, inp])?;
     let b = if bias {
         let bname = format!("{prefix}.bias");
-        Some(require(src.get_dense(&bname, dtype)?, &file, &bname, &[out])?)
+        Some(require(
+            src.get_dense(&bname, dtype)?,
+            &file,
+            &bname,
+            &[out],
+        )?)
     } else {
         None
     };
-    Ok(Linear { weight: Weight::Dense(w), bias: b })
+    Ok(Linear {
+        weight: Weight::Dense(w),
+        bias: b,
+    })
 }
 
 /// Where this repository ships beacon weights and settings for the default model
@@ -160,7 +185,10 @@ pub fn load_model(model: Option<&Path>, opts: &LoadOptions) -> Result<Loaded> {
             if opts.beacon_config.is_none() && shipped.join("beacon_config.json").exists() {
                 opts.beacon_config = Some(shipped.join("beacon_config.json"));
             }
-            if opts.beacon_weights.is_none() && !opts.untrained_beacons && shipped.join("beacon.safetensors").exists() {
+            if opts.beacon_weights.is_none()
+                && !opts.untrained_beacons
+                && shipped.join("beacon.safetensors").exists()
+            {
                 opts.beacon_weights = Some(shipped.join("beacon.safetensors"));
             }
             load(&path, &opts)
@@ -175,7 +203,10 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<Loaded> {
     } else if path.extension().and_then(|e| e.to_str()) == Some("gguf") {
         load_gguf(path, opts)
     } else if !path.exists() {
-        Err(BeaconError::io(path, std::io::Error::new(std::io::ErrorKind::NotFound, "model not found")))
+        Err(BeaconError::io(
+            path,
+            std::io::Error::new(std::io::ErrorKind::NotFound, "model not found"),
+        ))
     } else {
         Err(BeaconError::invalid(format!(
             "{}: expected a Hugging Face model directory or a .gguf file",
@@ -194,12 +225,25 @@ fn hf_weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
     let index = dir.join("model.safetensors.index.json");
     if index.exists() {
         let text = std::fs::read_to_string(&index).map_err(|e| BeaconError::io(&index, e))?;
-        let v: serde_json::Value = serde_json::from_str(&text)
-            .map_err(|e| BeaconError::Parse { path: index.display().to_string(), message: e.to_string() })?;
-        let map = v.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| {
-            BeaconError::config(&index.display().to_string(), "weight_map", "an object of tensor → shard", "none")
+        let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| BeaconError::Parse {
+            path: index.display().to_string(),
+            message: e.to_string(),
         })?;
-        let mut files: Vec<String> = map.values().filter_map(|f| f.as_str().map(String::from)).collect();
+        let map = v
+            .get("weight_map")
+            .and_then(|m| m.as_object())
+            .ok_or_else(|| {
+                BeaconError::config(
+                    &index.display().to_string(),
+                    "weight_map",
+                    "an object of tensor → shard",
+                    "none",
+                )
+            })?;
+        let mut files: Vec<String> = map
+            .values()
+            .filter_map(|f| f.as_str().map(String::from))
+            .collect();
         files.sort();
         files.dedup();
         return Ok(files.into_iter().map(|f| dir.join(f)).collect());
@@ -231,8 +275,10 @@ fn load_hf_dir(dir: &Path, opts: &LoadOptions) -> Result<Loaded> {
     let gen_path = dir.join("generation_config.json");
     if gen_path.exists() {
         let text = std::fs::read_to_string(&gen_path).map_err(|e| BeaconError::io(&gen_path, e))?;
-        let v: serde_json::Value = serde_json::from_str(&text)
-            .map_err(|e| BeaconError::Parse { path: gen_path.display().to_string(), message: e.to_string() })?;
+        let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| BeaconError::Parse {
+            path: gen_path.display().to_string(),
+            message: e.to_string(),
+        })?;
         let eos = crate::config::token_ids(&v.get("eos_token_id").cloned());
         if !eos.is_empty() {
             cfg.eos_token_ids = eos;
@@ -242,9 +288,19 @@ fn load_hf_dir(dir: &Path, opts: &LoadOptions) -> Result<Loaded> {
     let files = hf_weight_files(dir)?;
     let st = SafeFiles::open(&files)?;
     let dtype = opts.dtype;
-    let (h, q, kv, ff) = (cfg.hidden_size, cfg.q_dim(), cfg.kv_dim(), cfg.intermediate_size);
+    let (h, q, kv, ff) = (
+        cfg.hidden_size,
+        cfg.q_dim(),
+        cfg.kv_dim(),
+        cfg.intermediate_size,
+    );
     let file = st.file();
-    let embed = require(st.get_dense("model.embed_tokens.weight", dtype)?, &file, "model.embed_tokens.weight", &[cfg.vocab_size, h])?;
+    let embed = require(
+        st.get_dense("model.embed_tokens.weight", dtype)?,
+        &file,
+        "model.embed_tokens.weight",
+        &[cfg.vocab_size, h],
+    )?;
     let mut layers = Vec::with_capacity(cfg.num_layers);
     for i in 0..cfg.num_layers {
         let p = format!("model.layers.{i}");
@@ -253,9 +309,30 @@ fn load_hf_dir(dir: &Path, opts: &LoadOptions) -> Result<Loaded> {
             require(st.get_dense(&name, dtype)?, &file, &name, &[h])
         };
         let attn = Attention {
-            q_proj: dense_linear(&st, &format!("{p}.self_attn.q_proj"), q, h, cfg.qkv_bias, dtype)?,
-            k_proj: dense_linear(&st, &format!("{p}.self_attn.k_proj"), kv, h, cfg.qkv_bias, dtype)?,
-            v_proj: dense_linear(&st, &format!("{p}.self_attn.v_proj"), kv, h, cfg.qkv_bias, dtype)?,
+            q_proj: dense_linear(
+                &st,
+                &format!("{p}.self_attn.q_proj"),
+                q,
+                h,
+                cfg.qkv_bias,
+                dtype,
+            )?,
+            k_proj: dense_linear(
+                &st,
+                &format!("{p}.self_attn.k_proj"),
+                kv,
+                h,
+                cfg.qkv_bias,
+                dtype,
+            )?,
+            v_proj: dense_linear(
+                &st,
+                &format!("{p}.self_attn.v_proj"),
+                kv,
+                h,
+                cfg.qkv_bias,
+                dtype,
+            )?,
             o_proj: dense_linear(&st, &format!("{p}.self_attn.o_proj"), h, q, false, dtype)?,
         };
         layers.push(Layer {
@@ -270,32 +347,75 @@ fn load_hf_dir(dir: &Path, opts: &LoadOptions) -> Result<Loaded> {
             },
         });
     }
-    let norm = require(st.get_dense("model.norm.weight", dtype)?, &file, "model.norm.weight", &[h])?;
+    let norm = require(
+        st.get_dense("model.norm.weight", dtype)?,
+        &file,
+        "model.norm.weight",
+        &[h],
+    )?;
     let lm_head = match st.get_dense("lm_head.weight", dtype)? {
         Some(w) => {
             check_shape(&w, &file, "lm_head.weight", &[cfg.vocab_size, h])?;
-            Linear { weight: Weight::Dense(w), bias: None }
+            Linear {
+                weight: Weight::Dense(w),
+                bias: None,
+            }
         }
-        None if cfg.tie_word_embeddings => Linear { weight: Weight::Dense(embed.clone()), bias: None },
-        None => return Err(BeaconError::MissingTensor { file, name: "lm_head.weight".into() }),
+        None if cfg.tie_word_embeddings => Linear {
+            weight: Weight::Dense(embed.clone()),
+            bias: None,
+        },
+        None => {
+            return Err(BeaconError::MissingTensor {
+                file,
+                name: "lm_head.weight".into(),
+            })
+        }
     };
     let beacon_embed_placeholder = Tensor::zeros((1, h), dtype, &Device::Cpu)?;
-    let mut model = Model::new(cfg, dtype, Embedding::Dense(embed), beacon_embed_placeholder, layers, norm, lm_head);
+    let mut model = Model::new(
+        cfg,
+        dtype,
+        Embedding::Dense(embed),
+        beacon_embed_placeholder,
+        layers,
+        norm,
+        lm_head,
+    );
     // Beacon parameters: in the checkpoint (released format), else a beacon file, else initialised.
-    let in_checkpoint = st.names().iter().any(|n| n == "model.beacon_embed_tokens.weight");
+    let in_checkpoint = st
+        .names()
+        .iter()
+        .any(|n| n == "model.beacon_embed_tokens.weight");
     let beacon_source = if in_checkpoint && !opts.untrained_beacons {
         attach_beacons(&mut model, &st, beacon.params)?;
         BeaconSource::Checkpoint
     } else {
         external_beacons(&mut model, &mut beacon, dir, opts)?
     };
-    let tokenizer = if dir.join("tokenizer.json").exists() { Some(Tokenizer::from_hf_dir(dir)?) } else { None };
+    let tokenizer = if dir.join("tokenizer.json").exists() {
+        Some(Tokenizer::from_hf_dir(dir)?)
+    } else {
+        None
+    };
     let fingerprint = fingerprint(&files, &model)?;
-    Ok(Loaded { model, beacon, tokenizer, beacon_source, fingerprint, path: dir.to_path_buf() })
+    Ok(Loaded {
+        model,
+        beacon,
+        tokenizer,
+        beacon_source,
+        fingerprint,
+        path: dir.to_path_buf(),
+    })
 }
 
 /// Beacon weights beside the model (or given by flag); else initialise and warn.
-fn external_beacons(model: &mut Model, beacon: &mut BeaconConfig, beside: &Path, opts: &LoadOptions) -> Result<BeaconSource> {
+fn external_beacons(
+    model: &mut Model,
+    beacon: &mut BeaconConfig,
+    beside: &Path,
+    opts: &LoadOptions,
+) -> Result<BeaconSource> {
     let cfg_path = opts.beacon_config.clone().or_else(|| {
         let p = beside.join("beacon_config.json");
         p.exists().then_some(p)
@@ -305,7 +425,12 @@ fn external_beacons(model: &mut Model, beacon: &mut BeaconConfig, beside: &Path,
     }
     if beacon.params == BeaconParams::default() {
         // A backbone without beacon settings gets the recipes' q,k,v.
-        beacon.params = BeaconParams { q: true, k: true, v: true, o: false };
+        beacon.params = BeaconParams {
+            q: true,
+            k: true,
+            v: true,
+            o: false,
+        };
     }
     let weights = if opts.untrained_beacons {
         None
@@ -324,7 +449,9 @@ fn external_beacons(model: &mut Model, beacon: &mut BeaconConfig, beside: &Path,
         None => {
             init_beacons(model, beacon)?;
             if !opts.untrained_beacons {
-                tracing::warn!("no beacon weights found: beacons initialised from the backbone (untrained)");
+                tracing::warn!(
+                    "no beacon weights found: beacons initialised from the backbone (untrained)"
+                );
             }
             Ok(BeaconSource::Initialised)
         }
@@ -349,10 +476,26 @@ fn attach_beacons(model: &mut Model, src: &dyn Tensors, params: BeaconParams) ->
             dense_linear(src, &format!("{p}.{name}"), out, inp, bias, dtype)
         };
         layer.beacon = BeaconProjections {
-            q: if params.q { Some(get("beacon_q_proj", q, h, cfg.qkv_bias)?) } else { None },
-            k: if params.k { Some(get("beacon_k_proj", kv, h, cfg.qkv_bias)?) } else { None },
-            v: if params.v { Some(get("beacon_v_proj", kv, h, cfg.qkv_bias)?) } else { None },
-            o: if params.o { Some(get("beacon_o_proj", h, q, false)?) } else { None },
+            q: if params.q {
+                Some(get("beacon_q_proj", q, h, cfg.qkv_bias)?)
+            } else {
+                None
+            },
+            k: if params.k {
+                Some(get("beacon_k_proj", kv, h, cfg.qkv_bias)?)
+            } else {
+                None
+            },
+            v: if params.v {
+                Some(get("beacon_v_proj", kv, h, cfg.qkv_bias)?)
+            } else {
+                None
+            },
+            o: if params.o {
+                Some(get("beacon_o_proj", h, q, false)?)
+            } else {
+                None
+            },
         };
     }
     Ok(())
@@ -368,9 +511,18 @@ pub fn init_beacons(model: &mut Model, beacon: &BeaconConfig) -> Result<()> {
         model.cfg.eos_token_ids.first().copied()
     }
     .ok_or_else(|| {
-        BeaconError::config("model config", &format!("{}_token_id", beacon.embed_init), "a token id to initialise the beacon embedding", "none")
+        BeaconError::config(
+            "model config",
+            &format!("{}_token_id", beacon.embed_init),
+            "a token id to initialise the beacon embedding",
+            "none",
+        )
     })?;
-    model.beacon_embed = model.embed_tokens.row(id)?.to_dtype(model.dtype)?.unsqueeze(0)?;
+    model.beacon_embed = model
+        .embed_tokens
+        .row(id)?
+        .to_dtype(model.dtype)?
+        .unsqueeze(0)?;
     let p = beacon.params;
     for layer in model.layers.iter_mut() {
         let a = &layer.attn;
@@ -409,29 +561,48 @@ fn gguf_f64(c: &gguf_file::Content, key: &str, file: &str) -> Result<f64> {
 
 fn load_gguf(path: &Path, opts: &LoadOptions) -> Result<Loaded> {
     let file = path.display().to_string();
-    let mut reader = std::io::BufReader::new(std::fs::File::open(path).map_err(|e| BeaconError::io(path, e))?);
-    let content = gguf_file::Content::read(&mut reader)
-        .map_err(|e| BeaconError::Parse { path: file.clone(), message: e.to_string() })?;
+    let mut reader =
+        std::io::BufReader::new(std::fs::File::open(path).map_err(|e| BeaconError::io(path, e))?);
+    let content = gguf_file::Content::read(&mut reader).map_err(|e| BeaconError::Parse {
+        path: file.clone(),
+        message: e.to_string(),
+    })?;
     let arch = gguf_meta(&content, "general.architecture", &file)?
         .to_string()
-        .map_err(|_| BeaconError::config(&file, "general.architecture", "a string", "another type"))?
+        .map_err(|_| {
+            BeaconError::config(&file, "general.architecture", "a string", "another type")
+        })?
         .clone();
     let arch_kind = match arch.as_str() {
         "llama" => Arch::Llama,
         "qwen2" => Arch::Qwen2,
-        other => return Err(BeaconError::config(&file, "general.architecture", "llama or qwen2", other)),
+        other => {
+            return Err(BeaconError::config(
+                &file,
+                "general.architecture",
+                "llama or qwen2",
+                other,
+            ))
+        }
     };
     let k = |s: &str| format!("{arch}.{s}");
     let hidden = gguf_usize(&content, &k("embedding_length"), &file)?;
     let heads = gguf_usize(&content, &k("attention.head_count"), &file)?;
     let kv_heads = gguf_usize(&content, &k("attention.head_count_kv"), &file).unwrap_or(heads);
-    let embd_info = content.tensor_infos.get("token_embd.weight").ok_or_else(|| BeaconError::MissingTensor {
-        file: file.clone(),
-        name: "token_embd.weight".into(),
-    })?;
+    let embd_info = content
+        .tensor_infos
+        .get("token_embd.weight")
+        .ok_or_else(|| BeaconError::MissingTensor {
+            file: file.clone(),
+            name: "token_embd.weight".into(),
+        })?;
     let vocab = embd_info.shape.dims()[0];
     let tok_ids = |key: &str| -> Option<u32> {
-        content.metadata.get(key).and_then(|v| v.to_u32().ok().or_else(|| v.to_i32().ok().map(|x| x as u32)))
+        content.metadata.get(key).and_then(|v| {
+            v.to_u32()
+                .ok()
+                .or_else(|| v.to_i32().ok().map(|x| x as u32))
+        })
     };
     let cfg = ModelConfig {
         arch: arch_kind,
@@ -457,7 +628,10 @@ fn load_gguf(path: &Path, opts: &LoadOptions) -> Result<Loaded> {
     let mut get_q = |name: &str, shape: &[usize]| -> Result<candle_core::quantized::QTensor> {
         let t = content
             .tensor(&mut reader, name, &Device::Cpu)
-            .map_err(|_| BeaconError::MissingTensor { file: file.clone(), name: name.into() })?;
+            .map_err(|_| BeaconError::MissingTensor {
+                file: file.clone(),
+                name: name.into(),
+            })?;
         // GGUF dims are reversed relative to torch (ne[0] = innermost); candle already flips them.
         if t.shape().dims() != shape {
             return Err(BeaconError::Shape {
@@ -476,8 +650,15 @@ fn load_gguf(path: &Path, opts: &LoadOptions) -> Result<Loaded> {
         let p = format!("blk.{i}");
         let mut lin = |name: &str, out: usize, inp: usize, bias: bool| -> Result<Linear> {
             let w = get_q(&format!("{p}.{name}.weight"), &[out, inp])?;
-            let b = if bias { Some(get_q(&format!("{p}.{name}.bias"), &[out])?.dequantize(&Device::Cpu)?) } else { None };
-            Ok(Linear { weight: decode_friendly(w, dense_prefill)?, bias: b })
+            let b = if bias {
+                Some(get_q(&format!("{p}.{name}.bias"), &[out])?.dequantize(&Device::Cpu)?)
+            } else {
+                None
+            };
+            Ok(Linear {
+                weight: decode_friendly(w, dense_prefill)?,
+                bias: b,
+            })
         };
         let attn = Attention {
             q_proj: lin("attn_q", q_dim, hidden, cfg.qkv_bias)?,
@@ -490,21 +671,47 @@ fn load_gguf(path: &Path, opts: &LoadOptions) -> Result<Loaded> {
             up_proj: lin("ffn_up", ff, hidden, false)?,
             down_proj: lin("ffn_down", hidden, ff, false)?,
         };
-        let input_layernorm = get_q(&format!("{p}.attn_norm.weight"), &[hidden])?.dequantize(&Device::Cpu)?;
-        let post_attention_layernorm = get_q(&format!("{p}.ffn_norm.weight"), &[hidden])?.dequantize(&Device::Cpu)?;
-        layers.push(Layer { input_layernorm, attn, beacon: BeaconProjections::default(), post_attention_layernorm, mlp });
+        let input_layernorm =
+            get_q(&format!("{p}.attn_norm.weight"), &[hidden])?.dequantize(&Device::Cpu)?;
+        let post_attention_layernorm =
+            get_q(&format!("{p}.ffn_norm.weight"), &[hidden])?.dequantize(&Device::Cpu)?;
+        layers.push(Layer {
+            input_layernorm,
+            attn,
+            beacon: BeaconProjections::default(),
+            post_attention_layernorm,
+            mlp,
+        });
     }
     let norm = get_q("output_norm.weight", &[hidden])?.dequantize(&Device::Cpu)?;
     let embd = std::sync::Arc::new(get_q("token_embd.weight", &[vocab, hidden])?);
     let lm_head = if cfg.tie_word_embeddings {
         // The LM head only ever sees a few rows (last token / scored spans): keep it quantized.
         let qm = candle_core::quantized::QMatMul::from_arc(embd.clone())?;
-        Linear { weight: Weight::Quantized { q: std::sync::Arc::new(qm), qtensor: embd.clone(), dense: None }, bias: None }
+        Linear {
+            weight: Weight::Quantized {
+                q: std::sync::Arc::new(qm),
+                qtensor: embd.clone(),
+                dense: None,
+            },
+            bias: None,
+        }
     } else {
-        Linear { weight: Weight::quantized(get_q("output.weight", &[vocab, hidden])?, false)?, bias: None }
+        Linear {
+            weight: Weight::quantized(get_q("output.weight", &[vocab, hidden])?, false)?,
+            bias: None,
+        }
     };
     let placeholder = Tensor::zeros((1, hidden), dtype, &Device::Cpu)?;
-    let mut model = Model::new(cfg.clone(), dtype, Embedding::Quantized(embd), placeholder, layers, norm, lm_head);
+    let mut model = Model::new(
+        cfg.clone(),
+        dtype,
+        Embedding::Quantized(embd),
+        placeholder,
+        layers,
+        norm,
+        lm_head,
+    );
     let tokenizer = Some(Tokenizer::from_gguf(&content, &file)?);
     // GGUF carries no beacon settings: start from the defaults for a model of this context length.
     let mut beacon = BeaconConfig::default();
@@ -520,7 +727,14 @@ fn load_gguf(path: &Path, opts: &LoadOptions) -> Result<Loaded> {
     }
     let beacon_source = external_beacons(&mut model, &mut beacon, beside, &opts)?;
     let fingerprint = fingerprint(&[path.to_path_buf()], &model)?;
-    Ok(Loaded { model, beacon, tokenizer, beacon_source, fingerprint, path: path.to_path_buf() })
+    Ok(Loaded {
+        model,
+        beacon,
+        tokenizer,
+        beacon_source,
+        fingerprint,
+        path: path.to_path_buf(),
+    })
 }
 
 /// candle has SIMD dot products for Q4_0, Q8_0 and the K-quants only; Q4_1/Q5_0/Q5_1 fall back to
@@ -529,13 +743,20 @@ fn load_gguf(path: &Path, opts: &LoadOptions) -> Result<Loaded> {
 /// dense prefill copy keeps the exact source values.
 fn decode_friendly(w: QTensor, keep_dense: bool) -> Result<Weight> {
     use candle_core::quantized::GgmlDType;
-    if !matches!(w.dtype(), GgmlDType::Q4_1 | GgmlDType::Q5_0 | GgmlDType::Q5_1) {
+    if !matches!(
+        w.dtype(),
+        GgmlDType::Q4_1 | GgmlDType::Q5_0 | GgmlDType::Q5_1
+    ) {
         return Weight::quantized(w, keep_dense);
     }
     let dense = w.dequantize(&Device::Cpu)?;
     let q8 = std::sync::Arc::new(QTensor::quantize(&dense, GgmlDType::Q8_0)?);
     let q = std::sync::Arc::new(candle_core::quantized::QMatMul::from_arc(q8.clone())?);
-    Ok(Weight::Quantized { q, qtensor: q8, dense: keep_dense.then_some(dense) })
+    Ok(Weight::Quantized {
+        q,
+        qtensor: q8,
+        dense: keep_dense.then_some(dense),
+    })
 }
 
 /// A short identity of backbone files (name + size + first MiB) and beacon parameters (values).
@@ -559,7 +780,15 @@ fn fingerprint(files: &[PathBuf], model: &Model) -> Result<String> {
     };
     add(&model.beacon_embed)?;
     for layer in &model.layers {
-        for l in [&layer.beacon.q, &layer.beacon.k, &layer.beacon.v, &layer.beacon.o].into_iter().flatten() {
+        for l in [
+            &layer.beacon.q,
+            &layer.beacon.k,
+            &layer.beacon.v,
+            &layer.beacon.o,
+        ]
+        .into_iter()
+        .flatten()
+        {
             if let Weight::Dense(w) = &l.weight {
                 add(w)?;
             }
@@ -572,9 +801,17 @@ fn fingerprint(files: &[PathBuf], model: &Model) -> Result<String> {
 /// Save beacon parameters in the released tensor naming (for a backbone that has none).
 pub fn save_beacon_weights(model: &Model, path: &Path, dtype: DType) -> Result<()> {
     let mut map: HashMap<String, Tensor> = HashMap::new();
-    map.insert("model.beacon_embed_tokens.weight".into(), model.beacon_embed.to_dtype(dtype)?);
+    map.insert(
+        "model.beacon_embed_tokens.weight".into(),
+        model.beacon_embed.to_dtype(dtype)?,
+    );
     for (i, layer) in model.layers.iter().enumerate() {
-        for (name, l) in [("q", &layer.beacon.q), ("k", &layer.beacon.k), ("v", &layer.beacon.v), ("o", &layer.beacon.o)] {
+        for (name, l) in [
+            ("q", &layer.beacon.q),
+            ("k", &layer.beacon.k),
+            ("v", &layer.beacon.v),
+            ("o", &layer.beacon.o),
+        ] {
             if let Some(l) = l {
                 let p = format!("model.layers.{i}.self_attn.beacon_{name}_proj");
                 map.insert(format!("{p}.weight"), l.weight.to_dense()?.to_dtype(dtype)?);

@@ -8,10 +8,10 @@
 //! `beacon_embed_tokens` and the `beacon_{q,k,v,o}_proj` weights (SPEC §1.2); everything else
 //! (norms, MLP, lm_head, RoPE) is shared with the backbone.
 
+use crate::attention::{fused_attention, AttnMask};
 use crate::config::ModelConfig;
 use crate::error::Result;
 use candle_core::quantized::{QMatMul, QTensor};
-use crate::attention::{fused_attention, AttnMask};
 use candle_core::{DType, Device, Module, Tensor, D};
 use std::sync::Arc;
 
@@ -29,7 +29,11 @@ pub enum Weight {
         dense: Option<Tensor>,
     },
     /// Low-rank beacon projection: `base + a·b` (a `[out, r]`, b `[r, in]`), our training extension.
-    LowRank { base: Box<Weight>, a: Tensor, b: Tensor },
+    LowRank {
+        base: Box<Weight>,
+        a: Tensor,
+        b: Tensor,
+    },
 }
 
 /// Chunks with at least this many rows use the dense copy of a quantized weight.
@@ -37,7 +41,11 @@ pub const DENSE_MIN_ROWS: usize = 8;
 
 impl Weight {
     pub fn quantized(qtensor: QTensor, keep_dense: bool) -> Result<Self> {
-        let dense = if keep_dense { Some(qtensor.dequantize(&Device::Cpu)?) } else { None };
+        let dense = if keep_dense {
+            Some(qtensor.dequantize(&Device::Cpu)?)
+        } else {
+            None
+        };
         let qtensor = Arc::new(qtensor);
         let q = Arc::new(QMatMul::from_arc(qtensor.clone())?);
         Ok(Weight::Quantized { q, qtensor, dense })
@@ -126,14 +134,23 @@ impl candle_core::CustomOp1 for FrozenMatmul {
         Ok((y, candle_core::Shape::from((n, out))))
     }
 
-    fn bwd(&self, _x: &Tensor, _y: &Tensor, grad_y: &Tensor) -> candle_core::Result<Option<Tensor>> {
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        _y: &Tensor,
+        grad_y: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
         Ok(Some(grad_y.matmul(&self.w)?)) // [n, out] · [out, in] → [n, in]
     }
 }
 
 /// x `[n, in]` (with a graph) times a frozen `[out, in]` weight → `[n, out]`.
 pub fn frozen_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    let w = if w.dtype() == x.dtype() { w.clone() } else { w.to_dtype(x.dtype())? };
+    let w = if w.dtype() == x.dtype() {
+        w.clone()
+    } else {
+        w.to_dtype(x.dtype())?
+    };
     Ok(x.apply_op1(FrozenMatmul { w: w.detach() })?)
 }
 
@@ -296,7 +313,9 @@ fn rms_norm(x: &Tensor, w: &Tensor, eps: f64, differentiable: bool) -> Result<Te
     }
     if x.dtype() == DType::F32 && w.dtype() == DType::F32 && !w.track_op() {
         let w = w.flatten_all()?.to_vec1::<f32>()?;
-        return Ok(x.contiguous()?.apply_op1(FrozenRmsNorm { w, eps: eps as f32 })?);
+        return Ok(x
+            .contiguous()?
+            .apply_op1(FrozenRmsNorm { w, eps: eps as f32 })?);
     }
     let dtype = x.dtype();
     let xf = x.to_dtype(DType::F32)?;
@@ -315,7 +334,10 @@ struct FrozenRmsNorm {
 }
 
 impl FrozenRmsNorm {
-    fn slice<'a>(s: &'a candle_core::CpuStorage, l: &candle_core::Layout) -> candle_core::Result<&'a [f32]> {
+    fn slice<'a>(
+        s: &'a candle_core::CpuStorage,
+        l: &candle_core::Layout,
+    ) -> candle_core::Result<&'a [f32]> {
         let data = match s {
             candle_core::CpuStorage::F32(v) => v.as_slice(),
             _ => candle_core::bail!("rms-norm: f32 only"),
@@ -364,14 +386,26 @@ impl candle_core::CustomOp1 for FrozenRmsNorm {
         let (xs, xl) = x.storage_and_layout();
         let (gs, gl) = gy.storage_and_layout();
         let (xs, gs) = match (&*xs, &*gs) {
-            (candle_core::Storage::Cpu(a), candle_core::Storage::Cpu(b)) => (Self::slice(a, xl)?, Self::slice(b, gl)?),
+            (candle_core::Storage::Cpu(a), candle_core::Storage::Cpu(b)) => {
+                (Self::slice(a, xl)?, Self::slice(b, gl)?)
+            }
             _ => candle_core::bail!("rms-norm: CPU only"),
         };
         let h = self.w.len();
         let mut dx = vec![0f32; xs.len()];
-        for ((xr, gr), dr) in xs.chunks_exact(h).zip(gs.chunks_exact(h)).zip(dx.chunks_exact_mut(h)) {
+        for ((xr, gr), dr) in xs
+            .chunks_exact(h)
+            .zip(gs.chunks_exact(h))
+            .zip(dx.chunks_exact_mut(h))
+        {
             let r = self.inv_rms(xr);
-            let c = xr.iter().zip(gr).zip(&self.w).map(|((&xv, &gv), &wv)| gv * wv * xv * r).sum::<f32>() / h as f32;
+            let c = xr
+                .iter()
+                .zip(gr)
+                .zip(&self.w)
+                .map(|((&xv, &gv), &wv)| gv * wv * xv * r)
+                .sum::<f32>()
+                / h as f32;
             for (((d, &xv), &gv), &wv) in dr.iter_mut().zip(xr).zip(gr).zip(&self.w) {
                 *d = r * (gv * wv - xv * r * c);
             }
@@ -398,7 +432,16 @@ impl Model {
         let inv_freq = (0..d / 2)
             .map(|i| 1.0f32 / (cfg.rope_theta as f32).powf((2 * i) as f32 / d as f32))
             .collect();
-        Model { cfg, dtype, embed_tokens, beacon_embed, layers, norm, lm_head, inv_freq }
+        Model {
+            cfg,
+            dtype,
+            embed_tokens,
+            beacon_embed,
+            layers,
+            norm,
+            lm_head,
+            inv_freq,
+        }
     }
 
     pub fn inv_freq(&self) -> &[f32] {
@@ -414,14 +457,29 @@ impl Model {
         let raw = if raw_ids.is_empty() {
             None
         } else {
-            Some(self.embed_tokens.lookup(&Tensor::new(raw_ids.as_slice(), &dev)?)?.to_dtype(self.dtype)?)
+            Some(
+                self.embed_tokens
+                    .lookup(&Tensor::new(raw_ids.as_slice(), &dev)?)?
+                    .to_dtype(self.dtype)?,
+            )
         };
         if raw_idx.len() == n {
             return Ok(raw.expect("non-empty chunk"));
         }
         let beacon_idx: Vec<u32> = (0..n as u32).filter(|&i| is_beacon[i as usize]).collect();
-        let beacons = self.beacon_embed.to_dtype(self.dtype)?.broadcast_as((beacon_idx.len(), self.cfg.hidden_size))?;
-        scatter_rows(n, self.cfg.hidden_size, &raw_idx, raw.as_ref(), &beacon_idx, &beacons.contiguous()?, self.dtype)
+        let beacons = self
+            .beacon_embed
+            .to_dtype(self.dtype)?
+            .broadcast_as((beacon_idx.len(), self.cfg.hidden_size))?;
+        scatter_rows(
+            n,
+            self.cfg.hidden_size,
+            &raw_idx,
+            raw.as_ref(),
+            &beacon_idx,
+            &beacons.contiguous()?,
+            self.dtype,
+        )
     }
 
     /// Run one chunk through every layer. Returns the logits `[rows, vocab]` (f32) of `chunk.logits_rows`.
@@ -433,24 +491,49 @@ impl Model {
         let mut h = self.embed(chunk.ids, chunk.is_beacon)?; // [n, hidden]
         let cfg = &self.cfg;
         for (li, layer) in self.layers.iter().enumerate() {
-            let x = rms_norm(&h, &layer.input_layernorm, cfg.rms_norm_eps, chunk.differentiable)?;
+            let x = rms_norm(
+                &h,
+                &layer.input_layernorm,
+                cfg.rms_norm_eps,
+                chunk.differentiable,
+            )?;
             let at = &layer.attn;
             let b = &layer.beacon;
             let q = split.project(&x, &at.q_proj, b.q.as_ref(), self.dtype)?; // [n, heads*d]
             let k = split.project(&x, &at.k_proj, b.k.as_ref(), self.dtype)?; // [n, kv*d]
             let v = split.project(&x, &at.v_proj, b.v.as_ref(), self.dtype)?; // [n, kv*d]
-            let q = q.reshape((n, cfg.num_heads, cfg.head_dim))?.transpose(0, 1)?.contiguous()?; // [heads, n, d]
-            let k_pre = k.reshape((n, cfg.num_kv_heads, cfg.head_dim))?.transpose(0, 1)?.contiguous()?; // [kv, n, d]
-            let v = v.reshape((n, cfg.num_kv_heads, cfg.head_dim))?.transpose(0, 1)?.contiguous()?; // [kv, n, d]
+            let q = q
+                .reshape((n, cfg.num_heads, cfg.head_dim))?
+                .transpose(0, 1)?
+                .contiguous()?; // [heads, n, d]
+            let k_pre = k
+                .reshape((n, cfg.num_kv_heads, cfg.head_dim))?
+                .transpose(0, 1)?
+                .contiguous()?; // [kv, n, d]
+            let v = v
+                .reshape((n, cfg.num_kv_heads, cfg.head_dim))?
+                .transpose(0, 1)?
+                .contiguous()?; // [kv, n, d]
             let q = apply_rope(&q, &cos, &sin, cfg.rope_interleaved, chunk.differentiable)?;
-            let k_rot = apply_rope(&k_pre, &cos, &sin, cfg.rope_interleaved, chunk.differentiable)?;
+            let k_rot = apply_rope(
+                &k_pre,
+                &cos,
+                &sin,
+                cfg.rope_interleaved,
+                chunk.differentiable,
+            )?;
             let mut segments = ctx.context(li)?; // [(kv, len_i, d)]
             segments.push((k_rot.clone(), v.clone()));
             let a = self.attend(&q, &segments, &chunk.mask, chunk.differentiable)?; // [n, heads*d]
             ctx.commit(li, &k_rot, &v)?;
             let o = split.project(&a, &at.o_proj, b.o.as_ref(), self.dtype)?;
             h = (h + o)?;
-            let x = rms_norm(&h, &layer.post_attention_layernorm, cfg.rms_norm_eps, chunk.differentiable)?;
+            let x = rms_norm(
+                &h,
+                &layer.post_attention_layernorm,
+                cfg.rms_norm_eps,
+                chunk.differentiable,
+            )?;
             let m = &layer.mlp;
             let gate = m.gate_proj.forward(&x)?;
             let up = m.up_proj.forward(&x)?;
@@ -460,7 +543,14 @@ impl Model {
         if chunk.logits_rows.is_empty() {
             return Ok(None);
         }
-        let rows = Tensor::new(chunk.logits_rows.iter().map(|&r| r as u32).collect::<Vec<_>>(), &Device::Cpu)?;
+        let rows = Tensor::new(
+            chunk
+                .logits_rows
+                .iter()
+                .map(|&r| r as u32)
+                .collect::<Vec<_>>(),
+            &Device::Cpu,
+        )?;
         let h = h.index_select(&rows, 0)?;
         let h = rms_norm(&h, &self.norm, cfg.rms_norm_eps, chunk.differentiable)?;
         Ok(Some(self.lm_head.forward(&h)?.to_dtype(DType::F32)?))
@@ -471,7 +561,13 @@ impl Model {
     ///
     /// The differentiable path (training, f32) goes through [`fused_attention`], which keeps no
     /// score-sized tensor for the backward; inference keeps the segment-wise composed kernels.
-    fn attend(&self, q: &Tensor, segments: &[(Tensor, Tensor)], mask: &Mask, differentiable: bool) -> Result<Tensor> {
+    fn attend(
+        &self,
+        q: &Tensor,
+        segments: &[(Tensor, Tensor)],
+        mask: &Mask,
+        differentiable: bool,
+    ) -> Result<Tensor> {
         if differentiable && q.dtype() == DType::F32 {
             return attend_fused(q, segments, mask);
         }
@@ -481,9 +577,16 @@ impl Model {
 
 /// Differentiable attention over the segments, concatenated (`Tensor::cat` carries the gradient
 /// back to each segment), through the fused op. q `[heads, n, d]` → `[n, heads*d]`.
-pub(crate) fn attend_fused(q: &Tensor, segments: &[(Tensor, Tensor)], mask: &Mask) -> Result<Tensor> {
+pub(crate) fn attend_fused(
+    q: &Tensor,
+    segments: &[(Tensor, Tensor)],
+    mask: &Mask,
+) -> Result<Tensor> {
     let (heads, n, d) = q.dims3()?;
-    let used: Vec<&(Tensor, Tensor)> = segments.iter().filter(|(k, _)| k.dim(1).map_or(true, |l| l > 0)).collect();
+    let used: Vec<&(Tensor, Tensor)> = segments
+        .iter()
+        .filter(|(k, _)| k.dim(1).map_or(true, |l| l > 0))
+        .collect();
     let (k, v) = if used.len() == 1 {
         (used[0].0.clone(), used[0].1.clone())
     } else {
@@ -510,7 +613,10 @@ pub(crate) fn attend_composed(
 ) -> Result<Tensor> {
     let (heads, n, d) = q.dims3()?;
     let g = heads / kvh;
-    let lens: Vec<usize> = segments.iter().map(|(k, _)| k.dim(1)).collect::<candle_core::Result<_>>()?;
+    let lens: Vec<usize> = segments
+        .iter()
+        .map(|(k, _)| k.dim(1))
+        .collect::<candle_core::Result<_>>()?;
     let t: usize = lens.iter().sum();
     let ctx = t - n;
     let scale = 1.0 / (d as f64).sqrt();
@@ -530,7 +636,11 @@ pub(crate) fn attend_composed(
                 break;
             }
             let take = len.min(cols - off);
-            let (k, v) = if take == len { (k.clone(), v.clone()) } else { (k.narrow(1, 0, take)?, v.narrow(1, 0, take)?) };
+            let (k, v) = if take == len {
+                (k.clone(), v.clone())
+            } else {
+                (k.narrow(1, 0, take)?, v.narrow(1, 0, take)?)
+            };
             used.push((k, v));
             off += take;
         }
@@ -538,7 +648,11 @@ pub(crate) fn attend_composed(
             .iter()
             .map(|(k, _)| qb.matmul(&k.t()?))
             .collect::<candle_core::Result<_>>()?; // [kv, g*nb, len_i]
-        let mut s = if scores.len() == 1 { scores[0].clone() } else { Tensor::cat(&scores, 2)? };
+        let mut s = if scores.len() == 1 {
+            scores[0].clone()
+        } else {
+            Tensor::cat(&scores, 2)?
+        };
         s = (s.to_dtype(DType::F32)? * scale)?; // [kv, g*nb, cols]
         let m = match mask {
             Mask::Causal if nb > 1 => Some(causal_mask(ctx, start, nb, cols)?),
@@ -546,7 +660,10 @@ pub(crate) fn attend_composed(
             Mask::Explicit(full) => Some(full.narrow(0, start, nb)?.narrow(1, 0, cols)?),
         };
         if let Some(m) = m {
-            s = s.reshape((kvh, g, nb, cols))?.broadcast_add(&m)?.reshape((kvh, g * nb, cols))?;
+            s = s
+                .reshape((kvh, g, nb, cols))?
+                .broadcast_add(&m)?
+                .reshape((kvh, g * nb, cols))?;
         }
         let p = if differentiable {
             candle_nn::ops::softmax(&s, D::Minus1)?
@@ -565,10 +682,17 @@ pub(crate) fn attend_composed(
             });
             off += len;
         }
-        outs.push(o.expect("at least the chunk segment").reshape((heads, nb, d))?);
+        outs.push(
+            o.expect("at least the chunk segment")
+                .reshape((heads, nb, d))?,
+        );
         start += nb;
     }
-    let o = if outs.len() == 1 { outs.pop().expect("one block") } else { Tensor::cat(&outs, 1)? };
+    let o = if outs.len() == 1 {
+        outs.pop().expect("one block")
+    } else {
+        Tensor::cat(&outs, 1)?
+    };
     Ok(o.transpose(0, 1)?.reshape((n, heads * d))?)
 }
 
@@ -593,15 +717,29 @@ struct RowSplit {
 
 impl RowSplit {
     fn new(is_beacon: &[bool]) -> Self {
-        let raw = (0..is_beacon.len() as u32).filter(|&i| !is_beacon[i as usize]).collect();
-        let beacon = (0..is_beacon.len() as u32).filter(|&i| is_beacon[i as usize]).collect();
-        RowSplit { n: is_beacon.len(), raw, beacon }
+        let raw = (0..is_beacon.len() as u32)
+            .filter(|&i| !is_beacon[i as usize])
+            .collect();
+        let beacon = (0..is_beacon.len() as u32)
+            .filter(|&i| is_beacon[i as usize])
+            .collect();
+        RowSplit {
+            n: is_beacon.len(),
+            raw,
+            beacon,
+        }
     }
 
     /// Project raw rows with `base` and beacon rows with `beacon` (or `base` when the layer has no
     /// separate beacon weight). Rows are independent, so projecting the two subsets separately equals
     /// the reference's "compute both and select" (SPEC §1.2) at half the cost.
-    fn project(&self, x: &Tensor, base: &Linear, beacon: Option<&Linear>, dtype: DType) -> Result<Tensor> {
+    fn project(
+        &self,
+        x: &Tensor,
+        base: &Linear,
+        beacon: Option<&Linear>,
+        dtype: DType,
+    ) -> Result<Tensor> {
         let beacon = match beacon {
             Some(b) if !self.beacon.is_empty() => b,
             _ => return base.forward(x),
@@ -646,9 +784,13 @@ mod tests {
     #[test]
     fn frozen_rms_norm_matches_composed() {
         let (n, h) = (5usize, 12usize);
-        let xs: Vec<f32> = (0..n * h).map(|i| ((i * 37 % 23) as f32 - 11.0) / 4.0).collect();
+        let xs: Vec<f32> = (0..n * h)
+            .map(|i| ((i * 37 % 23) as f32 - 11.0) / 4.0)
+            .collect();
         let ws: Vec<f32> = (0..h).map(|i| 0.5 + (i as f32) / 7.0).collect();
-        let rs: Vec<f32> = (0..n * h).map(|i| ((i * 13 % 17) as f32 - 8.0) / 5.0).collect();
+        let rs: Vec<f32> = (0..n * h)
+            .map(|i| ((i * 13 % 17) as f32 - 8.0) / 5.0)
+            .collect();
         let x = Var::from_tensor(&Tensor::from_vec(xs, (n, h), &Device::Cpu).unwrap()).unwrap();
         let w = Tensor::from_vec(ws, h, &Device::Cpu).unwrap();
         let r = Tensor::from_vec(rs, (n, h), &Device::Cpu).unwrap();
@@ -657,8 +799,16 @@ mod tests {
                 rms_norm(x.as_tensor(), &w, 1e-5, true).unwrap()
             } else {
                 // the composed differentiable formula
-                let ms = x.as_tensor().sqr().unwrap().mean_keepdim(D::Minus1).unwrap();
-                let y = x.as_tensor().broadcast_div(&(ms + 1e-5).unwrap().sqrt().unwrap()).unwrap();
+                let ms = x
+                    .as_tensor()
+                    .sqr()
+                    .unwrap()
+                    .mean_keepdim(D::Minus1)
+                    .unwrap();
+                let y = x
+                    .as_tensor()
+                    .broadcast_div(&(ms + 1e-5).unwrap().sqrt().unwrap())
+                    .unwrap();
                 y.broadcast_mul(&w).unwrap()
             };
             assert!(y.track_op());
@@ -668,8 +818,25 @@ mod tests {
         let (yf, gf) = run(true);
         let (yc, gc) = run(false);
         let rel = |a: &Tensor, b: &Tensor| {
-            let d = (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
-            d / b.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+            let d = (a - b)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            d / b
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
         };
         assert!(rel(&yf, &yc) < 1e-5, "y {}", rel(&yf, &yc));
         assert!(rel(&gf, &gc) < 1e-4, "dx {}", rel(&gf, &gc));

@@ -42,7 +42,9 @@ impl EngineOptions {
         if let Some(r) = &self.ratio {
             let r = r.trim();
             if r == "adapt" || r.starts_with("adapt-") {
-                let n = if r == "adapt" { 1024 } else {
+                let n = if r == "adapt" {
+                    1024
+                } else {
                     r["adapt-".len()..].parse().map_err(|_| {
                         BeaconError::config("--ratio", "ratio", "adapt-N with N an integer", r)
                     })?
@@ -54,7 +56,12 @@ impl EngineOptions {
                 c.ratio_mix = RatioMix::StepRandom;
             } else {
                 let v: usize = r.parse().map_err(|_| {
-                    BeaconError::config("--ratio", "ratio", "an integer ratio, adapt, adapt-N or random", r)
+                    BeaconError::config(
+                        "--ratio",
+                        "ratio",
+                        "an integer ratio, adapt, adapt-N or random",
+                        r,
+                    )
                 })?;
                 c.ratios = vec![v];
             }
@@ -68,7 +75,10 @@ impl EngineOptions {
         Ok(match self.mode.as_deref().unwrap_or("beacon") {
             "beacon" => Mode::Beacon,
             "full" => Mode::Full,
-            "streaming" => Mode::Streaming { sink: self.sink.unwrap_or(4).max(1), recent: keep },
+            "streaming" => Mode::Streaming {
+                sink: self.sink.unwrap_or(4).max(1),
+                recent: keep,
+            },
             "truncate" => Mode::Truncate { keep },
             other => {
                 return Err(BeaconError::config(
@@ -88,17 +98,39 @@ mod tests {
 
     #[test]
     fn ratio_flags() {
-        let base = BeaconConfig { window: 512, stride: 512, ..Default::default() };
-        let o = EngineOptions { ratio: Some("8".into()), ..Default::default() };
+        let base = BeaconConfig {
+            window: 512,
+            stride: 512,
+            ..Default::default()
+        };
+        let o = EngineOptions {
+            ratio: Some("8".into()),
+            ..Default::default()
+        };
         assert_eq!(o.beacon_config(&base).unwrap().ratios, vec![8]);
-        let o = EngineOptions { ratio: Some("adapt".into()), ..Default::default() };
-        assert_eq!(o.beacon_config(&base).unwrap().ratio_mix, RatioMix::Adapt(1024));
-        let o = EngineOptions { ratio: Some("3".into()), ..Default::default() };
+        let o = EngineOptions {
+            ratio: Some("adapt".into()),
+            ..Default::default()
+        };
+        assert_eq!(
+            o.beacon_config(&base).unwrap().ratio_mix,
+            RatioMix::Adapt(1024)
+        );
+        let o = EngineOptions {
+            ratio: Some("3".into()),
+            ..Default::default()
+        };
         let e = o.beacon_config(&base).unwrap_err().to_string();
         assert!(e.contains("beacon_ratio") && e.contains('3'), "{e}");
-        let o = EngineOptions { ratio: Some("x".into()), ..Default::default() };
+        let o = EngineOptions {
+            ratio: Some("x".into()),
+            ..Default::default()
+        };
         assert!(o.beacon_config(&base).is_err());
-        let o = EngineOptions { mode: Some("nope".into()), ..Default::default() };
+        let o = EngineOptions {
+            mode: Some("nope".into()),
+            ..Default::default()
+        };
         assert!(o.mode(8192).is_err());
     }
 }

@@ -10,7 +10,9 @@ pub fn interleave_layout(n: usize, remainder: usize, ratio: usize) -> (Vec<bool>
     assert!(ratio > 0 && remainder < ratio);
     let k = (n + remainder) / ratio;
     let total = n + k;
-    let slots = (0..total).map(|i| i % (ratio + 1) == ratio - remainder).collect();
+    let slots = (0..total)
+        .map(|i| i % (ratio + 1) == ratio - remainder)
+        .collect();
     (slots, (n + remainder) % ratio)
 }
 
@@ -23,7 +25,12 @@ pub fn append_layout(n: usize, beacons: usize) -> Vec<bool> {
 
 /// `adapt-N` (SPEC §2.10): the ratio whose position budget `(P − W)·α + W` is the smallest value that
 /// still covers `need` tokens, or the largest ratio if none does. `P` = max positions × rope factor.
-pub fn adapt_ratio(candidates: &[usize], need: usize, max_positions: usize, window: usize) -> usize {
+pub fn adapt_ratio(
+    candidates: &[usize],
+    need: usize,
+    max_positions: usize,
+    window: usize,
+) -> usize {
     let budget = |r: usize| {
         if r == 0 {
             max_positions
@@ -36,7 +43,13 @@ pub fn adapt_ratio(candidates: &[usize], need: usize, max_positions: usize, wind
         .copied()
         .filter(|&r| budget(r) >= need)
         .min_by_key(|&r| budget(r))
-        .unwrap_or_else(|| candidates.iter().copied().max_by_key(|&r| budget(r)).unwrap_or(0))
+        .unwrap_or_else(|| {
+            candidates
+                .iter()
+                .copied()
+                .max_by_key(|&r| budget(r))
+                .unwrap_or(0)
+        })
 }
 
 /// A small, serialisable PRNG (splitmix64) so the ratio draws of a saved context or training run resume exactly.
@@ -100,7 +113,11 @@ impl RatioChooser {
     /// α for a window that is starting. `tokens_known` = tokens of the sequence fed so far (the prompt
     /// length when the first window opens, which is what adapt-N sees).
     /// In training, ratio 0 is allowed at most once and only if a later full window exists.
-    pub fn next_window(&mut self, tokens_known: usize, training_later_full_window: Option<bool>) -> usize {
+    pub fn next_window(
+        &mut self,
+        tokens_known: usize,
+        training_later_full_window: Option<bool>,
+    ) -> usize {
         if self.candidates.len() == 1 {
             return self.candidates[0];
         }
@@ -115,9 +132,9 @@ impl RatioChooser {
         }
         let r = match &self.mix {
             RatioMix::StepRandom => cands[self.rng.below(cands.len())],
-            RatioMix::InstanceRandom => {
-                *self.cached.get_or_insert_with(|| cands[self.rng.below(cands.len())])
-            }
+            RatioMix::InstanceRandom => *self
+                .cached
+                .get_or_insert_with(|| cands[self.rng.below(cands.len())]),
             RatioMix::Sequence => {
                 let r = cands[self.sequence_idx % cands.len()];
                 self.sequence_idx += 1;
@@ -125,7 +142,9 @@ impl RatioChooser {
             }
             RatioMix::Adapt(n) => {
                 let (mp, w) = (self.max_positions, self.window);
-                *self.cached.get_or_insert_with(|| adapt_ratio(&cands, tokens_known + n, mp, w))
+                *self
+                    .cached
+                    .get_or_insert_with(|| adapt_ratio(&cands, tokens_known + n, mp, w))
             }
         };
         if r == 0 {

@@ -827,6 +827,26 @@ fn meta_str_array<'a>(
         .collect()
 }
 
+/// The chat template around one user message, split at the message's content: (text before it,
+/// text after it incl. the assistant turn's opening). Lets a long document be read first and a
+/// question appended later inside the same user message.
+pub fn user_turn_parts(tok: &Tokenizer) -> Result<(String, String)> {
+    const MARK: &str = "\u{1}BEACON-CONTENT\u{1}";
+    let full = tok.apply_chat_template(
+        &[ChatMessage {
+            role: "user".into(),
+            content: MARK.into(),
+        }],
+        true,
+    )?;
+    match full.split_once(MARK) {
+        Some((a, b)) => Ok((a.to_string(), b.to_string())),
+        None => Err(BeaconError::invalid(
+            "the chat template does not contain the user message verbatim",
+        )),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -957,17 +977,5 @@ mod tests {
         assert_eq!(r, vec![r"\p{N}", RE_GPT2]);
         assert!(!ignore);
         assert!(pre_tokenizer_regexes("no-such-pre").is_none());
-    }
-}
-
-/// The chat template around one user message, split at the message's content: (text before it,
-/// text after it incl. the assistant turn's opening). Lets a long document be read first and a
-/// question appended later inside the same user message.
-pub fn user_turn_parts(tok: &Tokenizer) -> Result<(String, String)> {
-    const MARK: &str = "\u{1}BEACON-CONTENT\u{1}";
-    let full = tok.apply_chat_template(&[ChatMessage { role: "user".into(), content: MARK.into() }], true)?;
-    match full.split_once(MARK) {
-        Some((a, b)) => Ok((a.to_string(), b.to_string())),
-        None => Err(BeaconError::invalid("the chat template does not contain the user message verbatim")),
     }
 }

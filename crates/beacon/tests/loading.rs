@@ -8,7 +8,9 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 fn tiny(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/reference").join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures/reference")
+        .join(name)
 }
 
 /// A scratch copy of a tiny model directory.
@@ -46,7 +48,8 @@ mod tempdir {
 
 fn edit_config(dir: &Path, f: impl FnOnce(&mut serde_json::Value)) {
     let p = dir.join("config.json");
-    let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
     f(&mut v);
     std::fs::write(&p, serde_json::to_string_pretty(&v).unwrap()).unwrap();
 }
@@ -61,7 +64,14 @@ fn logits(dir: &Path, opts: &LoadOptions) -> Tensor {
 }
 
 fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
 }
 
 fn err_of(dir: &Path) -> String {
@@ -86,7 +96,13 @@ fn mistral_is_llama_without_bias() {
 #[test]
 fn bf16_tracks_f32() {
     let a = logits(&tiny("qwen2-tiny"), &LoadOptions::default());
-    let b = logits(&tiny("qwen2-tiny"), &LoadOptions { dtype: DType::BF16, ..Default::default() });
+    let b = logits(
+        &tiny("qwen2-tiny"),
+        &LoadOptions {
+            dtype: DType::BF16,
+            ..Default::default()
+        },
+    );
     let d = max_diff(&a, &b);
     // bf16 keeps 8 bits of mantissa; logits are O(1), so a few 1e-2 is the expected drift.
     assert!(d < 0.15, "bf16 drift {d}");
@@ -96,50 +112,95 @@ fn bf16_tracks_f32() {
 #[test]
 fn sharded_checkpoint_equals_single_file() {
     let d = copy_model("llama-tiny");
-    let all = candle_core::safetensors::load(d.path.join("model.safetensors"), &Device::Cpu).unwrap();
+    let all =
+        candle_core::safetensors::load(d.path.join("model.safetensors"), &Device::Cpu).unwrap();
     std::fs::remove_file(d.path.join("model.safetensors")).unwrap();
-    let (mut a, mut b): (HashMap<String, Tensor>, HashMap<String, Tensor>) = (HashMap::new(), HashMap::new());
+    let (mut a, mut b): (HashMap<String, Tensor>, HashMap<String, Tensor>) =
+        (HashMap::new(), HashMap::new());
     let mut index = serde_json::Map::new();
     for (i, (k, v)) in all.into_iter().enumerate() {
-        let shard = if i % 2 == 0 { "model-00001-of-00002.safetensors" } else { "model-00002-of-00002.safetensors" };
+        let shard = if i % 2 == 0 {
+            "model-00001-of-00002.safetensors"
+        } else {
+            "model-00002-of-00002.safetensors"
+        };
         index.insert(k.clone(), shard.into());
-        if i % 2 == 0 { a.insert(k, v); } else { b.insert(k, v); }
+        if i % 2 == 0 {
+            a.insert(k, v);
+        } else {
+            b.insert(k, v);
+        }
     }
     candle_core::safetensors::save(&a, d.path.join("model-00001-of-00002.safetensors")).unwrap();
     candle_core::safetensors::save(&b, d.path.join("model-00002-of-00002.safetensors")).unwrap();
     let idx = serde_json::json!({ "metadata": {}, "weight_map": index });
     std::fs::write(d.path.join("model.safetensors.index.json"), idx.to_string()).unwrap();
-    assert_eq!(max_diff(&logits(&tiny("llama-tiny"), &LoadOptions::default()), &logits(&d.path, &LoadOptions::default())), 0.0);
+    assert_eq!(
+        max_diff(
+            &logits(&tiny("llama-tiny"), &LoadOptions::default()),
+            &logits(&d.path, &LoadOptions::default())
+        ),
+        0.0
+    );
 }
 
 #[test]
 fn separate_beacon_file_equals_checkpoint() {
     // Split the checkpoint into a backbone without beacon tensors + beacon.safetensors beside it.
     let d = copy_model("qwen2-tiny");
-    let all = candle_core::safetensors::load(d.path.join("model.safetensors"), &Device::Cpu).unwrap();
-    let (beacon, backbone): (HashMap<_, _>, HashMap<_, _>) = all.into_iter().partition(|(k, _)| k.contains("beacon"));
+    let all =
+        candle_core::safetensors::load(d.path.join("model.safetensors"), &Device::Cpu).unwrap();
+    let (beacon, backbone): (HashMap<_, _>, HashMap<_, _>) =
+        all.into_iter().partition(|(k, _)| k.contains("beacon"));
     assert!(!beacon.is_empty());
     candle_core::safetensors::save(&backbone, d.path.join("model.safetensors")).unwrap();
     candle_core::safetensors::save(&beacon, d.path.join("beacon.safetensors")).unwrap();
     let l = load(&d.path, &LoadOptions::default()).unwrap();
-    assert!(matches!(l.beacon_source, beacon::loader::BeaconSource::File(_)));
-    assert_eq!(max_diff(&logits(&tiny("qwen2-tiny"), &LoadOptions::default()), &logits(&d.path, &LoadOptions::default())), 0.0);
+    assert!(matches!(
+        l.beacon_source,
+        beacon::loader::BeaconSource::File(_)
+    ));
+    assert_eq!(
+        max_diff(
+            &logits(&tiny("qwen2-tiny"), &LoadOptions::default()),
+            &logits(&d.path, &LoadOptions::default())
+        ),
+        0.0
+    );
     // Without it, the beacons are initialised from the backbone, which changes the output.
     std::fs::remove_file(d.path.join("beacon.safetensors")).unwrap();
     let l = load(&d.path, &LoadOptions::default()).unwrap();
     assert_eq!(l.beacon_source, beacon::loader::BeaconSource::Initialised);
-    assert!(max_diff(&logits(&tiny("qwen2-tiny"), &LoadOptions::default()), &logits(&d.path, &LoadOptions::default())) > 1e-2);
+    assert!(
+        max_diff(
+            &logits(&tiny("qwen2-tiny"), &LoadOptions::default()),
+            &logits(&d.path, &LoadOptions::default())
+        ) > 1e-2
+    );
 }
 
 #[test]
 fn init_copies_backbone_and_eos_embedding() {
-    let l = load(&tiny("llama-tiny"), &LoadOptions { untrained_beacons: true, ..Default::default() }).unwrap();
+    let l = load(
+        &tiny("llama-tiny"),
+        &LoadOptions {
+            untrained_beacons: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
     let eos = l.model.cfg.eos_token_ids[0];
     let row = l.model.embed_tokens.row(eos).unwrap();
-    assert_eq!(max_diff(&l.model.beacon_embed.squeeze(0).unwrap(), &row), 0.0);
+    assert_eq!(
+        max_diff(&l.model.beacon_embed.squeeze(0).unwrap(), &row),
+        0.0
+    );
     let layer = &l.model.layers[1];
     let q = layer.beacon.q.as_ref().unwrap().weight.to_dense().unwrap();
-    assert_eq!(max_diff(&q, &layer.attn.q_proj.weight.to_dense().unwrap()), 0.0);
+    assert_eq!(
+        max_diff(&q, &layer.attn.q_proj.weight.to_dense().unwrap()),
+        0.0
+    );
     assert!(layer.beacon.o.is_none());
 }
 
@@ -149,7 +210,10 @@ fn bad_inputs_give_clear_errors() {
     let d = copy_model("llama-tiny");
     edit_config(&d.path, |v| v["model_type"] = "gpt_neox".into());
     let e = err_of(&d.path);
-    assert!(e.contains("model_type") && e.contains("gpt_neox") && e.contains("config.json"), "{e}");
+    assert!(
+        e.contains("model_type") && e.contains("gpt_neox") && e.contains("config.json"),
+        "{e}"
+    );
 
     // ratio that does not divide the window
     let d = copy_model("llama-tiny");
@@ -164,7 +228,10 @@ fn bad_inputs_give_clear_errors() {
     assert!(e.contains("beacon_stride"), "{e}");
 
     // modes the reference breaks on
-    for (k, val) in [("beacon_attn", "step-expansion"), ("beacon_attn", "segmentation")] {
+    for (k, val) in [
+        ("beacon_attn", "step-expansion"),
+        ("beacon_attn", "segmentation"),
+    ] {
         let d = copy_model("llama-tiny");
         edit_config(&d.path, |v| v[k] = val.into());
         let e = err_of(&d.path);
@@ -175,15 +242,22 @@ fn bad_inputs_give_clear_errors() {
     let d = copy_model("llama-tiny");
     edit_config(&d.path, |v| v["intermediate_size"] = 100.into());
     let e = err_of(&d.path);
-    assert!(e.contains("expected shape") && e.contains("100") && e.contains("128"), "{e}");
+    assert!(
+        e.contains("expected shape") && e.contains("100") && e.contains("128"),
+        "{e}"
+    );
 
     // missing tensor
     let d = copy_model("llama-tiny");
-    let mut all = candle_core::safetensors::load(d.path.join("model.safetensors"), &Device::Cpu).unwrap();
+    let mut all =
+        candle_core::safetensors::load(d.path.join("model.safetensors"), &Device::Cpu).unwrap();
     all.remove("model.layers.1.mlp.up_proj.weight");
     candle_core::safetensors::save(&all, d.path.join("model.safetensors")).unwrap();
     let e = err_of(&d.path);
-    assert!(e.contains("model.layers.1.mlp.up_proj.weight") && e.contains("missing"), "{e}");
+    assert!(
+        e.contains("model.layers.1.mlp.up_proj.weight") && e.contains("missing"),
+        "{e}"
+    );
 
     // truncated weights file
     let d = copy_model("llama-tiny");
@@ -199,7 +273,10 @@ fn bad_inputs_give_clear_errors() {
     assert!(e.contains("config.json") && e.contains("parse"), "{e}");
 
     // not a model at all
-    let e = match load(Path::new("/definitely/not/here.gguf"), &LoadOptions::default()) {
+    let e = match load(
+        Path::new("/definitely/not/here.gguf"),
+        &LoadOptions::default(),
+    ) {
         Ok(_) => panic!("loaded a missing file"),
         Err(e) => e.to_string(),
     };
@@ -218,7 +295,10 @@ fn bad_inputs_give_clear_errors() {
 fn out_of_vocabulary_ids_are_rejected() {
     let l = load(&tiny("llama-tiny"), &LoadOptions::default()).unwrap();
     let mut s = Session::new(&l.model, Mode::Beacon, l.beacon.clone());
-    let e = s.feed(&l.model, &[1, 2, 9999], Want::Last).unwrap_err().to_string();
+    let e = s
+        .feed(&l.model, &[1, 2, 9999], Want::Last)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("9999") && e.contains("256"), "{e}");
 }
 
@@ -251,14 +331,32 @@ fn modes_agree_where_they_should() {
     assert!(max_diff(&d, &e) < 1e-5);
     assert_eq!(sd.layout.context_len(), 40);
     // streaming keeps sink + recent entries and never more than that plus one chunk
-    let (_, ss) = run(Mode::Streaming { sink: 4, recent: 60 }, 1);
+    let (_, ss) = run(
+        Mode::Streaming {
+            sink: 4,
+            recent: 60,
+        },
+        1,
+    );
     assert!(ss.layout.context_len() <= 64, "{}", ss.layout.context_len());
     // chunks longer than the recent window, and a window smaller than the eviction block
-    let (_, ss) = run(Mode::Streaming { sink: 2, recent: 10 }, 150);
+    let (_, ss) = run(
+        Mode::Streaming {
+            sink: 2,
+            recent: 10,
+        },
+        150,
+    );
     assert!(ss.layout.context_len() <= 12, "{}", ss.layout.context_len());
     let (_, ss) = run(Mode::Streaming { sink: 0, recent: 1 }, 7);
     assert!(ss.layout.context_len() <= 1);
     // streaming with a window larger than the input = full attention
-    let (f, _) = run(Mode::Streaming { sink: 4, recent: 1000 }, 150);
+    let (f, _) = run(
+        Mode::Streaming {
+            sink: 4,
+            recent: 1000,
+        },
+        150,
+    );
     assert!(max_diff(&a, &f) < 1e-5);
 }

@@ -8,7 +8,8 @@ use std::path::Path;
 
 #[test]
 fn ratio8_holds_under_a_seventh_of_full_kv() {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/reference/llama-tiny");
+    let dir =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/reference/llama-tiny");
     let l = load(&dir, &LoadOptions::default()).unwrap();
     let m = &l.model;
     let mut cfg = l.beacon.clone();
@@ -22,10 +23,19 @@ fn ratio8_holds_under_a_seventh_of_full_kv() {
         s.feed(m, &[t], Want::Last).unwrap();
     }
     let (peak, full) = (s.stats.peak_kv_bytes, s.kv_bytes_full());
-    println!("peak {peak} B, full {full} B, ratio 1/{:.2}", full as f64 / peak as f64);
-    assert!(peak * 7 <= full, "peak K/V {peak} B is more than 1/7 of full attention's {full} B");
+    println!(
+        "peak {peak} B, full {full} B, ratio 1/{:.2}",
+        full as f64 / peak as f64
+    );
+    assert!(
+        peak * 7 <= full,
+        "peak K/V {peak} B is more than 1/7 of full attention's {full} B"
+    );
     // what is held now: sink + 64 windows × 4 beacons + the open window (28 raw + 3 beacons)
-    assert_eq!((s.layout.sink, s.layout.beacons, s.layout.window_flags.len()), (1, 256, 31));
+    assert_eq!(
+        (s.layout.sink, s.layout.beacons, s.layout.window_flags.len()),
+        (1, 256, 31)
+    );
 
     // full attention holds every token
     let mut f = Session::new(m, Mode::Full, l.beacon.clone());

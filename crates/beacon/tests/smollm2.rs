@@ -9,17 +9,23 @@ use std::path::Path;
 
 /// Running PPL printed by `llama-perplexity -c 512 --chunks 16 -fa off` after each chunk.
 const LLAMA_CPP_RUNNING_PPL: [f64; 16] = [
-    19.3233, 26.9841, 30.0247, 33.8432, 31.8677, 33.1868, 33.3892, 33.1064, 32.1896, 31.2040, 30.4448,
-    29.9996, 29.7815, 29.5474, 29.2378, 28.8747,
+    19.3233, 26.9841, 30.0247, 33.8432, 31.8677, 33.1868, 33.3892, 33.1064, 32.1896, 31.2040,
+    30.4448, 29.9996, 29.7815, 29.5474, 29.2378, 28.8747,
 ];
 
 #[test]
 fn perplexity_matches_llama_cpp() {
-    let chunks: usize = std::env::var("BEACON_PPL_CHUNKS").ok().and_then(|v| v.parse().ok()).unwrap_or(4);
+    let chunks: usize = std::env::var("BEACON_PPL_CHUNKS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(4);
     let path = beacon::fetch::default_model_path().expect("default model");
     let loaded = load(&path, &LoadOptions::default()).expect("load");
     let tok = loaded.tokenizer.as_ref().expect("tokenizer");
-    let text = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/smollm2/ppl_text.txt")).unwrap();
+    let text = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/smollm2/ppl_text.txt"),
+    )
+    .unwrap();
     let ids = tok.encode(&text, false).unwrap();
     let model = &loaded.model;
     let mut nll = 0f64;
@@ -40,6 +46,13 @@ fn perplexity_matches_llama_cpp() {
     let ppl = (nll / count as f64).exp();
     let reference = LLAMA_CPP_RUNNING_PPL[chunks - 1];
     let rel = (ppl - reference).abs() / reference;
-    println!("PPL over {chunks} chunks: ours {ppl:.4}, llama.cpp {reference:.4} (Δ {:.2} %)", rel * 100.0);
-    assert!(rel < 0.02, "perplexity {ppl:.4} differs from llama.cpp's {reference:.4} by {:.2} %", rel * 100.0);
+    println!(
+        "PPL over {chunks} chunks: ours {ppl:.4}, llama.cpp {reference:.4} (Δ {:.2} %)",
+        rel * 100.0
+    );
+    assert!(
+        rel < 0.02,
+        "perplexity {ppl:.4} differs from llama.cpp's {reference:.4} by {:.2} %",
+        rel * 100.0
+    );
 }
