@@ -31,11 +31,17 @@ pub fn block_rows(budget: usize, heads: usize, n: usize, t: usize) -> usize {
     (budget / (heads * t).max(1)).clamp(1, n.max(1))
 }
 
-/// Floats per score-sized block tensor (the same budget as the inference attention).
+/// Floats per score-sized block tensor, for inference and training attention alike: attention
+/// memory is O(block × context), never O(context²).
 pub const SCORE_BUDGET: usize = 16 << 20;
 
 /// Additive causal mask `[nb, cols]` for query rows `start..start+nb` of a chunk after `ctx` entries.
-fn causal_mask(ctx: usize, start: usize, nb: usize, cols: usize) -> candle_core::Result<Tensor> {
+pub(crate) fn causal_mask(
+    ctx: usize,
+    start: usize,
+    nb: usize,
+    cols: usize,
+) -> candle_core::Result<Tensor> {
     let mut m = vec![0f32; nb * cols];
     for r in 0..nb {
         let last_visible = ctx + start + r;

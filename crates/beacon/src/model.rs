@@ -414,9 +414,7 @@ impl candle_core::CustomOp1 for FrozenRmsNorm {
     }
 }
 
-/// Query rows processed per attention block, so scores never exceed ~`SCORE_BUDGET` floats:
-/// attention memory is O(block × context), never O(context²).
-const SCORE_BUDGET: usize = 16 << 20;
+use crate::attention::{block_rows, causal_mask, SCORE_BUDGET};
 
 impl Model {
     pub fn new(
@@ -620,7 +618,7 @@ pub(crate) fn attend_composed(
     let t: usize = lens.iter().sum();
     let ctx = t - n;
     let scale = 1.0 / (d as f64).sqrt();
-    let block = (SCORE_BUDGET / (heads * t).max(1)).clamp(1, n.max(1));
+    let block = block_rows(SCORE_BUDGET, heads, n, t);
     let q = q.reshape((kvh, g, n, d))?;
     let mut outs = Vec::new();
     let mut start = 0;
@@ -694,18 +692,6 @@ pub(crate) fn attend_composed(
         Tensor::cat(&outs, 1)?
     };
     Ok(o.transpose(0, 1)?.reshape((n, heads * d))?)
-}
-
-/// Additive causal mask `[nb, cols]` for query rows `start..start+nb` of a chunk after `ctx` entries.
-fn causal_mask(ctx: usize, start: usize, nb: usize, cols: usize) -> Result<Tensor> {
-    let mut m = vec![0f32; nb * cols];
-    for r in 0..nb {
-        let last_visible = ctx + start + r;
-        for c in (last_visible + 1)..cols {
-            m[r * cols + c] = f32::NEG_INFINITY;
-        }
-    }
-    Ok(Tensor::from_vec(m, (nb, cols), &Device::Cpu)?)
 }
 
 /// Raw vs beacon rows of a chunk, to route each to its projection.
