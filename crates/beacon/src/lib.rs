@@ -9,6 +9,7 @@
 pub mod attention;
 pub mod config;
 pub mod context_file;
+mod cpu_attention;
 pub mod engine;
 pub mod error;
 pub mod fetch;

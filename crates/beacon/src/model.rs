@@ -10,6 +10,7 @@
 
 use crate::attention::{fused_attention, AttnMask};
 use crate::config::ModelConfig;
+use crate::cpu_attention;
 use crate::error::Result;
 use candle_core::quantized::{QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor, D};
@@ -569,6 +570,11 @@ impl Model {
         if differentiable && q.dtype() == DType::F32 {
             return attend_fused(q, segments, mask);
         }
+        if !differentiable {
+            if let Some(o) = cpu_attention::attend(q, segments, mask, self.cfg.num_kv_heads)? {
+                return Ok(o);
+            }
+        }
         attend_composed(q, segments, mask, differentiable, self.cfg.num_kv_heads)
     }
 }
@@ -630,8 +636,11 @@ pub(crate) fn attend_composed(
         let mut used = Vec::new(); // (k, v) per segment, trimmed to `cols`
         let mut off = 0;
         for ((k, v), &len) in segments.iter().zip(&lens) {
-            if off >= cols || len == 0 {
+            if off >= cols {
                 break;
+            }
+            if len == 0 {
+                continue;
             }
             let take = len.min(cols - off);
             let (k, v) = if take == len {

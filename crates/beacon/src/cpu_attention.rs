@@ -1,0 +1,652 @@
+//! Inference attention on the CPU: one fused kernel instead of a chain of candle ops.
+//!
+//! The composed attention (`matmul → cat → scale → mask → softmax → narrow → matmul`) allocates
+//! and sweeps a score tensor of `heads × block × context` floats five or six times; at 4K tokens that
+//! tensor is tens of MiB, so every sweep goes to DRAM and every allocation page-faults. Here the work
+//! is split into tasks of (kv head, block of query rows) sized so the score tile stays in a core's
+//! L2 cache, and each tile is written once by GEMM (scale folded into it), normalised in place in
+//! one pass per row (the causal limit is a row length, not an added mask), and read once by the
+//! second GEMM. Context segments (sink, memory, window, chunk) are read where they lie: no `cat`.
+//!
+//! Only the f32, graph-free path comes here; anything else (bf16, training) keeps the composed or
+//! the fused differentiable attention in [`crate::model`] / [`crate::attention`].
+
+use crate::model::Mask;
+use candle_core::{CpuStorage, DType, Device, Storage, Tensor};
+use gemm::Parallelism;
+use rayon::prelude::*;
+use std::cell::RefCell;
+
+/// Floats in one task's score tile (`g·rows × columns`): 512 KiB, half of this machine's L2.
+const SCORE_TILE: usize = 128 * 1024;
+
+/// Fewest query rows per task: below this the GEMMs degenerate into matrix-vector products.
+const MIN_BLOCK_ROWS: usize = 4;
+
+/// An f32 tensor `[heads, rows, d]` whose rows are contiguous (`stride = [hs, d, 1]`), borrowed
+/// from its CPU storage: head `h` is `data[h·hs .. h·hs + rows·d]`.
+struct Heads<'a> {
+    data: &'a [f32],
+    head_stride: usize,
+}
+
+impl Heads<'_> {
+    fn head(&self, h: usize) -> *const f32 {
+        self.data[h * self.head_stride..].as_ptr()
+    }
+}
+
+/// The f32 slice behind `t` from its start offset, if `t` is on the CPU in f32 and its rows are
+/// contiguous with row stride `d` (true for candle's own narrow/transpose results used here).
+fn heads_of<'a>(storage: &'a Storage, t: &Tensor) -> Option<Heads<'a>> {
+    let layout = t.layout();
+    let (heads, rows, d) = t.dims3().ok()?;
+    let stride = layout.stride();
+    if (rows > 1 && stride[1] != d) || (d > 1 && stride[2] != 1) {
+        return None;
+    }
+    let data = match storage {
+        Storage::Cpu(CpuStorage::F32(v)) => &v[layout.start_offset()..],
+        _ => return None,
+    };
+    let head_stride = if heads > 1 { stride[0] } else { rows * d };
+    if heads > 0 && (heads - 1) * head_stride + rows * d > data.len() {
+        return None;
+    }
+    Some(Heads { data, head_stride })
+}
+
+thread_local! {
+    /// Per-thread scratch (query rows, score tile), reused across tasks and calls so the tile is
+    /// faulted in once.
+    static SCRATCH: RefCell<(Vec<f32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
+}
+
+/// Attention over K/V segments for inference. `q [heads, n, d]`, segments `[kv, len_i, d]` (the
+/// last one is the chunk itself, so the chunk's row `r` sits at column `T − n + r`) → `[n, heads·d]`.
+///
+/// Returns `None` when the inputs are not f32 CPU tensors with contiguous rows (the caller then
+/// uses the composed path). The mask semantics are [`Mask`]'s: causal over the chunk, or additive.
+pub(crate) fn attend(
+    q: &Tensor,
+    segments: &[(Tensor, Tensor)],
+    mask: &Mask,
+    kv_heads: usize,
+) -> candle_core::Result<Option<Tensor>> {
+    attend_tiled(q, segments, mask, kv_heads, SCORE_TILE)
+}
+
+/// [`attend`] with the score-tile size as a parameter (tests use small tiles to get many blocks).
+fn attend_tiled(
+    q: &Tensor,
+    segments: &[(Tensor, Tensor)],
+    mask: &Mask,
+    kv_heads: usize,
+    tile: usize,
+) -> candle_core::Result<Option<Tensor>> {
+    if q.dtype() != DType::F32 || !matches!(q.device(), Device::Cpu) {
+        return Ok(None);
+    }
+    let (heads, n, d) = q.dims3()?;
+    if kv_heads == 0 || heads % kv_heads != 0 || n == 0 {
+        return Ok(None);
+    }
+    let g = heads / kv_heads;
+    let q = q.contiguous()?;
+    let segments: Vec<&(Tensor, Tensor)> = segments
+        .iter()
+        .filter(|(k, _)| k.dim(1).map_or(true, |l| l > 0))
+        .collect();
+    for (k, v) in &segments {
+        if k.dtype() != DType::F32
+            || v.dtype() != DType::F32
+            || k.dims3()? != v.dims3()?
+            || k.dim(0)? != kv_heads
+            || k.dim(2)? != d
+        {
+            return Ok(None);
+        }
+    }
+    let lens: Vec<usize> = segments
+        .iter()
+        .map(|(k, _)| k.dim(1))
+        .collect::<candle_core::Result<_>>()?;
+    let t: usize = lens.iter().sum();
+    if t < n {
+        candle_core::bail!("attention: {n} query rows but only {t} key columns");
+    }
+    let ctx = t - n;
+
+    // Borrow every input's storage for the duration of the kernel.
+    let q_store = q.storage_and_layout().0;
+    let kv_stores: Vec<_> = segments
+        .iter()
+        .map(|(k, v)| (k.storage_and_layout().0, v.storage_and_layout().0))
+        .collect();
+    let mask_tensor = match mask {
+        Mask::Causal => None,
+        Mask::Explicit(m) => {
+            if m.dims2()? != (n, t) {
+                candle_core::bail!("attention: mask {:?}, expected [{n}, {t}]", m.shape());
+            }
+            Some(m.to_dtype(DType::F32)?.contiguous()?)
+        }
+    };
+    let mask_store = mask_tensor.as_ref().map(|m| m.storage_and_layout().0);
+
+    let Some(q_heads) = heads_of(&q_store, &q) else {
+        return Ok(None);
+    };
+    let mut kv: Vec<(Heads, Heads, usize)> = Vec::with_capacity(segments.len());
+    for (((k, v), (ks, vs)), &len) in segments.iter().zip(&kv_stores).zip(&lens) {
+        match (heads_of(ks, k), heads_of(vs, v)) {
+            (Some(kh), Some(vh)) => kv.push((kh, vh, len)),
+            _ => return Ok(None),
+        }
+    }
+    let mask_rows: Option<&[f32]> = match (&mask_store, &mask_tensor) {
+        (Some(s), Some(m)) => match &**s {
+            Storage::Cpu(CpuStorage::F32(v)) => {
+                let o = m.layout().start_offset();
+                Some(&v[o..o + n * t])
+            }
+            _ => return Ok(None),
+        },
+        _ => None,
+    };
+
+    let block = (tile / (g * t).max(1))
+        .clamp(MIN_BLOCK_ROWS, n.max(MIN_BLOCK_ROWS))
+        .min(n);
+    let tasks: Vec<(usize, usize)> = (0..kv_heads)
+        .flat_map(|h| (0..n).step_by(block).map(move |s| (h, s)))
+        .collect();
+    let scale = (1.0 / (d as f64).sqrt()) as f32;
+    let job = Job {
+        q: &q_heads,
+        kv: &kv,
+        mask_rows,
+        g,
+        n,
+        d,
+        t,
+        ctx,
+        block,
+        scale,
+    };
+    let run = |&(h, start): &(usize, usize)| job.run(h, start);
+    // One task per thread is not worth rayon's hand-off (decode with few kv heads still splits).
+    let outputs: Vec<Vec<f32>> = if tasks.len() == 1 || rayon::current_num_threads() == 1 {
+        tasks.iter().map(run).collect()
+    } else {
+        tasks.par_iter().map(run).collect()
+    };
+
+    // Scatter task outputs `[g·nb, d]` into `[n, heads·d]` (head `h·g + gi`, row `start + r`).
+    let mut out = vec![0f32; n * heads * d];
+    for (&(h, start), o) in tasks.iter().zip(&outputs) {
+        let nb = block.min(n - start);
+        for gi in 0..g {
+            let head = h * g + gi;
+            for r in 0..nb {
+                let src = &o[(gi * nb + r) * d..(gi * nb + r + 1) * d];
+                let dst = (start + r) * heads * d + head * d;
+                out[dst..dst + d].copy_from_slice(src);
+            }
+        }
+    }
+    Ok(Some(Tensor::from_vec(out, (n, heads * d), &Device::Cpu)?))
+}
+
+/// Everything one (kv head, row block) task reads.
+struct Job<'a> {
+    q: &'a Heads<'a>,
+    kv: &'a [(Heads<'a>, Heads<'a>, usize)],
+    mask_rows: Option<&'a [f32]>,
+    g: usize,
+    n: usize,
+    d: usize,
+    t: usize,
+    ctx: usize,
+    block: usize,
+    scale: f32,
+}
+
+impl Job<'_> {
+    /// Output rows `[g·nb, d]` of kv head `h` for query rows `start..start + nb`.
+    fn run(&self, h: usize, start: usize) -> Vec<f32> {
+        let (g, d) = (self.g, self.d);
+        let nb = self.block.min(self.n - start);
+        let rows = g * nb;
+        // Causal rows never see past the block's last row: the tile narrows to those columns.
+        let cols = match self.mask_rows {
+            None => self.ctx + start + nb,
+            Some(_) => self.t,
+        };
+        let mut out = vec![0f32; rows * d];
+        // A handful of rows (decode): GEMM would pack all of K and V for a matrix-vector product;
+        // reading each key/value row once and using it for every query row is cheaper.
+        let direct = rows <= DIRECT_ROWS;
+        SCRATCH.with(|cell| {
+            let (qb, scores) = &mut *cell.borrow_mut();
+            qb.resize(rows * d, 0.0);
+            scores.resize(rows * cols, 0.0);
+            for gi in 0..g {
+                let head = self.q.head(h * g + gi);
+                for r in 0..nb {
+                    // SAFETY: row `start + r < n` of head `h·g + gi` lies within the q slice.
+                    let src = unsafe { std::slice::from_raw_parts(head.add((start + r) * d), d) };
+                    qb[(gi * nb + r) * d..(gi * nb + r + 1) * d].copy_from_slice(src);
+                }
+            }
+            // scores[:, off..off+take] = scale · qb · K_segᵀ
+            let mut off = 0;
+            for (k, _, len) in self.kv {
+                if off >= cols {
+                    break;
+                }
+                let take = (*len).min(cols - off);
+                if direct {
+                    // SAFETY: kv head `h` holds `len ≥ take` contiguous rows of `d` floats.
+                    let k = unsafe { std::slice::from_raw_parts(k.head(h), take * d) };
+                    scores_direct(qb, d, k, &mut scores[off..], cols, self.scale);
+                    off += take;
+                    continue;
+                }
+                // SAFETY: dst is `rows × cols` (row stride cols) from column `off`; lhs `rows × d`;
+                // rhs is Kᵀ read through K's `[take, d]` rows (column stride d, row stride 1).
+                unsafe {
+                    gemm::gemm(
+                        rows,
+                        take,
+                        d,
+                        scores.as_mut_ptr().add(off),
+                        1,
+                        cols as isize,
+                        false,
+                        qb.as_ptr(),
+                        1,
+                        d as isize,
+                        k.head(h),
+                        d as isize,
+                        1,
+                        0.0,
+                        self.scale,
+                        false,
+                        false,
+                        false,
+                        Parallelism::None,
+                    );
+                }
+                off += take;
+            }
+            for gi in 0..g {
+                for r in 0..nb {
+                    let row = &mut scores[(gi * nb + r) * cols..(gi * nb + r + 1) * cols];
+                    let visible = match self.mask_rows {
+                        None => self.ctx + start + r + 1,
+                        Some(m) => {
+                            let m = &m[(start + r) * self.t..(start + r + 1) * self.t];
+                            row.iter_mut().zip(m).for_each(|(s, m)| *s += m);
+                            cols
+                        }
+                    };
+                    softmax_in_place(&mut row[..visible]);
+                    row[visible..].fill(0.0);
+                }
+            }
+            // out = P · V, segment by segment
+            let mut off = 0;
+            for (i, (_, v, len)) in self.kv.iter().enumerate() {
+                if off >= cols {
+                    break;
+                }
+                let take = (*len).min(cols - off);
+                if direct {
+                    // SAFETY: kv head `h` holds `len ≥ take` contiguous rows of `d` floats.
+                    let v = unsafe { std::slice::from_raw_parts(v.head(h), take * d) };
+                    weighted_sum_direct(&scores[off..], cols, v, d, &mut out);
+                    off += take;
+                    continue;
+                }
+                // SAFETY: lhs is the probability tile from column `off` (`rows × take`, row stride
+                // cols); rhs V `[take, d]`; dst `[rows, d]`.
+                unsafe {
+                    gemm::gemm(
+                        rows,
+                        d,
+                        take,
+                        out.as_mut_ptr(),
+                        1,
+                        d as isize,
+                        i > 0,
+                        scores.as_ptr().add(off),
+                        1,
+                        cols as isize,
+                        v.head(h),
+                        1,
+                        d as isize,
+                        1.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        Parallelism::None,
+                    );
+                }
+                off += take;
+            }
+        });
+        out
+    }
+}
+
+/// Most query rows (`g × block`) a task computes with dot products instead of GEMM.
+const DIRECT_ROWS: usize = 8;
+
+/// `scores[i·cols + j] = scale · q_i · k_j` for the `qb.len() / d` query rows and the rows `j` of `k`.
+fn scores_direct(qb: &[f32], d: usize, k: &[f32], scores: &mut [f32], cols: usize, scale: f32) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if has_avx2_fma() {
+            // SAFETY: the features were detected.
+            unsafe { scores_direct_avx2(qb, d, k, scores, cols, scale) };
+            return;
+        }
+    }
+    scores_direct_portable(qb, d, k, scores, cols, scale)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn scores_direct_avx2(
+    qb: &[f32],
+    d: usize,
+    k: &[f32],
+    scores: &mut [f32],
+    cols: usize,
+    scale: f32,
+) {
+    scores_direct_portable(qb, d, k, scores, cols, scale)
+}
+
+#[inline(always)]
+fn scores_direct_portable(
+    qb: &[f32],
+    d: usize,
+    k: &[f32],
+    scores: &mut [f32],
+    cols: usize,
+    scale: f32,
+) {
+    for (j, key) in k.chunks_exact(d).enumerate() {
+        for (i, query) in qb.chunks_exact(d).enumerate() {
+            scores[i * cols + j] = scale * dot(query, key);
+        }
+    }
+}
+
+/// `out_i += Σ_j p[i·cols + j] · v_j` for the `out.len() / d` rows and the rows `j` of `v`.
+fn weighted_sum_direct(p: &[f32], cols: usize, v: &[f32], d: usize, out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if has_avx2_fma() {
+            // SAFETY: the features were detected.
+            unsafe { weighted_sum_direct_avx2(p, cols, v, d, out) };
+            return;
+        }
+    }
+    weighted_sum_direct_portable(p, cols, v, d, out)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn weighted_sum_direct_avx2(p: &[f32], cols: usize, v: &[f32], d: usize, out: &mut [f32]) {
+    weighted_sum_direct_portable(p, cols, v, d, out)
+}
+
+#[inline(always)]
+fn weighted_sum_direct_portable(p: &[f32], cols: usize, v: &[f32], d: usize, out: &mut [f32]) {
+    for (j, value) in v.chunks_exact(d).enumerate() {
+        for (i, o) in out.chunks_exact_mut(d).enumerate() {
+            let w = p[i * cols + j];
+            if w != 0.0 {
+                o.iter_mut().zip(value).for_each(|(o, v)| *o += w * v);
+            }
+        }
+    }
+}
+
+/// Dot product in `LANES` independent partial sums (vectorisable without reassociation).
+#[inline(always)]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; LANES];
+    let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ca.zip(cb) {
+        for i in 0..LANES {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+#[cfg(target_arch = "x86_64")]
+fn has_avx2_fma() -> bool {
+    std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+}
+
+/// `x ← softmax(x)`; a row with no finite entry becomes zeros (it attends to nothing).
+fn softmax_in_place(x: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if has_avx2_fma() {
+            // SAFETY: the features were detected.
+            unsafe { softmax_avx2(x) };
+            return;
+        }
+    }
+    softmax_portable(x);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn softmax_avx2(x: &mut [f32]) {
+    softmax_portable(x)
+}
+
+/// Lanes for the max/sum reductions: independent accumulators let the compiler vectorise without
+/// reassociating floating-point sums.
+const LANES: usize = 8;
+
+#[inline(always)]
+fn softmax_portable(x: &mut [f32]) {
+    let mut lanes = [f32::NEG_INFINITY; LANES];
+    let mut chunks = x.chunks_exact(LANES);
+    for c in &mut chunks {
+        for i in 0..LANES {
+            lanes[i] = if c[i] > lanes[i] { c[i] } else { lanes[i] };
+        }
+    }
+    let mut max = chunks
+        .remainder()
+        .iter()
+        .fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a });
+    for l in lanes {
+        max = if l > max { l } else { max };
+    }
+    if max == f32::NEG_INFINITY {
+        x.fill(0.0);
+        return;
+    }
+    let mut sums = [0f32; LANES];
+    let mut chunks = x.chunks_exact_mut(LANES);
+    for c in &mut chunks {
+        for i in 0..LANES {
+            c[i] = exp_nonpositive(c[i] - max);
+            sums[i] += c[i];
+        }
+    }
+    let mut sum = 0f32;
+    for v in chunks.into_remainder() {
+        *v = exp_nonpositive(*v - max);
+        sum += *v;
+    }
+    sum += sums.iter().sum::<f32>();
+    let inv = 1.0 / sum;
+    x.iter_mut().for_each(|v| *v *= inv);
+}
+
+/// `e^x` for `x ≤ 0` (and −∞ → 0), branch-free so it vectorises: `x = k·ln2 + r`, `|r| ≤ ln2/2`,
+/// `e^r` by its degree-7 Taylor polynomial (relative error < 2e-8 there), `2^k` built in the exponent
+/// bits. Below −87 (where `2^k` would be subnormal) the result is 0; exact softmax weights there are
+/// below 1e-37 of the row's largest.
+#[inline(always)]
+fn exp_nonpositive(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_145_75;
+    const LN2_LO: f32 = 1.428_606_8e-6;
+    let xc = if x < -87.0 { -87.0 } else { x };
+    let k = (xc * LOG2E).round();
+    let r = (xc - k * LN2_HI) - k * LN2_LO;
+    let p = 1.0
+        + r * (1.0
+            + r * (0.5
+                + r * (1.0 / 6.0
+                    + r * (1.0 / 24.0
+                        + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
+    let two_k = f32::from_bits(((k as i32 + 127) as u32) << 23);
+    if x < -87.0 {
+        0.0
+    } else {
+        p * two_k
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn random(shape: (usize, usize, usize), seed: u64) -> Tensor {
+        let mut state = seed;
+        let n = shape.0 * shape.1 * shape.2;
+        let v: Vec<f32> = (0..n)
+            .map(|_| {
+                state = state
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar()
+            .unwrap()
+    }
+
+    /// The kernel against the composed candle-op attention on segments that include a strided view
+    /// (a narrowed cache), with more rows than one block, for both mask kinds.
+    #[test]
+    fn matches_composed_attention() {
+        // 70 rows: GEMM tiles; 1 and 2 rows (decode, ≤ DIRECT_ROWS with g = 3): dot products.
+        for n in [70, 2, 1] {
+            check_against_composed(n);
+        }
+    }
+
+    fn check_against_composed(n: usize) {
+        let (heads, kvh, d) = (6, 2, 16);
+        let q = (random((heads, n, d), 1) * 3.0).unwrap();
+        let cache = random((kvh, 50, d), 2);
+        let cache_v = random((kvh, 50, d), 3);
+        let segments = vec![
+            (random((kvh, 5, d), 4), random((kvh, 5, d), 5)),
+            (
+                cache.narrow(1, 0, 33).unwrap(),
+                cache_v.narrow(1, 0, 33).unwrap(),
+            ),
+            (
+                Tensor::zeros((kvh, 0, d), DType::F32, &Device::Cpu).unwrap(),
+                Tensor::zeros((kvh, 0, d), DType::F32, &Device::Cpu).unwrap(),
+            ),
+            (random((kvh, n, d), 6), random((kvh, n, d), 7)),
+        ];
+        let t = 5 + 33 + n;
+        let mut m = vec![0f32; n * t];
+        for r in 0..n {
+            for c in 0..t {
+                if (c + 3 * r) % 7 == 0 && c != t - n + r {
+                    m[r * t + c] = f32::NEG_INFINITY;
+                }
+            }
+        }
+        let explicit = Mask::Explicit(Tensor::from_vec(m, (n, t), &Device::Cpu).unwrap());
+        for mask in [Mask::Causal, explicit] {
+            let want = crate::model::attend_composed(&q, &segments, &mask, false, kvh).unwrap();
+            // One block; blocks of 5 rows (14 blocks × 2 kv heads); blocks of 2 rows (direct path).
+            for tile in [SCORE_TILE, 3 * t * 5, 3 * t * 2] {
+                let got = attend_tiled(&q, &segments, &mask, kvh, tile)
+                    .unwrap()
+                    .expect("f32 CPU inputs take the kernel");
+                assert_eq!(got.dims(), want.dims());
+                let diff = max_diff(&got, &want);
+                assert!(diff < 1e-5, "tile {tile}: max |Δ| {diff}");
+            }
+        }
+    }
+
+    #[test]
+    fn other_dtypes_fall_back() {
+        let q = random((2, 3, 4), 1).to_dtype(DType::BF16).unwrap();
+        let kv = random((1, 3, 4), 2).to_dtype(DType::BF16).unwrap();
+        assert!(attend(&q, &[(kv.clone(), kv)], &Mask::Causal, 1)
+            .unwrap()
+            .is_none());
+    }
+
+    #[test]
+    fn exp_matches_std_over_the_softmax_range() {
+        let mut worst = 0f64;
+        let mut x = -87.0f32;
+        while x <= 0.0 {
+            let want = (x as f64).exp();
+            let got = exp_nonpositive(x) as f64;
+            worst = worst.max(((got - want) / want).abs());
+            x += 0.001_37;
+        }
+        assert!(worst < 3e-7, "worst relative error {worst}");
+        assert_eq!(exp_nonpositive(f32::NEG_INFINITY), 0.0);
+        assert_eq!(exp_nonpositive(0.0), 1.0);
+    }
+
+    #[test]
+    fn softmax_rows_sum_to_one_and_handle_masked_rows() {
+        let mut x: Vec<f32> = (0..37).map(|i| (i as f32 * 0.7).sin() * 5.0).collect();
+        let mut want = x.clone();
+        let max = want.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+        let sum: f32 = want.iter().map(|v| (v - max).exp()).sum();
+        want.iter_mut().for_each(|v| *v = (*v - max).exp() / sum);
+        softmax_in_place(&mut x);
+        for (a, b) in x.iter().zip(&want) {
+            assert!((a - b).abs() < 1e-6, "{a} vs {b}");
+        }
+        let mut hidden = vec![f32::NEG_INFINITY; 9];
+        softmax_in_place(&mut hidden);
+        assert!(hidden.iter().all(|&v| v == 0.0));
+    }
+}
