@@ -125,6 +125,28 @@ impl LayerCache {
         Ok(())
     }
 
+    /// Make room for `entries` in total without reallocating (a no-op for graph caches). Full
+    /// attention reserves its whole input up front: growing by copies would hold the old and the
+    /// new buffer at once (2.5× the K/V at the last growth).
+    fn reserve(&mut self, entries: usize) -> Result<()> {
+        if let LayerCache::Buffer { k, v, len } = self {
+            let cap = k.dim(1)?;
+            if entries > cap {
+                let want = entries.div_ceil(256) * 256;
+                let (kvh, _, d) = k.dims3()?;
+                let nk = Tensor::zeros((kvh, want, d), k.dtype(), &Device::Cpu)?;
+                let nv = Tensor::zeros((kvh, want, d), v.dtype(), &Device::Cpu)?;
+                if *len > 0 {
+                    nk.slice_set(&k.narrow(1, 0, *len)?.contiguous()?, 1, 0)?;
+                    nv.slice_set(&v.narrow(1, 0, *len)?.contiguous()?, 1, 0)?;
+                }
+                *k = nk;
+                *v = nv;
+            }
+        }
+        Ok(())
+    }
+
     fn append(&mut self, k_new: &Tensor, v_new: &Tensor) -> Result<()> {
         let n = k_new.dim(1)?;
         if n == 0 {
@@ -134,18 +156,10 @@ impl LayerCache {
             LayerCache::Buffer { k, v, len } => {
                 let cap = k.dim(1)?;
                 if *len + n > cap {
-                    // Grow by 1.5× (rounded to 256 entries) to keep both copies and slack small.
+                    // Grow by 1.5× to keep both copies and slack small.
                     let want = (*len + n).max(cap + cap / 2);
-                    let want = want.div_ceil(256) * 256;
-                    let (kvh, _, d) = k.dims3()?;
-                    let nk = Tensor::zeros((kvh, want, d), k.dtype(), &Device::Cpu)?;
-                    let nv = Tensor::zeros((kvh, want, d), v.dtype(), &Device::Cpu)?;
-                    if *len > 0 {
-                        nk.slice_set(&k.narrow(1, 0, *len)?.contiguous()?, 1, 0)?;
-                        nv.slice_set(&v.narrow(1, 0, *len)?.contiguous()?, 1, 0)?;
-                    }
-                    *k = nk;
-                    *v = nv;
+                    self.reserve(want)?;
+                    return self.append(k_new, v_new);
                 }
                 k.slice_set(&k_new.contiguous()?, 1, *len)?;
                 v.slice_set(&v_new.contiguous()?, 1, *len)?;
@@ -388,6 +402,13 @@ impl Session {
             }
             _ => tokens,
         };
+        if matches!(self.mode, Mode::Full) {
+            // Room for the whole input and a few hundred generated tokens.
+            for cache in &mut self.caches {
+                let entries = cache.len() + tokens.len() + 256;
+                cache.reserve(entries)?;
+            }
+        }
         let start_total = self.tokens.len();
         self.tokens.extend_from_slice(tokens);
         self.stats.input_tokens = self.tokens.len();
