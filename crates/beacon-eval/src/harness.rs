@@ -3,11 +3,12 @@
 //! bars and the output files (JSON + markdown + meta).
 
 use anyhow::{bail, Context, Result};
+use beacon::cli_args::ModelArgs;
 use beacon::engine::{FeedOptions, Session, Want};
 use beacon::loader::BeaconSource;
 use beacon::options::EngineOptions;
 use beacon::tokenizer::{ChatMessage, Tokenizer};
-use beacon::{LoadOptions, Loaded};
+use beacon::Loaded;
 use candle_core::{DType, Tensor};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
@@ -16,18 +17,8 @@ use std::path::{Path, PathBuf};
 /// Flags every subcommand takes.
 #[derive(clap::Args, Debug, Clone, Default)]
 pub struct CommonArgs {
-    /// Model: a Hugging Face directory or a .gguf file. Default: the default model (SmolLM2-135M-Instruct).
-    #[arg(short = 'm', long)]
-    pub model: Option<PathBuf>,
-    /// Beacon weights (`beacon.safetensors`). Default: beside the model, else initialised from the backbone.
-    #[arg(long = "beacon")]
-    pub beacon_weights: Option<PathBuf>,
-    /// Beacon settings (`beacon_config.json`). Default: beside the model.
-    #[arg(long)]
-    pub beacon_config: Option<PathBuf>,
-    /// Ignore trained beacon weights; initialise them from the backbone.
-    #[arg(long)]
-    pub untrained: bool,
+    #[command(flatten)]
+    pub model: ModelArgs,
     /// Seed of every random choice (samples, keys, values, positions, ratio draws).
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
@@ -294,18 +285,12 @@ pub struct Evaluator {
 
 impl Evaluator {
     pub fn load(c: &CommonArgs) -> Result<Self> {
-        let path = match &c.model {
-            Some(p) => p.clone(),
-            None => beacon::fetch::default_model_path().context("locating the default model")?,
-        };
-        let opts = LoadOptions {
-            beacon_weights: c.beacon_weights.clone(),
-            beacon_config: c.beacon_config.clone(),
-            untrained_beacons: c.untrained,
-            ..LoadOptions::default()
-        };
-        let loaded =
-            beacon::load(&path, &opts).with_context(|| format!("loading {}", path.display()))?;
+        // The default model comes with the beacons (and settings) shipped for it.
+        let loaded = c.model.load().with_context(|| match &c.model.model {
+            Some(p) => format!("loading {}", p.display()),
+            None => "loading the default model".to_string(),
+        })?;
+        let path = loaded.path.clone();
         let native = loaded.model.cfg.max_position_embeddings;
         let weights = match &loaded.beacon_source {
             BeaconSource::Initialised => "untrained".to_string(),

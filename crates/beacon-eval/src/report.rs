@@ -43,10 +43,10 @@ pub fn suite(
     trained: Option<&Path>,
 ) -> Vec<Vec<String>> {
     let mut base: Vec<String> = Vec::new();
-    if let Some(m) = &common.model {
+    if let Some(m) = &common.model.model {
         base.extend(["-m".into(), m.display().to_string()]);
     }
-    if let Some(c) = &common.beacon_config {
+    if let Some(c) = &common.model.beacon_config {
         base.extend(["--beacon-config".into(), c.display().to_string()]);
     }
     if let Some(d) = &common.data {

@@ -39,7 +39,10 @@ fn text(n: usize) -> String {
 
 fn common(out: &Path) -> CommonArgs {
     CommonArgs {
-        model: Some(tiny()),
+        model: beacon::cli_args::ModelArgs {
+            model: Some(tiny()),
+            ..Default::default()
+        },
         out: out.to_path_buf(),
         seed: 7,
         ..Default::default()

@@ -55,7 +55,10 @@ fn main() -> anyhow::Result<()> {
         p => p.into(),
     };
     let serve = beacon_server::ServeArgs {
-        model: Some(model_path.clone()),
+        model: beacon::cli_args::ModelArgs {
+            model: Some(model_path.clone()),
+            ..Default::default()
+        },
         port: 0,
         served_model_name: Some("m".into()),
         concurrency: clients,

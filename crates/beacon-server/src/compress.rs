@@ -2,11 +2,11 @@
 //! saved-context file, and report the file size next to the raw K/V it replaces.
 
 use anyhow::Context;
+use beacon::cli_args::{EngineArgs, ModelArgs};
 use beacon::context_file::{save_context, sha256_hex, SaveReport};
 use beacon::engine::FeedOptions;
 use beacon::metrics::human_bytes;
-use beacon::options::EngineOptions;
-use beacon::{LoadOptions, Session, Want};
+use beacon::{Session, Want};
 use std::io::Read;
 use std::path::PathBuf;
 use std::time::Instant;
@@ -14,24 +14,16 @@ use std::time::Instant;
 /// `beacon compress`.
 #[derive(clap::Args, Debug, Clone)]
 pub struct CompressArgs {
-    /// Model: a Hugging Face directory or a .gguf file. Default: the bundled default model.
-    #[arg(short, long)]
-    pub model: Option<PathBuf>,
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub engine: EngineArgs,
     /// Text to compress (`-` = standard input).
     #[arg(short = 'f', long = "file")]
     pub file: PathBuf,
     /// Saved-context file to write.
     #[arg(short, long)]
     pub output: PathBuf,
-    /// Compression ratio: 2…32, `adapt`, `adapt-N`, `random`. Default: the model's.
-    #[arg(long)]
-    pub ratio: Option<String>,
-    /// Raw tokens per window. Default: the model's.
-    #[arg(long)]
-    pub window: Option<usize>,
-    /// `beacon` (default) or `full` (keeps every raw K/V: large files).
-    #[arg(long)]
-    pub mode: Option<String>,
     /// Open a user turn of the chat template before the text, so `beacon run --context FILE --chat -p Q`
     /// asks Q inside the same user message (as `beacon run --chat -f FILE -p Q` would).
     #[arg(long)]
@@ -40,8 +32,7 @@ pub struct CompressArgs {
 
 /// Compress and save; prints a one-line report and returns it.
 pub fn run_compress(args: CompressArgs) -> anyhow::Result<SaveReport> {
-    let loaded = beacon::loader::load_model(args.model.as_deref(), &LoadOptions::default())
-        .context("loading the model")?;
+    let loaded = args.model.load().context("loading the model")?;
     let path = loaded.path.clone();
     let tokenizer = loaded
         .tokenizer
@@ -67,12 +58,7 @@ pub fn run_compress(args: CompressArgs) -> anyhow::Result<SaveReport> {
         "{}: nothing to compress (no tokens)",
         args.file.display()
     );
-    let options = EngineOptions {
-        mode: args.mode.clone(),
-        ratio: args.ratio.clone(),
-        window: args.window,
-        ..Default::default()
-    };
+    let options = args.engine.options();
     let model = &loaded.model;
     let mut session = Session::new(
         model,

@@ -18,8 +18,8 @@ pub mod metrics;
 pub use compress::{run_compress, CompressArgs};
 
 use anyhow::Context;
-use beacon::options::EngineOptions;
-use beacon::{LoadOptions, Loaded};
+use beacon::cli_args::{EngineArgs, ModelArgs};
+use beacon::Loaded;
 use engine::{Engine, EngineSettings};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -28,9 +28,10 @@ use std::sync::Arc;
 /// `beacon serve`.
 #[derive(clap::Args, Debug, Clone)]
 pub struct ServeArgs {
-    /// Model: a Hugging Face directory or a .gguf file. Default: the bundled default model.
-    #[arg(short, long)]
-    pub model: Option<PathBuf>,
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub engine: EngineArgs,
     /// Address to listen on. Default: loopback only.
     #[arg(long, default_value = "127.0.0.1")]
     pub host: String,
@@ -40,15 +41,6 @@ pub struct ServeArgs {
     /// Model id reported by /v1/models and accepted in requests. Default: the model's file or directory name.
     #[arg(long)]
     pub served_model_name: Option<String>,
-    /// `beacon` (default), `full`, `streaming`, `truncate`.
-    #[arg(long)]
-    pub mode: Option<String>,
-    /// Compression ratio: 2…32, 0 (none), `adapt`, `adapt-N`, `random`. Default: the model's.
-    #[arg(long)]
-    pub ratio: Option<String>,
-    /// Raw tokens per window. Default: the model's.
-    #[arg(long)]
-    pub window: Option<usize>,
     /// Byte budget of conversation memories kept for reuse (LRU), e.g. `1GiB`, `512MiB`, `0` = off.
     #[arg(long, default_value = "1GiB", value_parser = parse_bytes)]
     pub cache_bytes: u64,
@@ -78,13 +70,11 @@ pub struct ServeArgs {
 impl Default for ServeArgs {
     fn default() -> Self {
         ServeArgs {
-            model: None,
+            model: ModelArgs::default(),
+            engine: EngineArgs::default(),
             host: "127.0.0.1".into(),
             port: 8080,
             served_model_name: None,
-            mode: None,
-            ratio: None,
-            window: None,
             cache_bytes: 1 << 30,
             persist_dir: None,
             max_body_bytes: 16 << 20,
@@ -160,8 +150,7 @@ struct Prepared {
 }
 
 fn prepare(args: &ServeArgs) -> anyhow::Result<Prepared> {
-    let loaded = beacon::loader::load_model(args.model.as_deref(), &LoadOptions::default())
-        .context("loading the model")?;
+    let loaded = args.model.load().context("loading the model")?;
     let path = loaded.path.clone();
     let Loaded {
         model,
@@ -176,12 +165,7 @@ fn prepare(args: &ServeArgs) -> anyhow::Result<Prepared> {
             path.display()
         )
     })?;
-    let options = EngineOptions {
-        mode: args.mode.clone(),
-        ratio: args.ratio.clone(),
-        window: args.window,
-        ..Default::default()
-    };
+    let options = args.engine.options();
     let settings = EngineSettings {
         mode: options.mode(model.cfg.max_position_embeddings)?,
         beacon: options.beacon_config(&beacon_cfg)?,

@@ -7,6 +7,8 @@
 //! back through the same session.
 
 pub mod attention;
+#[cfg(feature = "cli")]
+pub mod cli_args;
 pub mod config;
 pub mod context_file;
 mod cpu_attention;

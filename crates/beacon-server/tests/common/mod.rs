@@ -2,6 +2,7 @@
 //! and a small HTTP client.
 #![allow(dead_code)]
 
+pub use beacon::cli_args::ModelArgs;
 pub use beacon_server::ServeArgs;
 use beacon_server::{spawn, ServerHandle};
 use serde_json::{json, Value};
@@ -82,7 +83,10 @@ pub fn tiny_model() -> PathBuf {
 
 pub fn args(model: &Path) -> ServeArgs {
     ServeArgs {
-        model: Some(model.to_path_buf()),
+        model: ModelArgs {
+            model: Some(model.to_path_buf()),
+            ..ModelArgs::default()
+        },
         port: 0,
         served_model_name: Some("tiny".into()),
         max_tokens_limit: 100_000,

