@@ -432,8 +432,9 @@ fn run_sample(
                 opts,
                 &mut |_| {},
             )?
-            .context("window produced no logits")?; // [len, vocab]
-                                                    // A window never spans two steps, so the replay of window i is exactly one step.
+            .context("window produced no logits")?;
+        // logits: [len, vocab]. A window never spans two steps, so the replay of window i is
+        // exactly one step.
         sizes[i] = s.stats.step_beacon_sizes.first().copied().unwrap_or(0);
         let labels = window_labels(tokens, w, first_labels);
         let target = match &teacher {
