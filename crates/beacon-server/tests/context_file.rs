@@ -5,27 +5,14 @@ mod common;
 
 use beacon::context_file::{load_context, save_context, Snapshot};
 use beacon::generate::{generate, GenerateOptions};
+use beacon::testing::max_abs_diff;
 use beacon::{LoadOptions, Mode, Session, Want};
-use candle_core::Tensor;
 use common::*;
 
 fn ids(n: usize, seed: u32) -> Vec<u32> {
     (0..n as u32)
         .map(|i| 3 + (i * 37 + seed * 11) % 250)
         .collect()
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar()
-        .unwrap()
 }
 
 #[test]

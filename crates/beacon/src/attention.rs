@@ -326,42 +326,7 @@ mod tests {
     use crate::model::{attend_composed, attend_fused, Mask};
     use candle_core::Var;
 
-    /// Deterministic pseudo-random f32 in [-1, 1).
-    fn rand_tensor(seed: &mut u64, shape: (usize, usize, usize)) -> Tensor {
-        let n = shape.0 * shape.1 * shape.2;
-        let v: Vec<f32> = (0..n)
-            .map(|_| {
-                *seed = seed
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((*seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-            })
-            .collect();
-        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
-    }
-
-    fn rel(a: &Tensor, b: &Tensor) -> f32 {
-        let d = (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        let m = b
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        d / m.max(1e-12)
-    }
+    use crate::testing::{max_rel_diff as rel, random_tensor as rand_tensor};
 
     /// An attention implementation under test: (q, segments) → `[n, heads·d]`.
     type AttnFn<'a> = &'a dyn Fn(&Tensor, &[(Tensor, Tensor)]) -> Tensor;

@@ -532,31 +532,10 @@ fn exp_nonpositive(x: f32) -> f32 {
 mod tests {
     use super::*;
 
-    fn random(shape: (usize, usize, usize), seed: u64) -> Tensor {
-        let mut state = seed;
-        let n = shape.0 * shape.1 * shape.2;
-        let v: Vec<f32> = (0..n)
-            .map(|_| {
-                state = state
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-            })
-            .collect();
-        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
-    }
+    use crate::testing::max_abs_diff as max_diff;
 
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar()
-            .unwrap()
+    fn random(shape: (usize, usize, usize), seed: u64) -> Tensor {
+        crate::testing::random_tensor(&mut seed.clone(), shape)
     }
 
     /// The kernel against the composed candle-op attention on segments that include a strided view

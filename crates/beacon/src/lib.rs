@@ -21,6 +21,7 @@ pub mod metrics;
 pub mod model;
 pub mod options;
 pub mod schedule;
+pub mod testing;
 pub mod tokenizer;
 pub mod util;
 

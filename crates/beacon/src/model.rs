@@ -812,27 +812,7 @@ mod tests {
         };
         let (yf, gf) = run(true);
         let (yc, gc) = run(false);
-        let rel = |a: &Tensor, b: &Tensor| {
-            let d = (a - b)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
-            d / b
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap()
-        };
+        let rel = crate::testing::max_rel_diff;
         assert!(rel(&yf, &yc) < 1e-5, "y {}", rel(&yf, &yc));
         assert!(rel(&gf, &gc) < 1e-4, "dx {}", rel(&gf, &gc));
         assert!(!gf.track_op());
