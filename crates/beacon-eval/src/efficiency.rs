@@ -1,9 +1,7 @@
 //! `beacon eval efficiency`: the paper's efficiency table — prefill seconds, decode speed and peak K/V
 //! bytes against context length, for full attention, the baselines and beacon ratios.
 
-use crate::harness::{
-    self, bar, expand_modes, fmt_len, md_table, CommonArgs, Evaluator, ModeArgs, Output,
-};
+use crate::harness::{self, bar, fmt_len, md_table, CommonArgs, ModeArgs, Output};
 use anyhow::{Context, Result};
 use beacon::engine::{FeedOptions, Want};
 use serde::{Deserialize, Serialize};
@@ -46,24 +44,14 @@ pub struct EfficiencyRecord {
 
 pub fn run(args: &EfficiencyArgs, command: &str) -> Result<Vec<EfficiencyRecord>> {
     let t_start = std::time::Instant::now();
-    let ev = Evaluator::load(&args.common)?;
+    let (ev, specs) = harness::load_with_modes(&args.common, &args.modes, &["full", "beacon"])?;
     let quick = args.common.quick;
-    let specs = expand_modes(&harness::with_defaults(
-        &args.modes,
-        &["full", "beacon"],
+    let lengths = harness::lengths_or(
+        &args.lengths,
         quick,
-    ))?;
-    let mut lengths = if args.lengths.is_empty() {
-        if quick {
-            vec![2048, 4096, 8192]
-        } else {
-            vec![4096, 8192, 16384, 32768]
-        }
-    } else {
-        args.lengths.clone()
-    };
-    lengths.sort_unstable();
-    lengths.dedup();
+        &[2048, 4096, 8192],
+        &[4096, 8192, 16384, 32768],
+    );
     let lmax = *lengths.last().context("no lengths")?;
     let path = match &args.text {
         Some(p) => p.clone(),

@@ -158,6 +158,36 @@ impl ModeSpec {
 }
 
 /// Expand `--modes/--ratios/--keep` into configurations, full first (others may reuse its results).
+/// The requested context lengths, or the quick/full defaults; sorted, without repeats.
+pub fn lengths_or(
+    given: &[usize],
+    quick: bool,
+    quick_default: &[usize],
+    full_default: &[usize],
+) -> Vec<usize> {
+    let mut lengths = if !given.is_empty() {
+        given.to_vec()
+    } else if quick {
+        quick_default.to_vec()
+    } else {
+        full_default.to_vec()
+    };
+    lengths.sort_unstable();
+    lengths.dedup();
+    lengths
+}
+
+/// Load the model and expand the requested modes (`default_modes` when none were given).
+pub fn load_with_modes(
+    common: &CommonArgs,
+    modes: &ModeArgs,
+    default_modes: &[&str],
+) -> Result<(Evaluator, Vec<ModeSpec>)> {
+    let ev = Evaluator::load(common)?;
+    let specs = expand_modes(&with_defaults(modes, default_modes, common.quick))?;
+    Ok((ev, specs))
+}
+
 pub fn expand_modes(args: &ModeArgs) -> Result<Vec<ModeSpec>> {
     let mut out = Vec::new();
     let mut modes: Vec<String> = args

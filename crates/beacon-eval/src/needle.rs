@@ -3,9 +3,7 @@
 //! match of VALUE) and passkey retrieval (random digits hidden in repeated filler).
 
 use crate::cases::{self, Case, CaseRecord, Scorer};
-use crate::harness::{
-    self, bar, expand_modes, sub_seed, CommonArgs, Evaluator, ModeArgs, Output, Prompt, Tok,
-};
+use crate::harness::{self, bar, sub_seed, CommonArgs, ModeArgs, Output, Prompt, Tok};
 use anyhow::{bail, Context, Result};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -230,24 +228,14 @@ pub fn passkey_cases(
 
 pub fn run(args: &NeedleArgs, command: &str) -> Result<Vec<CaseRecord>> {
     let t_start = std::time::Instant::now();
-    let ev = Evaluator::load(&args.common)?;
-    let specs = expand_modes(&harness::with_defaults(
-        &args.modes,
-        &harness::DEFAULT_MODES,
-        args.common.quick,
-    ))?;
+    let (ev, specs) = harness::load_with_modes(&args.common, &args.modes, &harness::DEFAULT_MODES)?;
     let quick = args.common.quick;
-    let mut lengths = if args.lengths.is_empty() {
-        if quick {
-            vec![1024, 4096]
-        } else {
-            vec![2048, 4096, 8192, 16384]
-        }
-    } else {
-        args.lengths.clone()
-    };
-    lengths.sort_unstable();
-    lengths.dedup();
+    let lengths = harness::lengths_or(
+        &args.lengths,
+        quick,
+        &[1024, 4096],
+        &[2048, 4096, 8192, 16384],
+    );
     let depths = if args.depths.is_empty() {
         if quick {
             vec![0.0, 50.0, 100.0]

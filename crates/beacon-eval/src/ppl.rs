@@ -6,8 +6,7 @@
 //! the *same* tokens and only the amount of context differs. `context_tokens` is `L` (context + span).
 
 use crate::harness::{
-    self, bar, expand_modes, fmt_len, logit_rows, md_table, CommonArgs, Evaluator, ModeArgs,
-    ModeSpec, Output,
+    self, bar, fmt_len, logit_rows, md_table, CommonArgs, ModeArgs, ModeSpec, Output,
 };
 use anyhow::{bail, Context, Result};
 use beacon::engine::{FeedOptions, Session, Want};
@@ -176,19 +175,13 @@ pub fn default_lengths(quick: bool) -> Vec<usize> {
 
 pub fn run(args: &PplArgs, command: &str) -> Result<Vec<PplRecord>> {
     let t_start = std::time::Instant::now();
-    let ev = Evaluator::load(&args.common)?;
-    let specs = expand_modes(&harness::with_defaults(
-        &args.modes,
-        &harness::DEFAULT_MODES,
+    let (ev, specs) = harness::load_with_modes(&args.common, &args.modes, &harness::DEFAULT_MODES)?;
+    let lengths = harness::lengths_or(
+        &args.lengths,
         args.common.quick,
-    ))?;
-    let mut lengths = if args.lengths.is_empty() {
-        default_lengths(args.common.quick)
-    } else {
-        args.lengths.clone()
-    };
-    lengths.sort_unstable();
-    lengths.dedup();
+        &default_lengths(true),
+        &default_lengths(false),
+    );
     let scored = args.scored;
     if lengths.first().is_some_and(|&l| l < scored) {
         bail!("every length must be ≥ the scored span ({scored} tokens)");

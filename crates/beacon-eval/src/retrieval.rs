@@ -4,9 +4,7 @@
 //! HotpotQA paragraphs packed with distractors into long contexts (F1 and exact match).
 
 use crate::cases::{self, Case, CaseRecord, Scorer};
-use crate::harness::{
-    self, bar, expand_modes, sub_seed, CommonArgs, Evaluator, ModeArgs, Output, Prompt, Tok,
-};
+use crate::harness::{self, bar, sub_seed, CommonArgs, ModeArgs, Output, Prompt, Tok};
 use crate::needle::{key_words, random_key};
 use anyhow::{bail, Context, Result};
 use rand::rngs::StdRng;
@@ -478,12 +476,7 @@ pub fn qa_cases(
 
 pub fn run(args: &RetrievalArgs, command: &str) -> Result<Vec<CaseRecord>> {
     let t_start = std::time::Instant::now();
-    let ev = Evaluator::load(&args.common)?;
-    let specs = expand_modes(&harness::with_defaults(
-        &args.modes,
-        &harness::DEFAULT_MODES,
-        args.common.quick,
-    ))?;
+    let (ev, specs) = harness::load_with_modes(&args.common, &args.modes, &harness::DEFAULT_MODES)?;
     let quick = args.common.quick;
     let tok = ev.tok();
     let chat = !args.no_chat;
@@ -494,17 +487,7 @@ pub fn run(args: &RetrievalArgs, command: &str) -> Result<Vec<CaseRecord>> {
         .or(args.samples)
         .unwrap_or(if quick { 1 } else { 5 })
         .max(1);
-    let mut lengths = if args.lengths.is_empty() {
-        if quick {
-            vec![2048]
-        } else {
-            vec![4096, 8192]
-        }
-    } else {
-        args.lengths.clone()
-    };
-    lengths.sort_unstable();
-    lengths.dedup();
+    let lengths = harness::lengths_or(&args.lengths, quick, &[2048], &[4096, 8192]);
     let lines = if args.lines.is_empty() {
         if quick {
             vec![200]
