@@ -41,12 +41,11 @@ enum Command {
 }
 
 fn main() {
-    // candle's quantized kernels (single-row decode) run on a spinning barrier pool that stalls badly
-    // when another process holds a core; one thread is as fast when idle and far faster when not.
-    // Dense prefill GEMMs use rayon's pool (RAYON_NUM_THREADS, default: all cores) and are unaffected.
-    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
-        std::env::set_var("CANDLE_NUM_THREADS", "1");
-    }
+    // Threads: candle's dense GEMMs use rayon's pool (RAYON_NUM_THREADS, default all cores) and its
+    // quantized single-row kernels (decode) a spinning barrier pool sized by CANDLE_NUM_THREADS, which
+    // defaults to the same count. On a quiet 2-core machine two decode threads give 93 tok/s against 65
+    // for one; when another process holds a core the spinning pool stalls, and CANDLE_NUM_THREADS=1
+    // is the better setting (docs/BENCHMARKS.md).
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("BEACON_LOG")

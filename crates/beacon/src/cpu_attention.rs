@@ -280,6 +280,9 @@ impl Job<'_> {
                 }
                 off += take;
             }
+            // Rows hold e^(s − max) after this; the 1/Σ is applied to the output rows instead
+            // (d values per row rather than `cols`).
+            let mut inv_sums = Vec::with_capacity(rows);
             for gi in 0..g {
                 for r in 0..nb {
                     let row = &mut scores[(gi * nb + r) * cols..(gi * nb + r + 1) * cols];
@@ -291,8 +294,9 @@ impl Job<'_> {
                             cols
                         }
                     };
-                    softmax_in_place(&mut row[..visible]);
+                    let sum = exp_row(&mut row[..visible]);
                     row[visible..].fill(0.0);
+                    inv_sums.push(if sum > 0.0 { 1.0 / sum } else { 0.0 });
                 }
             }
             // out = P · V, segment by segment
@@ -335,6 +339,9 @@ impl Job<'_> {
                     );
                 }
                 off += take;
+            }
+            for (o, inv) in out.chunks_exact_mut(d).zip(&inv_sums) {
+                o.iter_mut().for_each(|v| *v *= inv);
             }
         });
         out
@@ -441,31 +448,41 @@ fn has_avx2_fma() -> bool {
     std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
 }
 
-/// `x ← softmax(x)`; a row with no finite entry becomes zeros (it attends to nothing).
-fn softmax_in_place(x: &mut [f32]) {
+/// `x ← e^(x − max x)` in place; returns the sum (0 for a row with no finite entry, which becomes
+/// zeros: it attends to nothing). Softmax = this row / the sum.
+fn exp_row(x: &mut [f32]) -> f32 {
     #[cfg(target_arch = "x86_64")]
     {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the feature was detected.
+            return unsafe { exp_row_avx512(x) };
+        }
         if has_avx2_fma() {
             // SAFETY: the features were detected.
-            unsafe { softmax_avx2(x) };
-            return;
+            return unsafe { exp_row_avx2(x) };
         }
     }
-    softmax_portable(x);
+    exp_row_portable(x)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn exp_row_avx512(x: &mut [f32]) -> f32 {
+    exp_row_portable(x)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn softmax_avx2(x: &mut [f32]) {
-    softmax_portable(x)
+unsafe fn exp_row_avx2(x: &mut [f32]) -> f32 {
+    exp_row_portable(x)
 }
 
 /// Lanes for the max/sum reductions: independent accumulators let the compiler vectorise without
-/// reassociating floating-point sums.
-const LANES: usize = 8;
+/// reassociating floating-point sums (one 512-bit or two 256-bit registers).
+const LANES: usize = 16;
 
 #[inline(always)]
-fn softmax_portable(x: &mut [f32]) {
+fn exp_row_portable(x: &mut [f32]) -> f32 {
     let mut lanes = [f32::NEG_INFINITY; LANES];
     let mut chunks = x.chunks_exact(LANES);
     for c in &mut chunks {
@@ -482,7 +499,7 @@ fn softmax_portable(x: &mut [f32]) {
     }
     if max == f32::NEG_INFINITY {
         x.fill(0.0);
-        return;
+        return 0.0;
     }
     let mut sums = [0f32; LANES];
     let mut chunks = x.chunks_exact_mut(LANES);
@@ -497,9 +514,7 @@ fn softmax_portable(x: &mut [f32]) {
         *v = exp_nonpositive(*v - max);
         sum += *v;
     }
-    sum += sums.iter().sum::<f32>();
-    let inv = 1.0 / sum;
-    x.iter_mut().for_each(|v| *v *= inv);
+    sum + sums.iter().sum::<f32>()
 }
 
 /// `e^x` for `x ≤ 0` (and −∞ → 0), branch-free so it vectorises: `x = k·ln2 + r`, `|r| ≤ ln2/2`,
@@ -611,6 +626,13 @@ mod tests {
         assert!(worst < 3e-7, "worst relative error {worst}");
         assert_eq!(exp_nonpositive(f32::NEG_INFINITY), 0.0);
         assert_eq!(exp_nonpositive(0.0), 1.0);
+    }
+
+    fn softmax_in_place(x: &mut [f32]) {
+        let sum = exp_row(x);
+        if sum > 0.0 {
+            x.iter_mut().for_each(|v| *v /= sum);
+        }
     }
 
     #[test]
