@@ -16,9 +16,14 @@ pub struct ReportArgs {
     /// Run the suite (ppl, needle, retrieval, efficiency) into OUT before writing the report.
     #[arg(long)]
     pub run: bool,
-    /// Trained beacon weights: also run the beacon modes with them, into OUT/trained.
+    /// Trained beacon weights: with --run, also run the beacon modes with them, into OUT/trained
+    /// (without --run the report only renders what OUT/trained holds).
     #[arg(long)]
     pub trained: Option<PathBuf>,
+    /// K/V entries truncate and streaming keep in the needle and retrieval runs (equal-memory
+    /// baselines for the beacon rows). Default: the native window.
+    #[arg(long)]
+    pub task_keep: Option<usize>,
     /// Beacon ratios of the suite's ppl and efficiency runs. Default 2,4,8,16,32,adapt (--quick: 2,8,32,adapt).
     #[arg(long, value_delimiter = ',')]
     pub ratios: Vec<String>,
@@ -41,6 +46,7 @@ pub fn suite(
     task_ratios: &[String],
     out: &Path,
     trained: Option<&Path>,
+    task_keep: Option<usize>,
 ) -> Vec<Vec<String>> {
     let mut base: Vec<String> = Vec::new();
     if let Some(m) = &common.model.model {
@@ -100,6 +106,9 @@ pub fn suite(
             "--ratios".into(),
             ratios.clone(),
         ]);
+        if let (Some(k), "needle" | "retrieval", None) = (task_keep, sub, trained) {
+            c.extend(["--keep".into(), k.to_string()]);
+        }
         c.extend(["--out".into(), out.display().to_string()]);
         cmds.push(c);
     }
@@ -221,18 +230,26 @@ fn shell(cmd: &[String]) -> String {
 pub fn run(args: &ReportArgs, command: &str) -> Result<()> {
     let out = args.common.out.clone();
     if args.run {
-        for cmd in suite(&args.common, &args.ratios, &args.task_ratios, &out, None) {
+        for cmd in suite(
+            &args.common,
+            &args.ratios,
+            &args.task_ratios,
+            &out,
+            None,
+            args.task_keep,
+        ) {
             eprintln!("== beacon eval {}", shell(&cmd));
             crate::run_args(&cmd)?;
         }
     }
-    if let Some(t) = &args.trained {
+    if let (true, Some(t)) = (args.run, &args.trained) {
         for cmd in suite(
             &args.common,
             &args.ratios,
             &args.task_ratios,
             &out.join("trained"),
             Some(t),
+            args.task_keep,
         ) {
             eprintln!("== beacon eval {}", shell(&cmd));
             crate::run_args(&cmd)?;
@@ -318,6 +335,7 @@ pub fn run(args: &ReportArgs, command: &str) -> Result<()> {
             &args.task_ratios,
             &tdir,
             Some(&w),
+            args.task_keep,
         ) {
             s.push_str(&format!("beacon eval {}\n", shell(&cmd)));
         }

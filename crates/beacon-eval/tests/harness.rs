@@ -275,6 +275,7 @@ fn synthetic_retrieval_and_efficiency_on_tiny_model() {
         report: out.join("RESULTS.md"),
         run: false,
         trained: None,
+        task_keep: None,
         ratios: vec![],
         task_ratios: vec![],
     };
