@@ -73,18 +73,16 @@ pub(crate) fn attend(
     mask: &Mask,
     kv_heads: usize,
 ) -> candle_core::Result<Option<Tensor>> {
-    attend_tiled(q, segments, mask, kv_heads, SCORE_TILE, None)
+    attend_tiled(q, segments, mask, kv_heads, SCORE_TILE)
 }
 
-/// [`attend`] with the score-tile size and the column split as parameters (tests force many
-/// blocks and parts; `None` = split decode columns when that balances the threads).
+/// [`attend`] with the score-tile size as a parameter (tests use small tiles to get many blocks).
 fn attend_tiled(
     q: &Tensor,
     segments: &[(Tensor, Tensor)],
     mask: &Mask,
     kv_heads: usize,
     tile: usize,
-    column_parts: Option<usize>,
 ) -> candle_core::Result<Option<Tensor>> {
     if q.dtype() != DType::F32 || !matches!(q.device(), Device::Cpu) {
         return Ok(None);
@@ -160,30 +158,8 @@ fn attend_tiled(
     let block = (tile / (g * t).max(1))
         .clamp(MIN_BLOCK_ROWS, n.max(MIN_BLOCK_ROWS))
         .min(n);
-    // Decode has one task per kv head (3 for the default model): on 2 threads one of them would
-    // run alone. Splitting the columns into parts (merged below, as in flash-decoding) balances it.
-    let threads = rayon::current_num_threads();
-    let parts = if let Some(p) = column_parts {
-        p.clamp(1, t.max(1))
-    } else if block == n && g * n <= DIRECT_ROWS && threads > 1 {
-        (2 * threads)
-            .div_ceil(kv_heads)
-            .min(t / MIN_PART_COLUMNS)
-            .max(1)
-    } else {
-        1
-    };
-    let tasks: Vec<Task> = (0..kv_heads)
-        .flat_map(|h| {
-            (0..n).step_by(block).flat_map(move |start| {
-                (0..parts).map(move |p| Task {
-                    h,
-                    start,
-                    c0: p * t / parts,
-                    c1: (p + 1) * t / parts,
-                })
-            })
-        })
+    let tasks: Vec<(usize, usize)> = (0..kv_heads)
+        .flat_map(|h| (0..n).step_by(block).map(move |s| (h, s)))
         .collect();
     let scale = (1.0 / (d as f64).sqrt()) as f32;
     let job = Job {
@@ -198,73 +174,31 @@ fn attend_tiled(
         block,
         scale,
     };
-    let run = |task: &Task| job.run(task);
-    // One task per thread is not worth rayon's hand-off.
-    let outputs: Vec<Partial> = if tasks.len() == 1 || threads == 1 {
+    let run = |&(h, start): &(usize, usize)| job.run(h, start);
+    // One task per thread is not worth rayon's hand-off (decode with few kv heads still splits).
+    let outputs: Vec<Vec<f32>> = if tasks.len() == 1 || rayon::current_num_threads() == 1 {
         tasks.iter().map(run).collect()
     } else {
         tasks.par_iter().map(run).collect()
     };
 
-    // Merge the parts of each (kv head, row block) and scatter `[g·nb, d]` into `[n, heads·d]`
-    // (head `h·g + gi`, row `start + r`): out = Σ_p e^(m_p − M)·o_p / Σ_p e^(m_p − M)·l_p.
+    // Scatter task outputs `[g·nb, d]` into `[n, heads·d]` (head `h·g + gi`, row `start + r`).
     let mut out = vec![0f32; n * heads * d];
-    let mut acc = vec![0f32; d];
-    for (group, partials) in tasks.chunks(parts).zip(outputs.chunks(parts)) {
-        let (h, start) = (group[0].h, group[0].start);
+    for (&(h, start), o) in tasks.iter().zip(&outputs) {
         let nb = block.min(n - start);
         for gi in 0..g {
+            let head = h * g + gi;
             for r in 0..nb {
-                let row = gi * nb + r;
-                let m = partials
-                    .iter()
-                    .map(|p| p.stats[row].0)
-                    .fold(f32::NEG_INFINITY, f32::max);
-                acc.fill(0.0);
-                let mut l = 0f32;
-                if m > f32::NEG_INFINITY {
-                    for p in partials {
-                        let (mp, lp) = p.stats[row];
-                        if mp == f32::NEG_INFINITY {
-                            continue;
-                        }
-                        let w = (mp - m).exp();
-                        l += w * lp;
-                        let o = &p.out[row * d..(row + 1) * d];
-                        acc.iter_mut().zip(o).for_each(|(a, o)| *a += w * o);
-                    }
-                }
-                let inv = if l > 0.0 { 1.0 / l } else { 0.0 };
-                let dst = (start + r) * heads * d + (h * g + gi) * d;
-                out[dst..dst + d]
-                    .iter_mut()
-                    .zip(&acc)
-                    .for_each(|(o, a)| *o = a * inv);
+                let src = &o[(gi * nb + r) * d..(gi * nb + r + 1) * d];
+                let dst = (start + r) * heads * d + head * d;
+                out[dst..dst + d].copy_from_slice(src);
             }
         }
     }
     Ok(Some(Tensor::from_vec(out, (n, heads * d), &Device::Cpu)?))
 }
 
-/// Fewest key columns in one part of a split decode task.
-const MIN_PART_COLUMNS: usize = 256;
-
-/// One unit of work: kv head `h`, query rows from `start` (one block), key columns `c0..c1`.
-struct Task {
-    h: usize,
-    start: usize,
-    c0: usize,
-    c1: usize,
-}
-
-/// A task's result before normalisation: `out` `[g·nb, d]` = Σ_j e^(s_j − max)·v_j over the task's
-/// columns, and per row (max, Σ_j e^(s_j − max)); a row that sees none of them is (−∞, 0).
-struct Partial {
-    out: Vec<f32>,
-    stats: Vec<(f32, f32)>,
-}
-
-/// Everything one task reads.
+/// Everything one (kv head, row block) task reads.
 struct Job<'a> {
     q: &'a Heads<'a>,
     kv: &'a [(Heads<'a>, Heads<'a>, usize)],
@@ -279,39 +213,17 @@ struct Job<'a> {
 }
 
 impl Job<'_> {
-    /// The segments' rows that fall in global columns `c0..c1`: (segment, first row, rows, tile column).
-    fn pieces(&self, c0: usize, c1: usize) -> Vec<(usize, usize, usize, usize)> {
-        let mut out = Vec::new();
-        let mut off = 0;
-        for (i, (_, _, len)) in self.kv.iter().enumerate() {
-            let (a, b) = (off.max(c0), (off + len).min(c1));
-            if a < b {
-                out.push((i, a - off, b - a, a - c0));
-            }
-            off += len;
-        }
-        out
-    }
-
-    fn run(&self, task: &Task) -> Partial {
-        let (g, d, h, start) = (self.g, self.d, task.h, task.start);
+    /// Output rows `[g·nb, d]` of kv head `h` for query rows `start..start + nb`.
+    fn run(&self, h: usize, start: usize) -> Vec<f32> {
+        let (g, d) = (self.g, self.d);
         let nb = self.block.min(self.n - start);
         let rows = g * nb;
         // Causal rows never see past the block's last row: the tile narrows to those columns.
-        let end = match self.mask_rows {
+        let cols = match self.mask_rows {
             None => self.ctx + start + nb,
             Some(_) => self.t,
-        }
-        .min(task.c1);
-        let c0 = task.c0;
-        let cols = end.saturating_sub(c0);
+        };
         let mut out = vec![0f32; rows * d];
-        if cols == 0 {
-            let stats = vec![(f32::NEG_INFINITY, 0.0); rows];
-            return Partial { out, stats };
-        }
-        let pieces = self.pieces(c0, end);
-        let mut stats = Vec::with_capacity(rows);
         // A handful of rows (decode): GEMM would pack all of K and V for a matrix-vector product;
         // reading each key/value row once and using it for every query row is cheaper.
         let direct = rows <= DIRECT_ROWS;
@@ -327,31 +239,35 @@ impl Job<'_> {
                     qb[(gi * nb + r) * d..(gi * nb + r + 1) * d].copy_from_slice(src);
                 }
             }
-            // scores[:, col..col+take] = scale · qb · K_seg[first..first+take]ᵀ
-            for &(seg, first, take, col) in &pieces {
-                // SAFETY: kv head `h` of the segment holds rows `first..first + take` (contiguous,
-                // `d` floats each).
-                let k = unsafe { self.kv[seg].0.head(h).add(first * d) };
+            // scores[:, off..off+take] = scale · qb · K_segᵀ
+            let mut off = 0;
+            for (k, _, len) in self.kv {
+                if off >= cols {
+                    break;
+                }
+                let take = (*len).min(cols - off);
                 if direct {
-                    let k = unsafe { std::slice::from_raw_parts(k, take * d) };
-                    scores_direct(qb, d, k, &mut scores[col..], cols, self.scale);
+                    // SAFETY: kv head `h` holds `len ≥ take` contiguous rows of `d` floats.
+                    let k = unsafe { std::slice::from_raw_parts(k.head(h), take * d) };
+                    scores_direct(qb, d, k, &mut scores[off..], cols, self.scale);
+                    off += take;
                     continue;
                 }
-                // SAFETY: dst is `rows × cols` (row stride cols) from column `col`; lhs `rows × d`;
+                // SAFETY: dst is `rows × cols` (row stride cols) from column `off`; lhs `rows × d`;
                 // rhs is Kᵀ read through K's `[take, d]` rows (column stride d, row stride 1).
                 unsafe {
                     gemm::gemm(
                         rows,
                         take,
                         d,
-                        scores.as_mut_ptr().add(col),
+                        scores.as_mut_ptr().add(off),
                         1,
                         cols as isize,
                         false,
                         qb.as_ptr(),
                         1,
                         d as isize,
-                        k,
+                        k.head(h),
                         d as isize,
                         1,
                         0.0,
@@ -362,34 +278,42 @@ impl Job<'_> {
                         Parallelism::None,
                     );
                 }
+                off += take;
             }
-            // Rows hold e^(s − max) after this; the 1/Σ is applied when the parts are merged (d
-            // values per row rather than `cols`).
+            // Rows hold e^(s − max) after this; the 1/Σ is applied to the output rows instead
+            // (d values per row rather than `cols`).
+            let mut inv_sums = Vec::with_capacity(rows);
             for gi in 0..g {
                 for r in 0..nb {
                     let row = &mut scores[(gi * nb + r) * cols..(gi * nb + r + 1) * cols];
                     let visible = match self.mask_rows {
-                        None => (self.ctx + start + r + 1).clamp(c0, end) - c0,
+                        None => self.ctx + start + r + 1,
                         Some(m) => {
-                            let m = &m[(start + r) * self.t + c0..(start + r) * self.t + end];
+                            let m = &m[(start + r) * self.t..(start + r + 1) * self.t];
                             row.iter_mut().zip(m).for_each(|(s, m)| *s += m);
                             cols
                         }
                     };
-                    stats.push(exp_row(&mut row[..visible]));
+                    let sum = exp_row(&mut row[..visible]);
                     row[visible..].fill(0.0);
+                    inv_sums.push(if sum > 0.0 { 1.0 / sum } else { 0.0 });
                 }
             }
-            // out = P · V, piece by piece
-            for (i, &(seg, first, take, col)) in pieces.iter().enumerate() {
-                // SAFETY: as for K above.
-                let v = unsafe { self.kv[seg].1.head(h).add(first * d) };
+            // out = P · V, segment by segment
+            let mut off = 0;
+            for (i, (_, v, len)) in self.kv.iter().enumerate() {
+                if off >= cols {
+                    break;
+                }
+                let take = (*len).min(cols - off);
                 if direct {
-                    let v = unsafe { std::slice::from_raw_parts(v, take * d) };
-                    weighted_sum_direct(&scores[col..], cols, v, d, &mut out);
+                    // SAFETY: kv head `h` holds `len ≥ take` contiguous rows of `d` floats.
+                    let v = unsafe { std::slice::from_raw_parts(v.head(h), take * d) };
+                    weighted_sum_direct(&scores[off..], cols, v, d, &mut out);
+                    off += take;
                     continue;
                 }
-                // SAFETY: lhs is the probability tile from column `col` (`rows × take`, row stride
+                // SAFETY: lhs is the probability tile from column `off` (`rows × take`, row stride
                 // cols); rhs V `[take, d]`; dst `[rows, d]`.
                 unsafe {
                     gemm::gemm(
@@ -400,10 +324,10 @@ impl Job<'_> {
                         1,
                         d as isize,
                         i > 0,
-                        scores.as_ptr().add(col),
+                        scores.as_ptr().add(off),
                         1,
                         cols as isize,
-                        v,
+                        v.head(h),
                         1,
                         d as isize,
                         1.0,
@@ -414,9 +338,13 @@ impl Job<'_> {
                         Parallelism::None,
                     );
                 }
+                off += take;
+            }
+            for (o, inv) in out.chunks_exact_mut(d).zip(&inv_sums) {
+                o.iter_mut().for_each(|v| *v *= inv);
             }
         });
-        Partial { out, stats }
+        out
     }
 }
 
@@ -520,9 +448,9 @@ fn has_avx2_fma() -> bool {
     std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
 }
 
-/// `x ← e^(x − max x)` in place; returns (max, sum) — (−∞, 0) for a row with no finite entry, which
-/// becomes zeros: it attends to nothing. Softmax = this row / the sum.
-fn exp_row(x: &mut [f32]) -> (f32, f32) {
+/// `x ← e^(x − max x)` in place; returns the sum (0 for a row with no finite entry, which becomes
+/// zeros: it attends to nothing). Softmax = this row / the sum.
+fn exp_row(x: &mut [f32]) -> f32 {
     #[cfg(target_arch = "x86_64")]
     {
         if std::arch::is_x86_feature_detected!("avx512f") {
@@ -539,13 +467,13 @@ fn exp_row(x: &mut [f32]) -> (f32, f32) {
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn exp_row_avx512(x: &mut [f32]) -> (f32, f32) {
+unsafe fn exp_row_avx512(x: &mut [f32]) -> f32 {
     exp_row_portable(x)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn exp_row_avx2(x: &mut [f32]) -> (f32, f32) {
+unsafe fn exp_row_avx2(x: &mut [f32]) -> f32 {
     exp_row_portable(x)
 }
 
@@ -554,7 +482,7 @@ unsafe fn exp_row_avx2(x: &mut [f32]) -> (f32, f32) {
 const LANES: usize = 16;
 
 #[inline(always)]
-fn exp_row_portable(x: &mut [f32]) -> (f32, f32) {
+fn exp_row_portable(x: &mut [f32]) -> f32 {
     let mut lanes = [f32::NEG_INFINITY; LANES];
     let mut chunks = x.chunks_exact(LANES);
     for c in &mut chunks {
@@ -571,7 +499,7 @@ fn exp_row_portable(x: &mut [f32]) -> (f32, f32) {
     }
     if max == f32::NEG_INFINITY {
         x.fill(0.0);
-        return (max, 0.0);
+        return 0.0;
     }
     let mut sums = [0f32; LANES];
     let mut chunks = x.chunks_exact_mut(LANES);
@@ -586,7 +514,7 @@ fn exp_row_portable(x: &mut [f32]) -> (f32, f32) {
         *v = exp_nonpositive(*v - max);
         sum += *v;
     }
-    (max, sum + sums.iter().sum::<f32>())
+    sum + sums.iter().sum::<f32>()
 }
 
 /// `e^x` for `x ≤ 0` (and −∞ → 0), branch-free so it vectorises: `x = k·ln2 + r`, `|r| ≤ ln2/2`,
@@ -665,17 +593,13 @@ mod tests {
         for mask in [Mask::Causal, explicit] {
             let want = crate::model::attend_composed(&q, &segments, &mask, false, kvh).unwrap();
             // One block; blocks of 5 rows (14 blocks × 2 kv heads); blocks of 2 rows (direct path).
-            // Columns whole or split in 2 / 3 / 7 parts merged afterwards (parts that a causal
-            // row block never reaches, or that hold a row's every column, included).
             for tile in [SCORE_TILE, 3 * t * 5, 3 * t * 2] {
-                for parts in [1, 2, 3, 7] {
-                    let got = attend_tiled(&q, &segments, &mask, kvh, tile, Some(parts))
-                        .unwrap()
-                        .expect("f32 CPU inputs take the kernel");
-                    assert_eq!(got.dims(), want.dims());
-                    let diff = max_diff(&got, &want);
-                    assert!(diff < 1e-5, "tile {tile}, {parts} parts: max |Δ| {diff}");
-                }
+                let got = attend_tiled(&q, &segments, &mask, kvh, tile)
+                    .unwrap()
+                    .expect("f32 CPU inputs take the kernel");
+                assert_eq!(got.dims(), want.dims());
+                let diff = max_diff(&got, &want);
+                assert!(diff < 1e-5, "tile {tile}: max |Δ| {diff}");
             }
         }
     }
@@ -705,7 +629,7 @@ mod tests {
     }
 
     fn softmax_in_place(x: &mut [f32]) {
-        let (_, sum) = exp_row(x);
+        let sum = exp_row(x);
         if sum > 0.0 {
             x.iter_mut().for_each(|v| *v /= sum);
         }
