@@ -239,46 +239,28 @@ impl Job<'_> {
                     qb[(gi * nb + r) * d..(gi * nb + r + 1) * d].copy_from_slice(src);
                 }
             }
+            // Each segment's first `take` rows, at tile column `off`, up to the tile's width.
+            let pieces = self.pieces(cols);
             // scores[:, off..off+take] = scale · qb · K_segᵀ
-            let mut off = 0;
-            for (k, _, len) in self.kv {
-                if off >= cols {
-                    break;
-                }
-                let take = (*len).min(cols - off);
+            for &(seg, take, off) in &pieces {
+                let k = self.kv[seg].0.head(h);
                 if direct {
-                    // SAFETY: kv head `h` holds `len ≥ take` contiguous rows of `d` floats.
-                    let k = unsafe { std::slice::from_raw_parts(k.head(h), take * d) };
+                    // SAFETY: kv head `h` holds at least `take` contiguous rows of `d` floats.
+                    let k = unsafe { std::slice::from_raw_parts(k, take * d) };
                     scores_direct(qb, d, k, &mut scores[off..], cols, self.scale);
-                    off += take;
-                    continue;
+                } else {
+                    // SAFETY: dst is `rows × cols` (row stride cols) from column `off`; lhs
+                    // `rows × d`; rhs is Kᵀ read through K's `[take, d]` rows.
+                    unsafe {
+                        gemm_f32(
+                            (rows, take, d),
+                            (scores.as_mut_ptr().add(off), cols, false),
+                            (qb.as_ptr(), 1, d),
+                            (k, d, 1),
+                            self.scale,
+                        )
+                    };
                 }
-                // SAFETY: dst is `rows × cols` (row stride cols) from column `off`; lhs `rows × d`;
-                // rhs is Kᵀ read through K's `[take, d]` rows (column stride d, row stride 1).
-                unsafe {
-                    gemm::gemm(
-                        rows,
-                        take,
-                        d,
-                        scores.as_mut_ptr().add(off),
-                        1,
-                        cols as isize,
-                        false,
-                        qb.as_ptr(),
-                        1,
-                        d as isize,
-                        k.head(h),
-                        d as isize,
-                        1,
-                        0.0,
-                        self.scale,
-                        false,
-                        false,
-                        false,
-                        Parallelism::None,
-                    );
-                }
-                off += take;
             }
             // Rows hold e^(s − max) after this; the 1/Σ is applied to the output rows instead
             // (d values per row rather than `cols`).
@@ -300,45 +282,25 @@ impl Job<'_> {
                 }
             }
             // out = P · V, segment by segment
-            let mut off = 0;
-            for (i, (_, v, len)) in self.kv.iter().enumerate() {
-                if off >= cols {
-                    break;
-                }
-                let take = (*len).min(cols - off);
+            for (i, &(seg, take, off)) in pieces.iter().enumerate() {
+                let v = self.kv[seg].1.head(h);
                 if direct {
-                    // SAFETY: kv head `h` holds `len ≥ take` contiguous rows of `d` floats.
-                    let v = unsafe { std::slice::from_raw_parts(v.head(h), take * d) };
+                    // SAFETY: as for K.
+                    let v = unsafe { std::slice::from_raw_parts(v, take * d) };
                     weighted_sum_direct(&scores[off..], cols, v, d, &mut out);
-                    off += take;
-                    continue;
+                } else {
+                    // SAFETY: lhs is the probability tile from column `off` (`rows × take`, row
+                    // stride cols); rhs V `[take, d]`; dst `[rows, d]`, accumulated after the first.
+                    unsafe {
+                        gemm_f32(
+                            (rows, d, take),
+                            (out.as_mut_ptr(), d, i > 0),
+                            (scores.as_ptr().add(off), 1, cols),
+                            (v, 1, d),
+                            1.0,
+                        )
+                    };
                 }
-                // SAFETY: lhs is the probability tile from column `off` (`rows × take`, row stride
-                // cols); rhs V `[take, d]`; dst `[rows, d]`.
-                unsafe {
-                    gemm::gemm(
-                        rows,
-                        d,
-                        take,
-                        out.as_mut_ptr(),
-                        1,
-                        d as isize,
-                        i > 0,
-                        scores.as_ptr().add(off),
-                        1,
-                        cols as isize,
-                        v.head(h),
-                        1,
-                        d as isize,
-                        1.0,
-                        1.0,
-                        false,
-                        false,
-                        false,
-                        Parallelism::None,
-                    );
-                }
-                off += take;
             }
             for (o, inv) in out.chunks_exact_mut(d).zip(&inv_sums) {
                 o.iter_mut().for_each(|v| *v *= inv);
@@ -346,6 +308,58 @@ impl Job<'_> {
         });
         out
     }
+}
+
+impl Job<'_> {
+    /// (segment, rows taken, tile column) for the columns `0..cols` of the concatenated segments.
+    fn pieces(&self, cols: usize) -> Vec<(usize, usize, usize)> {
+        let mut out = Vec::new();
+        let mut off = 0;
+        for (seg, (_, _, len)) in self.kv.iter().enumerate() {
+            if off >= cols {
+                break;
+            }
+            let take = (*len).min(cols - off);
+            out.push((seg, take, off));
+            off += take;
+        }
+        out
+    }
+}
+
+/// `dst (m × n, row stride dst_rs, column stride 1) [+]= beta · lhs · rhs` with gemm on this thread;
+/// `lhs` is `m × k` and `rhs` `k × n`, each given as (pointer, column stride, row stride).
+///
+/// # Safety
+/// Every pointer must address its whole matrix under the given strides.
+unsafe fn gemm_f32(
+    (m, n, k): (usize, usize, usize),
+    (dst, dst_rs, accumulate): (*mut f32, usize, bool),
+    (lhs, lhs_cs, lhs_rs): (*const f32, usize, usize),
+    (rhs, rhs_cs, rhs_rs): (*const f32, usize, usize),
+    beta: f32,
+) {
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst,
+        1,
+        dst_rs as isize,
+        accumulate,
+        lhs,
+        lhs_cs as isize,
+        lhs_rs as isize,
+        rhs,
+        rhs_cs as isize,
+        rhs_rs as isize,
+        1.0,
+        beta,
+        false,
+        false,
+        false,
+        Parallelism::None,
+    )
 }
 
 /// Most query rows (`g × block`) a task computes with dot products instead of GEMM.
