@@ -51,8 +51,12 @@ pub fn command_line() -> String {
         Some(i) if i == 0 || args[..i].iter().all(|a| a.starts_with('-')) => args[i + 1..].to_vec(),
         _ => args,
     };
-    let quoted: Vec<String> = args
-        .iter()
+    format!("beacon eval {}", shell_join(&args))
+}
+
+/// Arguments joined into one shell line, single-quoting those with spaces or quotes.
+pub(crate) fn shell_join(args: &[String]) -> String {
+    args.iter()
         .map(|a| {
             if a.chars()
                 .any(|c| c.is_whitespace() || c == '\'' || c == '"')
@@ -62,8 +66,8 @@ pub fn command_line() -> String {
                 a.clone()
             }
         })
-        .collect();
-    format!("beacon eval {}", quoted.join(" "))
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// Run a subcommand; the recorded command is taken from the process arguments.
@@ -88,17 +92,5 @@ pub fn run_args(args: &[String]) -> Result<()> {
     let cli = EvalCli::try_parse_from(
         std::iter::once("beacon eval".to_string()).chain(args.iter().cloned()),
     )?;
-    let quoted: Vec<String> = args
-        .iter()
-        .map(|a| {
-            if a.chars()
-                .any(|c| c.is_whitespace() || c == '\'' || c == '"')
-            {
-                format!("'{a}'")
-            } else {
-                a.clone()
-            }
-        })
-        .collect();
-    run_with_command(cli.cmd, &format!("beacon eval {}", quoted.join(" ")))
+    run_with_command(cli.cmd, &format!("beacon eval {}", shell_join(args)))
 }

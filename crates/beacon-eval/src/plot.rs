@@ -91,12 +91,7 @@ pub fn line_plot(
     } else {
         (y0 - 0.05 * (y1 - y0), y1 + 0.05 * (y1 - y0))
     };
-    let mut xs: Vec<f64> = series
-        .iter()
-        .flat_map(|(_, p)| p.iter().map(|q| q.0))
-        .collect();
-    xs.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
-    xs.dedup();
+    let xs = distinct_xs(series);
     let xk = if xs.len() <= 12 { xs } else { Vec::new() };
     let yk = if log_y {
         nice_log_ticks(ya, yb)
@@ -343,15 +338,10 @@ pub fn two_line_plots(
             .x_label_area_size(44)
             .y_label_area_size(70)
             .build_cartesian_2d(
-                (x0 / 1.2..x1 * 1.2).log_scale().base(2.0).with_key_points({
-                    let mut xs: Vec<f64> = series
-                        .iter()
-                        .flat_map(|(_, p)| p.iter().map(|q| q.0))
-                        .collect();
-                    xs.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
-                    xs.dedup();
-                    xs
-                }),
+                (x0 / 1.2..x1 * 1.2)
+                    .log_scale()
+                    .base(2.0)
+                    .with_key_points(distinct_xs(series)),
                 (y0 / 1.3..y1 * 1.3)
                     .log_scale()
                     .with_key_points(nice_log_ticks(y0 / 1.3, y1 * 1.3)),
@@ -392,4 +382,15 @@ pub fn two_line_plots(
     }
     root.present().map_err(err)?;
     Ok(())
+}
+
+/// The x values of all series, sorted, each once (the axis key points).
+fn distinct_xs(series: &[(String, Vec<(f64, f64)>)]) -> Vec<f64> {
+    let mut xs: Vec<f64> = series
+        .iter()
+        .flat_map(|(_, p)| p.iter().map(|q| q.0))
+        .collect();
+    xs.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
+    xs.dedup();
+    xs
 }

@@ -212,21 +212,6 @@ fn section(dir: &Path, report_dir: &Path, name: &str, title: &str, level: &str) 
     Some(s)
 }
 
-fn shell(cmd: &[String]) -> String {
-    cmd.iter()
-        .map(|a| {
-            if a.chars()
-                .any(|c| c.is_whitespace() || c == '\'' || c == '"')
-            {
-                format!("'{a}'")
-            } else {
-                a.clone()
-            }
-        })
-        .collect::<Vec<_>>()
-        .join(" ")
-}
-
 pub fn run(args: &ReportArgs, command: &str) -> Result<()> {
     let out = args.common.out.clone();
     if args.run {
@@ -238,7 +223,7 @@ pub fn run(args: &ReportArgs, command: &str) -> Result<()> {
             None,
             args.task_keep,
         ) {
-            eprintln!("== beacon eval {}", shell(&cmd));
+            eprintln!("== beacon eval {}", crate::shell_join(&cmd));
             crate::run_args(&cmd)?;
         }
     }
@@ -251,7 +236,7 @@ pub fn run(args: &ReportArgs, command: &str) -> Result<()> {
             Some(t),
             args.task_keep,
         ) {
-            eprintln!("== beacon eval {}", shell(&cmd));
+            eprintln!("== beacon eval {}", crate::shell_join(&cmd));
             crate::run_args(&cmd)?;
         }
     }
@@ -337,7 +322,7 @@ pub fn run(args: &ReportArgs, command: &str) -> Result<()> {
             Some(&w),
             args.task_keep,
         ) {
-            s.push_str(&format!("beacon eval {}\n", shell(&cmd)));
+            s.push_str(&format!("beacon eval {}\n", crate::shell_join(&cmd)));
         }
         s.push_str("```\n");
     }

@@ -535,22 +535,12 @@ pub fn run(args: &RetrievalArgs, command: &str) -> Result<Vec<CaseRecord>> {
                     args.common.seed,
                 )?);
             }
-            "qa_squad" => {
-                let (items, pool) = crate::data::squad(&data.join("eval/ruler/squad.json"))?;
-                cases.extend(qa_cases(
-                    &tok,
-                    chat,
-                    t,
-                    &items,
-                    &pool,
-                    &lengths,
-                    samples,
-                    args.common.seed,
-                )?);
-            }
-            "qa_hotpot" => {
-                let (items, pool) =
-                    crate::data::hotpotqa(&data.join("eval/ruler/hotpotqa_first2000.json"))?;
+            "qa_squad" | "qa_hotpot" => {
+                let (items, pool) = if t == "qa_squad" {
+                    crate::data::squad(&data.join("eval/ruler/squad.json"))?
+                } else {
+                    crate::data::hotpotqa(&data.join("eval/ruler/hotpotqa_first2000.json"))?
+                };
                 cases.extend(qa_cases(
                     &tok,
                     chat,
