@@ -11,6 +11,7 @@ mod common;
 
 use beacon::engine::{position_budget, FeedOptions, Mode, Session, Want};
 use beacon::schedule::RatioChooser;
+use beacon::testing::{max_abs, max_rel_diff};
 use beacon::BeaconConfig;
 use beacon_train::objective::{
     plan_windows, sample_gradients, sample_loss, window_labels, window_loss, Models, Objective,
@@ -34,25 +35,6 @@ fn setup(
     };
     let tm = make_trainable(loaded.model.clone(), cfg.params, rank, 3).unwrap();
     (tm, cfg)
-}
-
-fn rel_max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    let d = (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
-    let m = a
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
-    d / m.max(1e-12)
 }
 
 #[test]
@@ -108,13 +90,7 @@ fn recomputation_equals_whole_sample_graph() {
         assert!((res.loss - l_full).abs() < 1e-5);
         for (p, g) in tm.params.iter().zip(&grads) {
             let Some(gf) = full.get(p.var.as_tensor()) else {
-                let n = g
-                    .abs()
-                    .unwrap()
-                    .max_all()
-                    .unwrap()
-                    .to_scalar::<f32>()
-                    .unwrap();
+                let n = max_abs(g);
                 assert!(
                     n == 0.0,
                     "{}: no whole-graph gradient but recomputed max {n}",
@@ -122,7 +98,8 @@ fn recomputation_equals_whole_sample_graph() {
                 );
                 continue;
             };
-            let r = rel_max_diff(gf, g);
+            // |gf − g| / max |gf|
+            let r = max_rel_diff(g, gf);
             println!("  {:<55} rel max |Δ| {r:.2e}", p.name);
             assert!(
                 r < 1e-4,

@@ -36,3 +36,13 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
 pub fn max_rel_diff(a: &Tensor, b: &Tensor) -> f32 {
     max_abs_diff(a, b) / max_abs(b).max(1e-12)
 }
+
+/// Token ids stored as an i64 tensor of any shape (the fixtures' format), flattened.
+pub fn token_ids(t: &Tensor) -> Vec<u32> {
+    t.flatten_all()
+        .and_then(|t| t.to_vec1::<i64>())
+        .expect("an i64 tensor")
+        .into_iter()
+        .map(|x| x as u32)
+        .collect()
+}

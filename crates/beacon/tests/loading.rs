@@ -2,6 +2,7 @@
 //! that must give a clear error (file/key, expected vs found), never a panic.
 
 use beacon::engine::{Mode, Session, Want};
+use beacon::testing::max_abs_diff;
 use beacon::{load, LoadOptions};
 use candle_core::{DType, Device, Tensor};
 use std::collections::HashMap;
@@ -63,17 +64,6 @@ fn logits(dir: &Path, opts: &LoadOptions) -> Tensor {
     s.feed(&l.model, &ids, Want::Last).unwrap().unwrap()
 }
 
-fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-}
-
 fn err_of(dir: &Path) -> String {
     match load(dir, &LoadOptions::default()) {
         Ok(_) => panic!("expected an error for {}", dir.display()),
@@ -90,7 +80,7 @@ fn mistral_is_llama_without_bias() {
     });
     let a = logits(&tiny("llama-tiny"), &LoadOptions::default());
     let b = logits(&d.path, &LoadOptions::default());
-    assert_eq!(max_diff(&a, &b), 0.0);
+    assert_eq!(max_abs_diff(&a, &b), 0.0);
 }
 
 #[test]
@@ -103,7 +93,7 @@ fn bf16_tracks_f32() {
             ..Default::default()
         },
     );
-    let d = max_diff(&a, &b);
+    let d = max_abs_diff(&a, &b);
     // bf16 keeps 8 bits of mantissa; logits are O(1), so a few 1e-2 is the expected drift.
     assert!(d < 0.15, "bf16 drift {d}");
     assert!(d > 0.0, "bf16 run should not be bit-identical to f32");
@@ -136,7 +126,7 @@ fn sharded_checkpoint_equals_single_file() {
     let idx = serde_json::json!({ "metadata": {}, "weight_map": index });
     std::fs::write(d.path.join("model.safetensors.index.json"), idx.to_string()).unwrap();
     assert_eq!(
-        max_diff(
+        max_abs_diff(
             &logits(&tiny("llama-tiny"), &LoadOptions::default()),
             &logits(&d.path, &LoadOptions::default())
         ),
@@ -161,7 +151,7 @@ fn separate_beacon_file_equals_checkpoint() {
         beacon::loader::BeaconSource::File(_)
     ));
     assert_eq!(
-        max_diff(
+        max_abs_diff(
             &logits(&tiny("qwen2-tiny"), &LoadOptions::default()),
             &logits(&d.path, &LoadOptions::default())
         ),
@@ -172,7 +162,7 @@ fn separate_beacon_file_equals_checkpoint() {
     let l = load(&d.path, &LoadOptions::default()).unwrap();
     assert_eq!(l.beacon_source, beacon::loader::BeaconSource::Initialised);
     assert!(
-        max_diff(
+        max_abs_diff(
             &logits(&tiny("qwen2-tiny"), &LoadOptions::default()),
             &logits(&d.path, &LoadOptions::default())
         ) > 1e-2
@@ -192,13 +182,13 @@ fn init_copies_backbone_and_eos_embedding() {
     let eos = l.model.cfg.eos_token_ids[0];
     let row = l.model.embed_tokens.row(eos).unwrap();
     assert_eq!(
-        max_diff(&l.model.beacon_embed.squeeze(0).unwrap(), &row),
+        max_abs_diff(&l.model.beacon_embed.squeeze(0).unwrap(), &row),
         0.0
     );
     let layer = &l.model.layers[1];
     let q = layer.beacon.q.as_ref().unwrap().weight.to_dense().unwrap();
     assert_eq!(
-        max_diff(&q, &layer.attn.q_proj.weight.to_dense().unwrap()),
+        max_abs_diff(&q, &layer.attn.q_proj.weight.to_dense().unwrap()),
         0.0
     );
     assert!(layer.beacon.o.is_none());
@@ -319,16 +309,16 @@ fn modes_agree_where_they_should() {
     // full attention: chunked prefill = one token at a time
     let (a, sa) = run(Mode::Full, 150);
     let (b, _) = run(Mode::Full, 1);
-    assert!(max_diff(&a, &b) < 1e-4);
+    assert!(max_abs_diff(&a, &b) < 1e-4);
     assert_eq!(sa.stats.peak_kv_bytes, sa.kv_bytes_full());
     // truncate to 150 keeps everything = full
     let (c, _) = run(Mode::Truncate { keep: 150 }, 150);
-    assert!(max_diff(&a, &c) < 1e-5);
+    assert!(max_abs_diff(&a, &c) < 1e-5);
     // truncate to 40 = full attention over the last 40 tokens (positions restart at 0)
     let (d, sd) = run(Mode::Truncate { keep: 40 }, 150);
     let mut s = Session::new(m, Mode::Full, l.beacon.clone());
     let e = s.feed(m, &ids[110..], Want::Last).unwrap().unwrap();
-    assert!(max_diff(&d, &e) < 1e-5);
+    assert!(max_abs_diff(&d, &e) < 1e-5);
     assert_eq!(sd.layout.context_len(), 40);
     // streaming keeps sink + recent entries and never more than that plus one chunk
     let (_, ss) = run(
@@ -358,5 +348,5 @@ fn modes_agree_where_they_should() {
         },
         150,
     );
-    assert!(max_diff(&a, &f) < 1e-5);
+    assert!(max_abs_diff(&a, &f) < 1e-5);
 }

@@ -9,6 +9,7 @@
 
 use beacon::config::BeaconKeys;
 use beacon::engine::{Mode, Session, Want};
+use beacon::testing::token_ids as ids;
 use beacon::{load, LoadOptions};
 use candle_core::{Device, Tensor};
 use std::collections::HashMap;
@@ -71,16 +72,6 @@ impl Report {
             println!("OK     {what}");
         }
     }
-}
-
-fn ids(t: &Tensor) -> Vec<u32> {
-    t.flatten_all()
-        .unwrap()
-        .to_vec1::<i64>()
-        .unwrap()
-        .into_iter()
-        .map(|x| x as u32)
-        .collect()
 }
 
 fn argmax(row: &Tensor) -> u32 {

@@ -3,7 +3,7 @@
 
 use beacon::config::{BeaconConfig, BeaconKeys};
 use beacon::{load, LoadOptions, Loaded};
-use candle_core::{Device, Tensor};
+use candle_core::Device;
 use std::path::{Path, PathBuf};
 
 pub fn fixture_root() -> PathBuf {
@@ -46,14 +46,7 @@ pub fn input_ids(dir: &Path, name: &str) -> Vec<u32> {
     let inputs =
         candle_core::safetensors::load(dir.join("expected/inputs.safetensors"), &Device::Cpu)
             .unwrap();
-    let t: &Tensor = &inputs[name];
-    t.flatten_all()
-        .unwrap()
-        .to_vec1::<i64>()
-        .unwrap()
-        .into_iter()
-        .map(|x| x as u32)
-        .collect()
+    beacon::testing::token_ids(&inputs[name])
 }
 
 /// Uniform pseudo-random token ids (splitmix64), for synthetic samples.
