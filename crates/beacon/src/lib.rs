@@ -20,6 +20,7 @@ pub mod loader;
 pub mod metrics;
 pub mod model;
 pub mod options;
+mod q4_1;
 pub mod schedule;
 pub mod testing;
 pub mod tokenizer;

@@ -737,15 +737,15 @@ fn load_gguf(path: &Path, opts: &LoadOptions) -> Result<Loaded> {
     })
 }
 
-/// candle has SIMD dot products for Q4_0, Q8_0 and the K-quants only; Q4_1/Q5_0/Q5_1 fall back to
-/// scalar code that makes single-row decode ~10× slower. Such matrices are re-quantized to Q8_0 for the
-/// decode path (finer than the source, so the error added is a fraction of one source step), while the
-/// dense prefill copy keeps the exact source values.
+/// candle has SIMD dot products for Q4_0, Q8_0 and the K-quants only; Q5_0/Q5_1 fall back to scalar
+/// code that makes single-row decode ~10× slower. Such matrices are re-quantized to Q8_0 for the decode
+/// path (finer than the source, so the error added is a fraction of one source step), while the dense
+/// prefill copy keeps the exact source values. Q4_1 stays as it is: [`crate::q4_1`] reads it directly.
 fn decode_friendly(w: QTensor, keep_dense: bool) -> Result<Weight> {
     use candle_core::quantized::GgmlDType;
     if !matches!(
         w.dtype(),
-        GgmlDType::Q4_1 | GgmlDType::Q5_0 | GgmlDType::Q5_1
+        GgmlDType::Q5_0 | GgmlDType::Q5_1
     ) {
         return Weight::quantized(w, keep_dense);
     }

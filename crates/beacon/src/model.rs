@@ -12,7 +12,8 @@ use crate::attention::{fused_attention, AttnMask};
 use crate::config::ModelConfig;
 use crate::cpu_attention;
 use crate::error::Result;
-use candle_core::quantized::{QMatMul, QTensor};
+use crate::q4_1;
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor, D};
 use std::sync::Arc;
 
@@ -87,10 +88,13 @@ impl Weight {
                 Some(w) => frozen_matmul(x, w)?,
                 None => frozen_matmul(x, &qtensor.dequantize(&Device::Cpu)?.to_dtype(x.dtype())?)?,
             },
-            Weight::Quantized { q, dense, .. } => {
+            Weight::Quantized { q, qtensor, dense } => {
                 let rows = x.dim(0)?;
                 match dense {
                     Some(w) if rows >= DENSE_MIN_ROWS => x.matmul(&w.t()?)?,
+                    _ if qtensor.dtype() == GgmlDType::Q4_1 && rows <= q4_1::MAX_ROWS => {
+                        q4_1::forward(qtensor, x)?
+                    }
                     _ => q.forward(x)?,
                 }
             }
