@@ -4,7 +4,7 @@
 
 use crate::common::{load_model, EngineArgs, ModelArgs};
 use anyhow::{Context, Result};
-use beacon::engine::{Session, Want};
+use beacon::engine::Want;
 use beacon::generate::argmax;
 use beacon::metrics::peak_rss_bytes;
 use serde::{Deserialize, Serialize};
@@ -41,6 +41,9 @@ pub struct BenchArgs {
     /// Also run llama.cpp's llama-bench (path to the binary) on the same GGUF.
     #[arg(long)]
     pub llama_bench: Option<PathBuf>,
+    /// Dtype of beacon's cached K/V (f16, f32, bf16); llama.cpp keeps f16.
+    #[arg(long = "kv-dtype", default_value = "f16")]
+    pub kv_dtype: String,
     /// Threads for both engines.
     #[arg(long, default_value_t = 2)]
     pub threads: usize,
@@ -98,10 +101,8 @@ pub fn bench_one(args: BenchOneArgs) -> Result<()> {
     let loaded = load_model(&args.model)?;
     let model = &loaded.model;
     let opts = args.engine.options();
-    let cfg = opts.beacon_config(&loaded.beacon)?;
-    let mode = opts.mode(model.cfg.max_position_embeddings)?;
     let ids = context_tokens(&loaded, &args.text, args.length)?;
-    let mut s = Session::new(model, mode, cfg);
+    let mut s = opts.session(model, &loaded.beacon)?;
     let t0 = Instant::now();
     let mut logits = s.feed(model, &ids, Want::Last)?.context("no logits")?;
     let prefill = t0.elapsed().as_secs_f64();
@@ -179,6 +180,7 @@ pub fn bench(args: BenchArgs) -> Result<()> {
                         cmd.args(["--mode", m]);
                     }
                 }
+                cmd.args(["--kv-dtype", &args.kv_dtype]);
                 cmd.env("RAYON_NUM_THREADS", args.threads.to_string());
                 let out = cmd
                     .output()

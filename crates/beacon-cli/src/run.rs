@@ -188,7 +188,11 @@ pub fn run(args: RunArgs) -> Result<()> {
         }
         None => {
             let ids = read_input(&args, tok)?;
-            (Session::new(model, mode, cfg), ids, None)
+            let mut session = Session::new(model, mode, cfg);
+            if let Some(dtype) = opts.kv_dtype()? {
+                session.set_kv_dtype(model, dtype)?;
+            }
+            (session, ids, None)
         }
     };
     let input_tokens = session.tokens.len() + ids.len();

@@ -6,7 +6,7 @@ use beacon::cli_args::{EngineArgs, ModelArgs};
 use beacon::context_file::{save_context, sha256_hex, SaveReport};
 use beacon::engine::FeedOptions;
 use beacon::metrics::human_bytes;
-use beacon::{Session, Want};
+use beacon::Want;
 use std::io::Read;
 use std::path::PathBuf;
 use std::time::Instant;
@@ -60,11 +60,7 @@ pub fn run_compress(args: CompressArgs) -> anyhow::Result<SaveReport> {
     );
     let options = args.engine.options();
     let model = &loaded.model;
-    let mut session = Session::new(
-        model,
-        options.mode(model.cfg.max_position_embeddings)?,
-        options.beacon_config(&loaded.beacon)?,
-    );
+    let mut session = options.session(model, &loaded.beacon)?;
     let t0 = Instant::now();
     let logits = session.feed_with(model, &ids, Want::Last, FeedOptions::default(), &mut |_| {})?;
     let seconds = t0.elapsed().as_secs_f64();

@@ -120,6 +120,8 @@ pub enum EngineError {
 pub struct EngineSettings {
     pub mode: Mode,
     pub beacon: BeaconConfig,
+    /// Dtype of new conversations' K/V (None: the model's compute dtype).
+    pub kv_dtype: Option<candle_core::DType>,
     /// Byte budget of held conversations (0 = no reuse).
     pub cache_bytes: usize,
     /// Where conversations are saved at shutdown and restored from at start.
@@ -372,15 +374,15 @@ fn run_job(shared: &Shared, job: Job, enqueued: Instant) -> Result<(), EngineErr
         }
         None => {
             m.cache_misses.fetch_add(1, Ordering::Relaxed);
-            (
-                Session::new(
-                    model,
-                    shared.settings.mode.clone(),
-                    shared.settings.beacon.clone(),
-                ),
-                None,
-                0,
-            )
+            let mut s = Session::new(
+                model,
+                shared.settings.mode.clone(),
+                shared.settings.beacon.clone(),
+            );
+            if let Some(dtype) = shared.settings.kv_dtype {
+                s.set_kv_dtype(model, dtype).map_err(internal)?;
+            }
+            (s, None, 0)
         }
     };
     let suffix = &ids[tokens_reused..];

@@ -169,6 +169,7 @@ fn prepare(args: &ServeArgs) -> anyhow::Result<Prepared> {
     let settings = EngineSettings {
         mode: options.mode(model.cfg.max_position_embeddings)?,
         beacon: options.beacon_config(&beacon_cfg)?,
+        kv_dtype: options.kv_dtype()?,
         cache_bytes: args.cache_bytes as usize,
         persist_dir: args.persist_dir.clone(),
         max_prompt_tokens: args.max_prompt_tokens,

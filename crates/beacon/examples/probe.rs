@@ -8,6 +8,7 @@ fn main() -> beacon::Result<()> {
     let loaded = beacon::load(std::path::Path::new(&a[1]), &beacon::LoadOptions::default())?;
     let len: usize = a[2].parse().unwrap_or(2048);
     let o = EngineOptions {
+        kv_dtype: None,
         mode: Some(a[3].clone()),
         ratio: a.get(4).cloned(),
         window: a.get(5).and_then(|w| w.parse().ok()),

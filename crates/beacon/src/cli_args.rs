@@ -77,7 +77,7 @@ impl ModelArgs {
 }
 
 /// How the engine reads the input.
-#[derive(clap::Args, Debug, Clone, Default)]
+#[derive(clap::Args, Debug, Clone)]
 pub struct EngineArgs {
     /// beacon (default), full, streaming (sink + recent window) or truncate (last N tokens).
     #[arg(long)]
@@ -98,6 +98,25 @@ pub struct EngineArgs {
     /// Seed for random ratio draws.
     #[arg(long = "ratio-seed")]
     pub ratio_seed: Option<u64>,
+    /// Dtype of the cached K/V: f16 (half the memory and of the bytes decode reads; attention
+    /// still computes in f32), f32 or bf16.
+    #[arg(long = "kv-dtype", default_value = "f16")]
+    pub kv_dtype: String,
+}
+
+impl Default for EngineArgs {
+    /// What the flags default to.
+    fn default() -> Self {
+        EngineArgs {
+            mode: None,
+            ratio: None,
+            window: None,
+            sink: None,
+            keep: None,
+            ratio_seed: None,
+            kv_dtype: "f16".into(),
+        }
+    }
 }
 
 impl EngineArgs {
@@ -109,6 +128,7 @@ impl EngineArgs {
             sink: self.sink,
             keep: self.keep,
             seed: self.ratio_seed,
+            kv_dtype: Some(self.kv_dtype.clone()),
         }
     }
 }

@@ -140,6 +140,10 @@ impl Snapshot {
             )));
         }
         let mut session = Session::new(model, h.mode.clone(), h.beacon.clone());
+        // Continue in the dtype the memory was saved in (converting would change nothing but size).
+        if let Some((k, _)) = self.caches.first() {
+            session.set_kv_dtype(model, k.dtype())?;
+        }
         session.chooser = h.chooser.clone();
         session.layout = h.layout.clone();
         session.stats = h.stats.clone();

@@ -8,8 +8,9 @@
 //! one pass per row (the causal limit is a row length, not an added mask), and read once by the
 //! second GEMM. Context segments (sink, memory, window, chunk) are read where they lie: no `cat`.
 //!
-//! Only the f32, graph-free path comes here; anything else (bf16, training) keeps the composed or
-//! the fused differentiable attention in [`crate::model`] / [`crate::attention`].
+//! Only the f32, graph-free path comes here (queries in f32; cached K/V in f32 or f16, widened to f32
+//! a few rows at a time as they are read); anything else (bf16, training) keeps the composed or the
+//! fused differentiable attention in [`crate::model`] / [`crate::attention`].
 
 use crate::model::Mask;
 use candle_core::{CpuStorage, DType, Device, Storage, Tensor};
@@ -23,32 +24,55 @@ const SCORE_TILE: usize = 128 * 1024;
 /// Fewest query rows per task: below this the GEMMs degenerate into matrix-vector products.
 const MIN_BLOCK_ROWS: usize = 4;
 
-/// An f32 tensor `[heads, rows, d]` whose rows are contiguous (`stride = [hs, d, 1]`), borrowed
-/// from its CPU storage: head `h` is `data[h·hs .. h·hs + rows·d]`.
-struct Heads<'a> {
-    data: &'a [f32],
+/// A tensor `[heads, rows, d]` whose rows are contiguous (`stride = [hs, d, 1]`), borrowed from its
+/// CPU storage: head `h` is `data[h·hs .. h·hs + rows·d]`.
+struct Heads<'a, T> {
+    data: &'a [T],
     head_stride: usize,
 }
 
-impl Heads<'_> {
-    fn head(&self, h: usize) -> *const f32 {
+impl<T> Heads<'_, T> {
+    fn head(&self, h: usize) -> *const T {
         self.data[h * self.head_stride..].as_ptr()
     }
 }
 
-/// The f32 slice behind `t` from its start offset, if `t` is on the CPU in f32 and its rows are
-/// contiguous with row stride `d` (true for candle's own narrow/transpose results used here).
-fn heads_of<'a>(storage: &'a Storage, t: &Tensor) -> Option<Heads<'a>> {
+/// Cached keys or values: f32, or f16 (a cache kept at half the bytes).
+enum KvHeads<'a> {
+    F32(Heads<'a, f32>),
+    F16(Heads<'a, half::f16>),
+}
+
+impl KvHeads<'_> {
+    /// Rows `first..first + n` of head `h` as f32: borrowed when stored in f32, widened into `buf`
+    /// when stored in f16.
+    ///
+    /// # Safety
+    /// Head `h` must hold at least `first + n` rows of `d` values.
+    unsafe fn rows<'b>(&'b self, h: usize, first: usize, n: usize, d: usize, buf: &'b mut Vec<f32>) -> &'b [f32] {
+        match self {
+            KvHeads::F32(x) => std::slice::from_raw_parts(x.head(h).add(first * d), n * d),
+            KvHeads::F16(x) => {
+                use half::slice::HalfFloatSliceExt;
+                let src = std::slice::from_raw_parts(x.head(h).add(first * d), n * d);
+                buf.resize(n * d, 0.0);
+                src.convert_to_f32_slice(buf);
+                buf
+            }
+        }
+    }
+}
+
+/// The slice behind `t` from its start offset, if its rows are contiguous with row stride `d`
+/// (true for candle's own narrow/transpose results used here).
+fn layout_heads<'a, T>(data: &'a [T], t: &Tensor) -> Option<Heads<'a, T>> {
     let layout = t.layout();
     let (heads, rows, d) = t.dims3().ok()?;
     let stride = layout.stride();
     if (rows > 1 && stride[1] != d) || (d > 1 && stride[2] != 1) {
         return None;
     }
-    let data = match storage {
-        Storage::Cpu(CpuStorage::F32(v)) => &v[layout.start_offset()..],
-        _ => return None,
-    };
+    let data = data.get(layout.start_offset()..)?;
     let head_stride = if heads > 1 { stride[0] } else { rows * d };
     if heads > 0 && (heads - 1) * head_stride + rows * d > data.len() {
         return None;
@@ -56,17 +80,35 @@ fn heads_of<'a>(storage: &'a Storage, t: &Tensor) -> Option<Heads<'a>> {
     Some(Heads { data, head_stride })
 }
 
+/// `t` as f32 heads, if it is an f32 CPU tensor with contiguous rows.
+fn heads_of<'a>(storage: &'a Storage, t: &Tensor) -> Option<Heads<'a, f32>> {
+    match storage {
+        Storage::Cpu(CpuStorage::F32(v)) => layout_heads(v, t),
+        _ => None,
+    }
+}
+
+/// `t` as cached K or V heads (f32 or f16 CPU tensor with contiguous rows).
+fn kv_heads_of<'a>(storage: &'a Storage, t: &Tensor) -> Option<KvHeads<'a>> {
+    match storage {
+        Storage::Cpu(CpuStorage::F32(v)) => layout_heads(v, t).map(KvHeads::F32),
+        Storage::Cpu(CpuStorage::F16(v)) => layout_heads(v, t).map(KvHeads::F16),
+        _ => None,
+    }
+}
+
 thread_local! {
-    /// Per-thread scratch (query rows, score tile), reused across tasks and calls so the tile is
-    /// faulted in once.
-    static SCRATCH: RefCell<(Vec<f32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
+    /// Per-thread scratch (query rows, score tile, K/V rows widened from f16), reused across tasks
+    /// and calls so the tile is faulted in once.
+    static SCRATCH: RefCell<(Vec<f32>, Vec<f32>, Vec<f32>)> =
+        const { RefCell::new((Vec::new(), Vec::new(), Vec::new())) };
 }
 
 /// Attention over K/V segments for inference. `q [heads, n, d]`, segments `[kv, len_i, d]` (the
 /// last one is the chunk itself, so the chunk's row `r` sits at column `T − n + r`) → `[n, heads·d]`.
 ///
-/// Returns `None` when the inputs are not f32 CPU tensors with contiguous rows (the caller then
-/// uses the composed path). The mask semantics are [`Mask`]'s: causal over the chunk, or additive.
+/// Returns `None` when the inputs are not CPU tensors with contiguous rows, q in f32 and K/V in f32
+/// or f16 (the caller then uses the composed path). The mask semantics are [`Mask`]'s: causal over the chunk, or additive.
 pub(crate) fn attend(
     q: &Tensor,
     segments: &[(Tensor, Tensor)],
@@ -98,8 +140,8 @@ fn attend_tiled(
         .filter(|(k, _)| k.dim(1).map_or(true, |l| l > 0))
         .collect();
     for (k, v) in &segments {
-        if k.dtype() != DType::F32
-            || v.dtype() != DType::F32
+        if !matches!(k.dtype(), DType::F32 | DType::F16)
+            || v.dtype() != k.dtype()
             || k.dims3()? != v.dims3()?
             || k.dim(0)? != kv_heads
             || k.dim(2)? != d
@@ -137,9 +179,9 @@ fn attend_tiled(
     let Some(q_heads) = heads_of(&q_store, &q) else {
         return Ok(None);
     };
-    let mut kv: Vec<(Heads, Heads, usize)> = Vec::with_capacity(segments.len());
+    let mut kv: Vec<(KvHeads, KvHeads, usize)> = Vec::with_capacity(segments.len());
     for (((k, v), (ks, vs)), &len) in segments.iter().zip(&kv_stores).zip(&lens) {
-        match (heads_of(ks, k), heads_of(vs, v)) {
+        match (kv_heads_of(ks, k), kv_heads_of(vs, v)) {
             (Some(kh), Some(vh)) => kv.push((kh, vh, len)),
             _ => return Ok(None),
         }
@@ -200,8 +242,8 @@ fn attend_tiled(
 
 /// Everything one (kv head, row block) task reads.
 struct Job<'a> {
-    q: &'a Heads<'a>,
-    kv: &'a [(Heads<'a>, Heads<'a>, usize)],
+    q: &'a Heads<'a, f32>,
+    kv: &'a [(KvHeads<'a>, KvHeads<'a>, usize)],
     mask_rows: Option<&'a [f32]>,
     g: usize,
     n: usize,
@@ -228,7 +270,7 @@ impl Job<'_> {
         // reading each key/value row once and using it for every query row is cheaper.
         let direct = rows <= DIRECT_ROWS;
         SCRATCH.with(|cell| {
-            let (qb, scores) = &mut *cell.borrow_mut();
+            let (qb, scores, widened) = &mut *cell.borrow_mut();
             qb.resize(rows * d, 0.0);
             scores.resize(rows * cols, 0.0);
             for gi in 0..g {
@@ -243,12 +285,18 @@ impl Job<'_> {
             let pieces = self.pieces(cols);
             // scores[:, off..off+take] = scale · qb · K_segᵀ
             for &(seg, take, off) in &pieces {
-                let k = self.kv[seg].0.head(h);
+                let keys = &self.kv[seg].0;
                 if direct {
-                    // SAFETY: kv head `h` holds at least `take` contiguous rows of `d` floats.
-                    let k = unsafe { std::slice::from_raw_parts(k, take * d) };
-                    scores_direct(qb, d, k, &mut scores[off..], cols, self.scale);
+                    // A few rows at a time, so rows widened from f16 stay in L1.
+                    for first in (0..take).step_by(DIRECT_CHUNK) {
+                        let n = DIRECT_CHUNK.min(take - first);
+                        // SAFETY: kv head `h` holds at least `take` rows of `d` values.
+                        let k = unsafe { keys.rows(h, first, n, d, widened) };
+                        scores_direct(qb, d, k, &mut scores[off + first..], cols, self.scale);
+                    }
                 } else {
+                    // SAFETY: as above.
+                    let k = unsafe { keys.rows(h, 0, take, d, widened) };
                     // SAFETY: dst is `rows × cols` (row stride cols) from column `off`; lhs
                     // `rows × d`; rhs is Kᵀ read through K's `[take, d]` rows.
                     unsafe {
@@ -256,7 +304,7 @@ impl Job<'_> {
                             (rows, take, d),
                             (scores.as_mut_ptr().add(off), cols, false),
                             (qb.as_ptr(), 1, d),
-                            (k, d, 1),
+                            (k.as_ptr(), d, 1),
                             self.scale,
                         )
                     };
@@ -283,12 +331,17 @@ impl Job<'_> {
             }
             // out = P · V, segment by segment
             for (i, &(seg, take, off)) in pieces.iter().enumerate() {
-                let v = self.kv[seg].1.head(h);
+                let values = &self.kv[seg].1;
                 if direct {
-                    // SAFETY: as for K.
-                    let v = unsafe { std::slice::from_raw_parts(v, take * d) };
-                    weighted_sum_direct(&scores[off..], cols, v, d, &mut out);
+                    for first in (0..take).step_by(DIRECT_CHUNK) {
+                        let n = DIRECT_CHUNK.min(take - first);
+                        // SAFETY: as for K.
+                        let v = unsafe { values.rows(h, first, n, d, widened) };
+                        weighted_sum_direct(&scores[off + first..], cols, v, d, &mut out);
+                    }
                 } else {
+                    // SAFETY: as for K.
+                    let v = unsafe { values.rows(h, 0, take, d, widened) };
                     // SAFETY: lhs is the probability tile from column `off` (`rows × take`, row
                     // stride cols); rhs V `[take, d]`; dst `[rows, d]`, accumulated after the first.
                     unsafe {
@@ -296,7 +349,7 @@ impl Job<'_> {
                             (rows, d, take),
                             (out.as_mut_ptr(), d, i > 0),
                             (scores.as_ptr().add(off), 1, cols),
-                            (v, 1, d),
+                            (v.as_ptr(), 1, d),
                             1.0,
                         )
                     };
@@ -364,6 +417,9 @@ unsafe fn gemm_f32(
 
 /// Most query rows (`g × block`) a task computes with dot products instead of GEMM.
 const DIRECT_ROWS: usize = 8;
+
+/// Key/value rows the dot-product path reads per piece (64 rows of d = 64: 16 KiB widened).
+const DIRECT_CHUNK: usize = 64;
 
 /// `scores[i·cols + j] = scale · q_i · k_j` for the `qb.len() / d` query rows and the rows `j` of `k`.
 fn scores_direct(qb: &[f32], d: usize, k: &[f32], scores: &mut [f32], cols: usize, scale: f32) {
@@ -614,6 +670,40 @@ mod tests {
                 assert_eq!(got.dims(), want.dims());
                 let diff = max_diff(&got, &want);
                 assert!(diff < 1e-5, "tile {tile}: max |Δ| {diff}");
+            }
+        }
+    }
+
+    /// Cached segments kept in f16 (the chunk stays f32), for the GEMM and the dot-product paths and
+    /// segments longer than one dot-product piece: the same result as f32 attention over the values
+    /// the f16 cache holds.
+    #[test]
+    fn f16_cache_segments_match_their_widened_values() {
+        let (heads, kvh, d) = (6, 2, 16);
+        for n in [70, 1] {
+            let q = (random((heads, n, d), 11) * 3.0).unwrap();
+            let half = |t: Tensor| t.to_dtype(DType::F16).unwrap();
+            let long = DIRECT_CHUNK * 2 + 9;
+            let cached = vec![
+                (half(random((kvh, 3, d), 12)), half(random((kvh, 3, d), 13))),
+                (half(random((kvh, long, d), 14)), half(random((kvh, long, d), 15))),
+            ];
+            let chunk = (random((kvh, n, d), 16), random((kvh, n, d), 17));
+            let mut mixed = cached.clone();
+            mixed.push(chunk.clone());
+            let mut widened: Vec<(Tensor, Tensor)> = cached
+                .iter()
+                .map(|(k, v)| (k.to_dtype(DType::F32).unwrap(), v.to_dtype(DType::F32).unwrap()))
+                .collect();
+            widened.push(chunk);
+            let want =
+                crate::model::attend_composed(&q, &widened, &Mask::Causal, false, kvh).unwrap();
+            for tile in [SCORE_TILE, 3 * (long + 3 + n) * 5] {
+                let got = attend_tiled(&q, &mixed, &Mask::Causal, kvh, tile)
+                    .unwrap()
+                    .expect("f16 K/V take the kernel");
+                let diff = max_diff(&got, &want);
+                assert!(diff < 1e-5, "n {n}, tile {tile}: max |Δ| {diff}");
             }
         }
     }

@@ -161,8 +161,9 @@ impl LayerCache {
                     self.reserve(want)?;
                     return self.append(k_new, v_new);
                 }
-                k.slice_set(&k_new.contiguous()?, 1, *len)?;
-                v.slice_set(&v_new.contiguous()?, 1, *len)?;
+                // The cache may keep a narrower dtype than the compute dtype (f16 K/V).
+                k.slice_set(&k_new.to_dtype(k.dtype())?.contiguous()?, 1, *len)?;
+                v.slice_set(&v_new.to_dtype(v.dtype())?.contiguous()?, 1, *len)?;
                 *len += n;
             }
             LayerCache::Graph { k, v } => {
@@ -273,6 +274,8 @@ pub struct Session {
     /// Chunk length for full/streaming/truncate prefill.
     pub prefill_chunk: usize,
     dtype: DType,
+    /// Dtype of the cached K/V: the compute dtype unless [`Session::set_kv_dtype`] chose another.
+    kv_dtype: DType,
     differentiable: bool,
     /// Streaming mode: absolute position offset already removed by eviction is implicit; entries
     /// are always at positions 0..len.
@@ -300,6 +303,7 @@ impl Session {
             bytes_per_entry: cfg.num_layers * 2 * cfg.kv_dim() * kv_dtype_bytes,
             prefill_chunk: 512,
             dtype: model.dtype,
+            kv_dtype: model.dtype,
             differentiable: false,
             kv_dtype_bytes,
         };
@@ -318,7 +322,7 @@ impl Session {
                     let z = || {
                         Tensor::zeros(
                             (cfg.num_kv_heads, 0, cfg.head_dim),
-                            self.dtype,
+                            self.kv_dtype,
                             &Device::Cpu,
                         )
                     };
@@ -339,6 +343,30 @@ impl Session {
         self.stats = Stats::default();
         self.chooser.reset();
         self.reset_caches(model, false);
+    }
+
+    /// Keep the cached K/V in `dtype` (f16 halves the memory and the bytes decode reads per token;
+    /// attention still computes in f32). Only before the first token: the caches are reset.
+    pub fn set_kv_dtype(&mut self, model: &Model, dtype: DType) -> Result<()> {
+        if !matches!(dtype, DType::F32 | DType::F16 | DType::BF16) {
+            return Err(BeaconError::invalid(format!(
+                "K/V dtype: expected f32, f16 or bf16, found {dtype:?}"
+            )));
+        }
+        if !self.tokens.is_empty() {
+            return Err(BeaconError::invalid(
+                "the K/V dtype can only be set before the first token",
+            ));
+        }
+        self.kv_dtype = dtype;
+        self.kv_dtype_bytes = dtype.size_in_bytes();
+        self.bytes_per_entry = model.cfg.num_layers * 2 * model.cfg.kv_dim() * self.kv_dtype_bytes;
+        self.reset_caches(model, false);
+        Ok(())
+    }
+
+    pub fn kv_dtype(&self) -> DType {
+        self.kv_dtype
     }
 
     /// Bytes of one cached entry over all layers (K + V).
@@ -675,7 +703,8 @@ impl Session {
         let delta: Vec<i64> = vec![-(count as i64); moved];
         for cache in self.caches.iter_mut() {
             let (k, v) = cache.view()?.expect("non-empty");
-            let k_tail = rotate_by(model, &k.narrow(1, keep_from, moved)?, &delta, false)?;
+            let k_tail = k.narrow(1, keep_from, moved)?.to_dtype(self.dtype)?;
+            let k_tail = rotate_by(model, &k_tail, &delta, false)?;
             let v_tail = v.narrow(1, keep_from, moved)?.contiguous()?;
             cache.truncate(sink)?;
             cache.append(&k_tail, &v_tail)?;
@@ -697,6 +726,7 @@ impl Session {
             Some(kv) => kv,
             None => return Ok([None, None, None]),
         };
+        let (k, v) = (k.to_dtype(self.dtype)?, v.to_dtype(self.dtype)?);
         let len = k.dim(1)?;
         let positions: Vec<i64> = (0..len as i64).map(|p| -p).collect();
         let k = rotate_by(model, &k, &positions, false)?;
@@ -726,7 +756,7 @@ impl Session {
                             LayerCache::Buffer { k, .. } => (k.dim(0)?, k.dim(2)?),
                             _ => (0, 0),
                         };
-                        let z = Tensor::zeros((kvh, 0, d), self.dtype, &Device::Cpu)?;
+                        let z = Tensor::zeros((kvh, 0, d), self.kv_dtype, &Device::Cpu)?;
                         (z.clone(), z)
                     }
                 })
@@ -774,7 +804,7 @@ impl Session {
             )));
         }
         for (cache, (k, v)) in self.caches.iter_mut().zip(caches) {
-            cache.append(&k.to_dtype(self.dtype)?, &v.to_dtype(self.dtype)?)?;
+            cache.append(&k, &v)?;
         }
         Ok(())
     }
@@ -848,8 +878,9 @@ impl AttentionContext for BeaconContext<'_> {
         // The whole window: cached open-window entries followed by this chunk.
         let (k_win, v_win) = match s.caches[layer].view()? {
             Some((ck, cv)) if win_cached > 0 => (
-                Tensor::cat(&[&ck.narrow(1, mem, win_cached)?, k_rot], 1)?,
-                Tensor::cat(&[&cv.narrow(1, mem, win_cached)?, v], 1)?,
+                // Re-rotation and selection run in the compute dtype (the cache may be f16).
+                Tensor::cat(&[&ck.narrow(1, mem, win_cached)?.to_dtype(k_rot.dtype())?, k_rot], 1)?,
+                Tensor::cat(&[&cv.narrow(1, mem, win_cached)?.to_dtype(v.dtype())?, v], 1)?,
             ),
             _ => (k_rot.clone(), v.clone()),
         };

@@ -579,6 +579,14 @@ impl Model {
                 return Ok(o);
             }
         }
+        // A cache kept in a narrower dtype (f16 K/V) than the compute dtype is widened here.
+        if segments.iter().any(|(k, v)| k.dtype() != q.dtype() || v.dtype() != q.dtype()) {
+            let widened: Vec<(Tensor, Tensor)> = segments
+                .iter()
+                .map(|(k, v)| Ok((k.to_dtype(q.dtype())?, v.to_dtype(q.dtype())?)))
+                .collect::<Result<_>>()?;
+            return attend_composed(q, &widened, mask, differentiable, self.cfg.num_kv_heads);
+        }
         attend_composed(q, segments, mask, differentiable, self.cfg.num_kv_heads)
     }
 }

@@ -1,7 +1,9 @@
 //! User-facing engine options (CLI flags, server settings) turned into validated engine values.
 
 use crate::config::{BeaconConfig, RatioMix};
-use crate::engine::Mode;
+use crate::engine::{Mode, Session};
+use crate::model::Model;
+use candle_core::DType;
 use crate::error::{BeaconError, Result};
 use serde::{Deserialize, Serialize};
 
@@ -20,6 +22,8 @@ pub struct EngineOptions {
     pub keep: Option<usize>,
     /// Seed of random ratio draws.
     pub seed: Option<u64>,
+    /// Dtype of the cached K/V: `f16`, `f32`, `bf16` (default: the model's compute dtype).
+    pub kv_dtype: Option<String>,
 }
 
 /// The ratio candidates `adapt` chooses from.
@@ -68,6 +72,37 @@ impl EngineOptions {
         }
         c.validate("engine options")?;
         Ok(c)
+    }
+
+    /// The requested K/V cache dtype, if any.
+    pub fn kv_dtype(&self) -> Result<Option<DType>> {
+        Ok(match self.kv_dtype.as_deref().map(str::trim) {
+            None => None,
+            Some("f32") => Some(DType::F32),
+            Some("f16") => Some(DType::F16),
+            Some("bf16") => Some(DType::BF16),
+            Some(other) => {
+                return Err(BeaconError::config(
+                    "--kv-dtype",
+                    "kv_dtype",
+                    "f16, f32 or bf16",
+                    other,
+                ))
+            }
+        })
+    }
+
+    /// A fresh session for `model` with these options over the model's beacon settings `base`.
+    pub fn session(&self, model: &Model, base: &BeaconConfig) -> Result<Session> {
+        let mut s = Session::new(
+            model,
+            self.mode(model.cfg.max_position_embeddings)?,
+            self.beacon_config(base)?,
+        );
+        if let Some(dtype) = self.kv_dtype()? {
+            s.set_kv_dtype(model, dtype)?;
+        }
+        Ok(s)
     }
 
     pub fn mode(&self, native_window: usize) -> Result<Mode> {
@@ -132,5 +167,11 @@ mod tests {
             ..Default::default()
         };
         assert!(o.mode(8192).is_err());
+        let o = EngineOptions {
+            kv_dtype: Some("f8".into()),
+            ..Default::default()
+        };
+        let e = o.kv_dtype().unwrap_err().to_string();
+        assert!(e.contains("kv_dtype") && e.contains("f8"), "{e}");
     }
 }

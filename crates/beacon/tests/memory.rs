@@ -42,3 +42,81 @@ fn ratio8_holds_under_a_seventh_of_full_kv() {
     f.feed(m, &ids, Want::Last).unwrap();
     assert_eq!(f.stats.peak_kv_bytes, f.kv_bytes_full());
 }
+
+/// Logits of `ids` then 8 single tokens, in every mode, with the cache in `kv` dtype.
+fn run_with_kv(kv: candle_core::DType, mode: Mode) -> (Vec<Vec<f32>>, usize) {
+    let dir =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/reference/llama-tiny");
+    let l = load(&dir, &LoadOptions::default()).unwrap();
+    let m = &l.model;
+    let mut cfg = l.beacon.clone();
+    cfg.ratios = vec![4];
+    cfg.ratio_mix = RatioMix::StepRandom;
+    cfg.sink_size = 1;
+    let ids: Vec<u32> = (0..32 * 6 + 20).map(|i| (i * 37 % 256) as u32).collect();
+    let mut s = Session::new(m, mode, cfg);
+    s.set_kv_dtype(m, kv).unwrap();
+    s.prefill_chunk = 24; // several chunks, and streaming evictions
+    let mut out = Vec::new();
+    let logits = s.feed(m, &ids, Want::Last).unwrap().unwrap();
+    out.push(logits.flatten_all().unwrap().to_vec1().unwrap());
+    for t in 0..8 {
+        let logits = s.feed(m, &[t * 5], Want::Last).unwrap().unwrap();
+        out.push(logits.flatten_all().unwrap().to_vec1().unwrap());
+    }
+    assert_eq!(s.kv_dtype(), kv);
+    (out, s.stats.peak_kv_bytes)
+}
+
+/// f16 K/V (window closes, re-rotation, streaming eviction, decode): the same logits as f32 K/V up
+/// to f16 rounding of the cached values (relative 2⁻¹¹), at half the bytes.
+#[test]
+fn f16_kv_cache_matches_f32_at_half_the_bytes() {
+    use candle_core::DType;
+    for mode in [
+        Mode::Beacon,
+        Mode::Full,
+        Mode::Streaming {
+            sink: 4,
+            recent: 64,
+        },
+    ] {
+        let (want, bytes32) = run_with_kv(DType::F32, mode.clone());
+        let (got, bytes16) = run_with_kv(DType::F16, mode.clone());
+        assert_eq!(bytes16 * 2, bytes32, "{mode:?}: K/V bytes");
+        let mut worst = 0f32;
+        for (g, w) in got.iter().zip(&want) {
+            let scale = w.iter().fold(0f32, |a, v| a.max(v.abs()));
+            for (a, b) in g.iter().zip(w) {
+                worst = worst.max((a - b).abs() / scale);
+            }
+        }
+        println!("{mode:?}: worst |Δ logit| / max |logit| = {worst:.2e}");
+        assert!(worst < 2e-3, "{mode:?}: f16 K/V logits differ by {worst} of the largest");
+    }
+}
+
+/// A context saved from an f16 session restores as f16 and continues exactly.
+#[test]
+fn f16_context_round_trip_continues_exactly() {
+    use beacon::context_file::Snapshot;
+    let dir =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/reference/llama-tiny");
+    let l = load(&dir, &LoadOptions::default()).unwrap();
+    let m = &l.model;
+    let mut s = Session::new(m, Mode::Beacon, l.beacon.clone());
+    s.set_kv_dtype(m, candle_core::DType::F16).unwrap();
+    let ids: Vec<u32> = (0..100).map(|i| (i * 13 % 256) as u32).collect();
+    s.feed(m, &ids, Want::Last).unwrap();
+    let tmp = std::env::temp_dir().join(format!("beacon-f16-{}.ctx", std::process::id()));
+    Snapshot::capture(&s, &l.fingerprint, None)
+        .unwrap()
+        .save(&tmp)
+        .unwrap();
+    let mut r = Snapshot::load(&tmp).unwrap().restore(m).unwrap();
+    std::fs::remove_file(&tmp).ok();
+    assert_eq!(r.kv_dtype(), candle_core::DType::F16);
+    let a: Vec<f32> = s.feed(m, &[7, 8, 9], Want::Last).unwrap().unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    let b: Vec<f32> = r.feed(m, &[7, 8, 9], Want::Last).unwrap().unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    assert_eq!(a, b);
+}
