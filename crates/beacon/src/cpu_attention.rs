@@ -15,7 +15,6 @@
 use crate::model::Mask;
 use candle_core::{CpuStorage, DType, Device, Storage, Tensor};
 use gemm::Parallelism;
-use rayon::prelude::*;
 use std::cell::RefCell;
 
 /// Floats in one task's score tile (`g·rows × columns`): 512 KiB, half of this machine's L2.
@@ -43,20 +42,35 @@ enum KvHeads<'a> {
     F16(Heads<'a, half::f16>),
 }
 
+/// The first rows of one head of cached K or V, as stored.
+enum KvRows<'a> {
+    F32(&'a [f32]),
+    F16(&'a [half::f16]),
+}
+
 impl KvHeads<'_> {
-    /// Rows `first..first + n` of head `h` as f32: borrowed when stored in f32, widened into `buf`
-    /// when stored in f16.
+    /// The first `n` rows (`d` values each) of head `h`, as stored.
     ///
     /// # Safety
-    /// Head `h` must hold at least `first + n` rows of `d` values.
-    unsafe fn rows<'b>(&'b self, h: usize, first: usize, n: usize, d: usize, buf: &'b mut Vec<f32>) -> &'b [f32] {
+    /// Head `h` must hold at least `n` rows of `d` values.
+    unsafe fn rows(&self, h: usize, n: usize, d: usize) -> KvRows<'_> {
         match self {
-            KvHeads::F32(x) => std::slice::from_raw_parts(x.head(h).add(first * d), n * d),
-            KvHeads::F16(x) => {
-                use half::slice::HalfFloatSliceExt;
-                let src = std::slice::from_raw_parts(x.head(h).add(first * d), n * d);
-                buf.resize(n * d, 0.0);
-                src.convert_to_f32_slice(buf);
+            KvHeads::F32(x) => KvRows::F32(std::slice::from_raw_parts(x.head(h), n * d)),
+            KvHeads::F16(x) => KvRows::F16(std::slice::from_raw_parts(x.head(h), n * d)),
+        }
+    }
+
+    /// The first `n` rows of head `h` as f32: borrowed when stored in f32, widened into `buf` when
+    /// stored in f16 (for the GEMM path, which reads each row many times).
+    ///
+    /// # Safety
+    /// As for [`KvHeads::rows`].
+    unsafe fn rows_f32<'b>(&'b self, h: usize, n: usize, d: usize, buf: &'b mut Vec<f32>) -> &'b [f32] {
+        match self.rows(h, n, d) {
+            KvRows::F32(x) => x,
+            KvRows::F16(x) => {
+                buf.resize(x.len(), 0.0);
+                widen_f16(x, buf);
                 buf
             }
         }
@@ -216,13 +230,24 @@ fn attend_tiled(
         block,
         scale,
     };
-    let run = |&(h, start): &(usize, usize)| job.run(h, start);
-    // One task per thread is not worth rayon's hand-off (decode with few kv heads still splits).
-    let outputs: Vec<Vec<f32>> = if tasks.len() == 1 || rayon::current_num_threads() == 1 {
-        tasks.iter().map(run).collect()
-    } else {
-        tasks.par_iter().map(run).collect()
-    };
+    // Tasks run on candle's barrier pool, the one its quantized matmuls use: in decode the two
+    // alternate every few microseconds, and a second pool (rayon) would compete with the barrier
+    // pool's spinning workers for the same cores.
+    let slots: Vec<std::sync::OnceLock<Vec<f32>>> =
+        tasks.iter().map(|_| std::sync::OnceLock::new()).collect();
+    candle_core::utils::barrier_pool().execute_chunked(tasks.len(), |range| {
+        for i in range {
+            let (h, start) = tasks[i];
+            let _ = slots[i].set(job.run(h, start));
+        }
+    });
+    let outputs: Vec<Vec<f32>> = slots
+        .into_iter()
+        .map(|s| {
+            s.into_inner()
+                .ok_or_else(|| candle_core::Error::Msg("attention: a task did not run".into()))
+        })
+        .collect::<candle_core::Result<_>>()?;
 
     // Scatter task outputs `[g·nb, d]` into `[n, heads·d]` (head `h·g + gi`, row `start + r`).
     let mut out = vec![0f32; n * heads * d];
@@ -287,16 +312,18 @@ impl Job<'_> {
             for &(seg, take, off) in &pieces {
                 let keys = &self.kv[seg].0;
                 if direct {
-                    // A few rows at a time, so rows widened from f16 stay in L1.
-                    for first in (0..take).step_by(DIRECT_CHUNK) {
-                        let n = DIRECT_CHUNK.min(take - first);
-                        // SAFETY: kv head `h` holds at least `take` rows of `d` values.
-                        let k = unsafe { keys.rows(h, first, n, d, widened) };
-                        scores_direct(qb, d, k, &mut scores[off + first..], cols, self.scale);
+                    // SAFETY: kv head `h` holds at least `take` rows of `d` values.
+                    match unsafe { keys.rows(h, take, d) } {
+                        KvRows::F32(k) => {
+                            scores_direct(qb, d, k, &mut scores[off..], cols, self.scale)
+                        }
+                        KvRows::F16(k) => {
+                            scores_direct_f16(qb, d, k, &mut scores[off..], cols, self.scale)
+                        }
                     }
                 } else {
                     // SAFETY: as above.
-                    let k = unsafe { keys.rows(h, 0, take, d, widened) };
+                    let k = unsafe { keys.rows_f32(h, take, d, widened) };
                     // SAFETY: dst is `rows × cols` (row stride cols) from column `off`; lhs
                     // `rows × d`; rhs is Kᵀ read through K's `[take, d]` rows.
                     unsafe {
@@ -333,15 +360,16 @@ impl Job<'_> {
             for (i, &(seg, take, off)) in pieces.iter().enumerate() {
                 let values = &self.kv[seg].1;
                 if direct {
-                    for first in (0..take).step_by(DIRECT_CHUNK) {
-                        let n = DIRECT_CHUNK.min(take - first);
-                        // SAFETY: as for K.
-                        let v = unsafe { values.rows(h, first, n, d, widened) };
-                        weighted_sum_direct(&scores[off + first..], cols, v, d, &mut out);
+                    // SAFETY: as for K.
+                    match unsafe { values.rows(h, take, d) } {
+                        KvRows::F32(v) => weighted_sum_direct(&scores[off..], cols, v, d, &mut out),
+                        KvRows::F16(v) => {
+                            weighted_sum_direct_f16(&scores[off..], cols, v, d, &mut out)
+                        }
                     }
                 } else {
                     // SAFETY: as for K.
-                    let v = unsafe { values.rows(h, 0, take, d, widened) };
+                    let v = unsafe { values.rows_f32(h, take, d, widened) };
                     // SAFETY: lhs is the probability tile from column `off` (`rows × take`, row
                     // stride cols); rhs V `[take, d]`; dst `[rows, d]`, accumulated after the first.
                     unsafe {
@@ -418,8 +446,6 @@ unsafe fn gemm_f32(
 /// Most query rows (`g × block`) a task computes with dot products instead of GEMM.
 const DIRECT_ROWS: usize = 8;
 
-/// Key/value rows the dot-product path reads per piece (64 rows of d = 64: 16 KiB widened).
-const DIRECT_CHUNK: usize = 64;
 
 /// `scores[i·cols + j] = scale · q_i · k_j` for the `qb.len() / d` query rows and the rows `j` of `k`.
 fn scores_direct(qb: &[f32], d: usize, k: &[f32], scores: &mut [f32], cols: usize, scale: f32) {
@@ -492,6 +518,157 @@ fn weighted_sum_direct_portable(p: &[f32], cols: usize, v: &[f32], d: usize, out
             }
         }
     }
+}
+
+/// [`scores_direct`] with keys stored in f16 (widened in registers as they are read).
+fn scores_direct_f16(
+    qb: &[f32],
+    d: usize,
+    k: &[half::f16],
+    scores: &mut [f32],
+    cols: usize,
+    scale: f32,
+) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if d % 8 == 0 && has_avx2_fma_f16c() {
+            // SAFETY: the features were detected; d is a multiple of the 8-lane loads.
+            unsafe { scores_direct_f16_avx2(qb, d, k, scores, cols, scale) };
+            return;
+        }
+    }
+    for (j, key) in k.chunks_exact(d).enumerate() {
+        for (i, query) in qb.chunks_exact(d).enumerate() {
+            let s: f32 = query.iter().zip(key).map(|(q, k)| q * k.to_f32()).sum();
+            scores[i * cols + j] = scale * s;
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn scores_direct_f16_avx2(
+    qb: &[f32],
+    d: usize,
+    k: &[half::f16],
+    scores: &mut [f32],
+    cols: usize,
+    scale: f32,
+) {
+    use std::arch::x86_64::*;
+    let rows = qb.len() / d;
+    for j in 0..k.len() / d {
+        let key = k.as_ptr().add(j * d) as *const __m128i;
+        for i in 0..rows {
+            let q = qb.as_ptr().add(i * d);
+            let (mut a0, mut a1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+            let mut c = 0;
+            while c + 16 <= d {
+                let k0 = _mm256_cvtph_ps(_mm_loadu_si128(key.add(c / 8)));
+                let k1 = _mm256_cvtph_ps(_mm_loadu_si128(key.add(c / 8 + 1)));
+                a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q.add(c)), k0, a0);
+                a1 = _mm256_fmadd_ps(_mm256_loadu_ps(q.add(c + 8)), k1, a1);
+                c += 16;
+            }
+            if c < d {
+                let k0 = _mm256_cvtph_ps(_mm_loadu_si128(key.add(c / 8)));
+                a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q.add(c)), k0, a0);
+            }
+            *scores.get_unchecked_mut(i * cols + j) = scale * hsum256(_mm256_add_ps(a0, a1));
+        }
+    }
+}
+
+/// [`weighted_sum_direct`] with values stored in f16.
+fn weighted_sum_direct_f16(p: &[f32], cols: usize, v: &[half::f16], d: usize, out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if d % 8 == 0 && has_avx2_fma_f16c() {
+            // SAFETY: the features were detected; d is a multiple of the 8-lane loads.
+            unsafe { weighted_sum_direct_f16_avx2(p, cols, v, d, out) };
+            return;
+        }
+    }
+    for (j, value) in v.chunks_exact(d).enumerate() {
+        for (i, o) in out.chunks_exact_mut(d).enumerate() {
+            let w = p[i * cols + j];
+            if w != 0.0 {
+                o.iter_mut().zip(value).for_each(|(o, v)| *o += w * v.to_f32());
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn weighted_sum_direct_f16_avx2(
+    p: &[f32],
+    cols: usize,
+    v: &[half::f16],
+    d: usize,
+    out: &mut [f32],
+) {
+    use std::arch::x86_64::*;
+    let rows = out.len() / d;
+    for j in 0..v.len() / d {
+        let value = v.as_ptr().add(j * d) as *const __m128i;
+        for i in 0..rows {
+            let w = *p.get_unchecked(i * cols + j);
+            if w == 0.0 {
+                continue;
+            }
+            let w = _mm256_set1_ps(w);
+            let o = out.as_mut_ptr().add(i * d);
+            for c in (0..d).step_by(8) {
+                let x = _mm256_cvtph_ps(_mm_loadu_si128(value.add(c / 8)));
+                _mm256_storeu_ps(o.add(c), _mm256_fmadd_ps(w, x, _mm256_loadu_ps(o.add(c))));
+            }
+        }
+    }
+}
+
+/// f16 → f32 for a slice (the GEMM path widens each segment once per task).
+fn widen_f16(src: &[half::f16], dst: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if has_avx2_fma_f16c() {
+            // SAFETY: the features were detected.
+            unsafe { widen_f16_f16c(src, dst) };
+            return;
+        }
+    }
+    dst.iter_mut().zip(src).for_each(|(d, s)| *d = s.to_f32());
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn widen_f16_f16c(src: &[half::f16], dst: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let n = src.len().min(dst.len());
+    let mut i = 0;
+    while i + 8 <= n {
+        let x = _mm256_cvtph_ps(_mm_loadu_si128(src.as_ptr().add(i) as *const __m128i));
+        _mm256_storeu_ps(dst.as_mut_ptr().add(i), x);
+        i += 8;
+    }
+    for j in i..n {
+        dst[j] = src[j].to_f32();
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn hsum256(x: std::arch::x86_64::__m256) -> f32 {
+    use std::arch::x86_64::*;
+    let quad = _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
+    let pair = _mm_add_ps(quad, _mm_movehl_ps(quad, quad));
+    _mm_cvtss_f32(_mm_add_ss(pair, _mm_shuffle_ps(pair, pair, 1)))
+}
+
+#[cfg(target_arch = "x86_64")]
+fn has_avx2_fma_f16c() -> bool {
+    has_avx2_fma() && std::arch::is_x86_feature_detected!("f16c")
 }
 
 /// Dot product in `LANES` independent partial sums (vectorisable without reassociation).
@@ -674,16 +851,16 @@ mod tests {
         }
     }
 
-    /// Cached segments kept in f16 (the chunk stays f32), for the GEMM and the dot-product paths and
-    /// segments longer than one dot-product piece: the same result as f32 attention over the values
-    /// the f16 cache holds.
+    /// Cached segments kept in f16 (the chunk stays f32), for the GEMM and the dot-product paths
+    /// (d = 24: SIMD loops with a tail; d = 12: the portable loops): the same result as f32
+    /// attention over the values the f16 cache holds.
     #[test]
     fn f16_cache_segments_match_their_widened_values() {
-        let (heads, kvh, d) = (6, 2, 16);
-        for n in [70, 1] {
+        let (heads, kvh) = (6, 2);
+        for (n, d) in [(70, 24), (1, 24), (2, 12), (70, 12)] {
             let q = (random((heads, n, d), 11) * 3.0).unwrap();
             let half = |t: Tensor| t.to_dtype(DType::F16).unwrap();
-            let long = DIRECT_CHUNK * 2 + 9;
+            let long = 137;
             let cached = vec![
                 (half(random((kvh, 3, d), 12)), half(random((kvh, 3, d), 13))),
                 (half(random((kvh, long, d), 14)), half(random((kvh, long, d), 15))),
