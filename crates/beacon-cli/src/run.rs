@@ -66,6 +66,8 @@ pub struct RunStats {
     pub input_tokens: usize,
     pub windows: usize,
     pub memory_entries: MemoryEntries,
+    /// Dtype of the cached K/V (both byte counts are in it).
+    pub kv_dtype: String,
     pub kv_bytes: usize,
     pub kv_bytes_full: usize,
     pub prefill_seconds: f64,
@@ -258,6 +260,7 @@ pub fn run(args: RunArgs) -> Result<()> {
             beacon: l.beacons,
             raw: l.window_flags.len(),
         },
+        kv_dtype: format!("{:?}", session.kv_dtype()).to_lowercase(),
         kv_bytes: session.stats.peak_kv_bytes,
         kv_bytes_full: session.kv_bytes_full(),
         prefill_seconds: g.prefill_seconds,
@@ -269,7 +272,7 @@ pub fn run(args: RunArgs) -> Result<()> {
         finish: format!("{:?}", g.finish).to_lowercase(),
     };
     eprintln!(
-        "[{} ratio {}] {} tokens read in {:.2}s ({:.0} tok/s), {} generated at {:.1} tok/s | K/V peak {} vs {} full ({:.1}x less) | memory sink {} + beacon {} + raw {} | peak RSS {}",
+        "[{} ratio {}] {} tokens read in {:.2}s ({:.0} tok/s), {} generated at {:.1} tok/s | {} K/V peak {} vs {} full ({:.1}x less) | memory sink {} + beacon {} + raw {} | peak RSS {}",
         stats.mode,
         stats.ratio,
         stats.input_tokens,
@@ -277,6 +280,7 @@ pub fn run(args: RunArgs) -> Result<()> {
         stats.prefill_tokens_per_second,
         stats.decode_tokens,
         stats.decode_tokens_per_second,
+        stats.kv_dtype,
         human_bytes(stats.kv_bytes as u64),
         human_bytes(stats.kv_bytes_full as u64),
         stats.kv_bytes_full as f64 / stats.kv_bytes.max(1) as f64,
