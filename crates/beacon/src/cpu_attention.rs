@@ -531,7 +531,7 @@ fn scores_direct_f16(
 ) {
     #[cfg(target_arch = "x86_64")]
     {
-        if d % 8 == 0 && has_avx2_fma_f16c() {
+        if d.is_multiple_of(8) && has_avx2_fma_f16c() {
             // SAFETY: the features were detected; d is a multiple of the 8-lane loads.
             unsafe { scores_direct_f16_avx2(qb, d, k, scores, cols, scale) };
             return;
@@ -583,7 +583,7 @@ unsafe fn scores_direct_f16_avx2(
 fn weighted_sum_direct_f16(p: &[f32], cols: usize, v: &[half::f16], d: usize, out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     {
-        if d % 8 == 0 && has_avx2_fma_f16c() {
+        if d.is_multiple_of(8) && has_avx2_fma_f16c() {
             // SAFETY: the features were detected; d is a multiple of the 8-lane loads.
             unsafe { weighted_sum_direct_f16_avx2(p, cols, v, d, out) };
             return;

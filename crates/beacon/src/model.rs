@@ -92,9 +92,7 @@ impl Weight {
                 let rows = x.dim(0)?;
                 match dense {
                     Some(w) if rows >= DENSE_MIN_ROWS => x.matmul(&w.t()?)?,
-                    _ if qtensor.dtype() == GgmlDType::Q4_1 && rows <= q4_1::MAX_ROWS => {
-                        q4_1::forward(qtensor, x)?
-                    }
+                    _ if qtensor.dtype() == GgmlDType::Q4_1 => q4_1::forward(qtensor, x)?,
                     _ => q.forward(x)?,
                 }
             }

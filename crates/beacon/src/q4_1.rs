@@ -125,14 +125,26 @@ impl<'a> Q4_1Matrix<'a> {
     }
 }
 
-/// `x Wᵀ` for a Q4_1 weight: x `[rows, in]` f32 on the CPU with `rows ≤ MAX_ROWS` → `[rows, out]`.
+/// `x Wᵀ` for a Q4_1 weight: x `[rows, in]` on the CPU → `[rows, out]`, in groups of
+/// [`MAX_ROWS`] rows (a model loaded without dense copies also runs its prefill through here).
 pub fn forward(w: &QTensor, x: &Tensor) -> Result<Tensor> {
     let bytes = w.data()?;
     let m = Q4_1Matrix::new(w, &bytes)?;
-    let (rows, _) = x.dims2()?;
+    let (rows, inner) = x.dims2()?;
+    if inner != m.blocks_per_row * QK {
+        return Err(BeaconError::invalid(format!(
+            "q4_1 kernel: input width {inner}, weight width {}",
+            m.blocks_per_row * QK
+        )));
+    }
     let xv: Vec<f32> = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
     let mut y = vec![0f32; rows * m.out];
-    m.matmul(&xv, rows, &mut y);
+    for (xs, ys) in xv
+        .chunks(MAX_ROWS * inner)
+        .zip(y.chunks_mut(MAX_ROWS * m.out))
+    {
+        m.matmul(xs, xs.len() / inner, ys);
+    }
     Ok(Tensor::from_vec(y, (rows, m.out), &Device::Cpu)?.to_dtype(x.dtype())?)
 }
 
@@ -292,6 +304,14 @@ mod tests {
         let norm = want.iter().map(|v| v * v).sum::<f32>().sqrt();
         let err = want.iter().zip(&got).map(|(a, b)| (a - b) * (a - b)).sum::<f32>().sqrt();
         assert!(err / norm < 0.01, "relative error {}", err / norm);
+        // More rows than one group: each row as if it were alone.
+        let xs = random_tensor(&mut 9, (19, inner));
+        let all: Vec<f32> = forward(&w, &xs).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        for r in [0, 8, 18] {
+            let one: Vec<f32> =
+                forward(&w, &xs.narrow(0, r, 1).unwrap()).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+            assert_eq!(&all[r * out..(r + 1) * out], &one[..], "row {r}");
+        }
     }
 
     #[test]
