@@ -265,7 +265,7 @@ pub fn run(args: &ReportArgs, command: &str) -> Result<()> {
     s.push_str("Each section's own command (shown with it) reruns just that section into the same directory.\n\n");
     s.push_str(&format!(
         "(`cargo run --release -p beacon-eval --bin beacon-eval -- …` is the same as `beacon eval …`.) \
-         Machine: {} CPU core(s), candle CPU backend, f32 activations; times are wall-clock on that machine.\n\n",
+         Machine: {} CPU core(s), candle CPU backend, f32 activations and K/V cache (the CLI defaults to an f16 cache); times are wall-clock on that machine.\n\n",
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
     ));
     s.push_str(
