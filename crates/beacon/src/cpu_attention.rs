@@ -65,7 +65,13 @@ impl KvHeads<'_> {
     ///
     /// # Safety
     /// As for [`KvHeads::rows`].
-    unsafe fn rows_f32<'b>(&'b self, h: usize, n: usize, d: usize, buf: &'b mut Vec<f32>) -> &'b [f32] {
+    unsafe fn rows_f32<'b>(
+        &'b self,
+        h: usize,
+        n: usize,
+        d: usize,
+        buf: &'b mut Vec<f32>,
+    ) -> &'b [f32] {
         match self.rows(h, n, d) {
             KvRows::F32(x) => x,
             KvRows::F16(x) => {
@@ -446,7 +452,6 @@ unsafe fn gemm_f32(
 /// Most query rows (`g × block`) a task computes with dot products instead of GEMM.
 const DIRECT_ROWS: usize = 8;
 
-
 /// `scores[i·cols + j] = scale · q_i · k_j` for the `qb.len() / d` query rows and the rows `j` of `k`.
 fn scores_direct(qb: &[f32], d: usize, k: &[f32], scores: &mut [f32], cols: usize, scale: f32) {
     #[cfg(target_arch = "x86_64")]
@@ -593,7 +598,9 @@ fn weighted_sum_direct_f16(p: &[f32], cols: usize, v: &[half::f16], d: usize, ou
         for (i, o) in out.chunks_exact_mut(d).enumerate() {
             let w = p[i * cols + j];
             if w != 0.0 {
-                o.iter_mut().zip(value).for_each(|(o, v)| *o += w * v.to_f32());
+                o.iter_mut()
+                    .zip(value)
+                    .for_each(|(o, v)| *o += w * v.to_f32());
             }
         }
     }
@@ -863,14 +870,22 @@ mod tests {
             let long = 137;
             let cached = vec![
                 (half(random((kvh, 3, d), 12)), half(random((kvh, 3, d), 13))),
-                (half(random((kvh, long, d), 14)), half(random((kvh, long, d), 15))),
+                (
+                    half(random((kvh, long, d), 14)),
+                    half(random((kvh, long, d), 15)),
+                ),
             ];
             let chunk = (random((kvh, n, d), 16), random((kvh, n, d), 17));
             let mut mixed = cached.clone();
             mixed.push(chunk.clone());
             let mut widened: Vec<(Tensor, Tensor)> = cached
                 .iter()
-                .map(|(k, v)| (k.to_dtype(DType::F32).unwrap(), v.to_dtype(DType::F32).unwrap()))
+                .map(|(k, v)| {
+                    (
+                        k.to_dtype(DType::F32).unwrap(),
+                        v.to_dtype(DType::F32).unwrap(),
+                    )
+                })
                 .collect();
             widened.push(chunk);
             let want =

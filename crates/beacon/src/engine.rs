@@ -879,8 +879,17 @@ impl AttentionContext for BeaconContext<'_> {
         let (k_win, v_win) = match s.caches[layer].view()? {
             Some((ck, cv)) if win_cached > 0 => (
                 // Re-rotation and selection run in the compute dtype (the cache may be f16).
-                Tensor::cat(&[&ck.narrow(1, mem, win_cached)?.to_dtype(k_rot.dtype())?, k_rot], 1)?,
-                Tensor::cat(&[&cv.narrow(1, mem, win_cached)?.to_dtype(v.dtype())?, v], 1)?,
+                Tensor::cat(
+                    &[
+                        &ck.narrow(1, mem, win_cached)?.to_dtype(k_rot.dtype())?,
+                        k_rot,
+                    ],
+                    1,
+                )?,
+                Tensor::cat(
+                    &[&cv.narrow(1, mem, win_cached)?.to_dtype(v.dtype())?, v],
+                    1,
+                )?,
             ),
             _ => (k_rot.clone(), v.clone()),
         };

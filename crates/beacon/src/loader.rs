@@ -743,10 +743,7 @@ fn load_gguf(path: &Path, opts: &LoadOptions) -> Result<Loaded> {
 /// prefill copy keeps the exact source values. Q4_1 stays as it is: [`crate::q4_1`] reads it directly.
 fn decode_friendly(w: QTensor, keep_dense: bool) -> Result<Weight> {
     use candle_core::quantized::GgmlDType;
-    if !matches!(
-        w.dtype(),
-        GgmlDType::Q5_0 | GgmlDType::Q5_1
-    ) {
+    if !matches!(w.dtype(), GgmlDType::Q5_0 | GgmlDType::Q5_1) {
         return Weight::quantized(w, keep_dense);
     }
     let dense = w.dequantize(&Device::Cpu)?;

@@ -578,7 +578,10 @@ impl Model {
             }
         }
         // A cache kept in a narrower dtype (f16 K/V) than the compute dtype is widened here.
-        if segments.iter().any(|(k, v)| k.dtype() != q.dtype() || v.dtype() != q.dtype()) {
+        if segments
+            .iter()
+            .any(|(k, v)| k.dtype() != q.dtype() || v.dtype() != q.dtype())
+        {
             let widened: Vec<(Tensor, Tensor)> = segments
                 .iter()
                 .map(|(k, v)| Ok((k.to_dtype(q.dtype())?, v.to_dtype(q.dtype())?)))

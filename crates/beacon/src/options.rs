@@ -2,9 +2,9 @@
 
 use crate::config::{BeaconConfig, RatioMix};
 use crate::engine::{Mode, Session};
+use crate::error::{BeaconError, Result};
 use crate::model::Model;
 use candle_core::DType;
-use crate::error::{BeaconError, Result};
 use serde::{Deserialize, Serialize};
 
 /// Overrides of the model's beacon settings.

@@ -279,7 +279,10 @@ mod tests {
             m.matmul(&x, rows, &mut y);
             let scale = want.iter().fold(1f32, |s, v| s.max(v.abs()));
             for (g, e) in y.iter().zip(&want) {
-                assert!((g - e).abs() <= 1e-5 * scale, "{g} vs {e} ({out}x{inner}, {rows} rows)");
+                assert!(
+                    (g - e).abs() <= 1e-5 * scale,
+                    "{g} vs {e} ({out}x{inner}, {rows} rows)"
+                );
             }
             // The portable and SIMD dots agree row by row.
             let mut acts = vec![ActBlock::ZERO; inner / QK];
@@ -287,7 +290,10 @@ mod tests {
             for o in 0..out {
                 let p = dot_portable(m.row(o), &acts);
                 let s = select_dot()(m.row(o), &acts);
-                assert!((p - s).abs() <= 1e-5 * scale, "row {o}: portable {p} vs selected {s}");
+                assert!(
+                    (p - s).abs() <= 1e-5 * scale,
+                    "row {o}: portable {p} vs selected {s}"
+                );
             }
         }
     }
@@ -299,17 +305,42 @@ mod tests {
         let w = q4_1(out, inner, 3);
         let x = random_tensor(&mut 4, (1, inner));
         let dense = w.dequantize(&Device::Cpu).unwrap();
-        let want: Vec<f32> = x.matmul(&dense.t().unwrap()).unwrap().flatten_all().unwrap().to_vec1().unwrap();
-        let got: Vec<f32> = forward(&w, &x).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let want: Vec<f32> = x
+            .matmul(&dense.t().unwrap())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let got: Vec<f32> = forward(&w, &x)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
         let norm = want.iter().map(|v| v * v).sum::<f32>().sqrt();
-        let err = want.iter().zip(&got).map(|(a, b)| (a - b) * (a - b)).sum::<f32>().sqrt();
+        let err = want
+            .iter()
+            .zip(&got)
+            .map(|(a, b)| (a - b) * (a - b))
+            .sum::<f32>()
+            .sqrt();
         assert!(err / norm < 0.01, "relative error {}", err / norm);
         // More rows than one group: each row as if it were alone.
         let xs = random_tensor(&mut 9, (19, inner));
-        let all: Vec<f32> = forward(&w, &xs).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let all: Vec<f32> = forward(&w, &xs)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
         for r in [0, 8, 18] {
-            let one: Vec<f32> =
-                forward(&w, &xs.narrow(0, r, 1).unwrap()).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+            let one: Vec<f32> = forward(&w, &xs.narrow(0, r, 1).unwrap())
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
             assert_eq!(&all[r * out..(r + 1) * out], &one[..], "row {r}");
         }
     }

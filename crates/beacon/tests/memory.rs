@@ -92,7 +92,10 @@ fn f16_kv_cache_matches_f32_at_half_the_bytes() {
             }
         }
         println!("{mode:?}: worst |Δ logit| / max |logit| = {worst:.2e}");
-        assert!(worst < 2e-3, "{mode:?}: f16 K/V logits differ by {worst} of the largest");
+        assert!(
+            worst < 2e-3,
+            "{mode:?}: f16 K/V logits differ by {worst} of the largest"
+        );
     }
 }
 
@@ -116,7 +119,21 @@ fn f16_context_round_trip_continues_exactly() {
     let mut r = Snapshot::load(&tmp).unwrap().restore(m).unwrap();
     std::fs::remove_file(&tmp).ok();
     assert_eq!(r.kv_dtype(), candle_core::DType::F16);
-    let a: Vec<f32> = s.feed(m, &[7, 8, 9], Want::Last).unwrap().unwrap().flatten_all().unwrap().to_vec1().unwrap();
-    let b: Vec<f32> = r.feed(m, &[7, 8, 9], Want::Last).unwrap().unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    let a: Vec<f32> = s
+        .feed(m, &[7, 8, 9], Want::Last)
+        .unwrap()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let b: Vec<f32> = r
+        .feed(m, &[7, 8, 9], Want::Last)
+        .unwrap()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
     assert_eq!(a, b);
 }
