@@ -49,30 +49,35 @@ enum KvRows<'a> {
 }
 
 impl KvHeads<'_> {
-    /// The first `n` rows (`d` values each) of head `h`, as stored.
+    /// Rows `first..first + n` (`d` values each) of head `h`, as stored.
     ///
     /// # Safety
-    /// Head `h` must hold at least `n` rows of `d` values.
-    unsafe fn rows(&self, h: usize, n: usize, d: usize) -> KvRows<'_> {
+    /// Head `h` must hold at least `first + n` rows of `d` values.
+    unsafe fn rows(&self, h: usize, first: usize, n: usize, d: usize) -> KvRows<'_> {
         match self {
-            KvHeads::F32(x) => KvRows::F32(std::slice::from_raw_parts(x.head(h), n * d)),
-            KvHeads::F16(x) => KvRows::F16(std::slice::from_raw_parts(x.head(h), n * d)),
+            KvHeads::F32(x) => {
+                KvRows::F32(std::slice::from_raw_parts(x.head(h).add(first * d), n * d))
+            }
+            KvHeads::F16(x) => {
+                KvRows::F16(std::slice::from_raw_parts(x.head(h).add(first * d), n * d))
+            }
         }
     }
 
-    /// The first `n` rows of head `h` as f32: borrowed when stored in f32, widened into `buf` when
-    /// stored in f16 (for the GEMM path, which reads each row many times).
+    /// Rows `first..first + n` of head `h` as f32: borrowed when stored in f32, widened into `buf`
+    /// when stored in f16 (for the GEMM path, which reads each row many times).
     ///
     /// # Safety
     /// As for [`KvHeads::rows`].
     unsafe fn rows_f32<'b>(
         &'b self,
         h: usize,
+        first: usize,
         n: usize,
         d: usize,
         buf: &'b mut Vec<f32>,
     ) -> &'b [f32] {
-        match self.rows(h, n, d) {
+        match self.rows(h, first, n, d) {
             KvRows::F32(x) => x,
             KvRows::F16(x) => {
                 buf.resize(x.len(), 0.0);
@@ -135,16 +140,19 @@ pub(crate) fn attend(
     mask: &Mask,
     kv_heads: usize,
 ) -> candle_core::Result<Option<Tensor>> {
-    attend_tiled(q, segments, mask, kv_heads, SCORE_TILE)
+    attend_tiled(q, segments, mask, kv_heads, SCORE_TILE, None)
 }
 
-/// [`attend`] with the score-tile size as a parameter (tests use small tiles to get many blocks).
+/// [`attend`] with the score-tile size and the column parts of dot-product tasks as parameters
+/// (tests use small tiles to get many blocks, and force parts; `None` = one per pool thread when
+/// the context is long and there are fewer tasks than threads to keep busy).
 fn attend_tiled(
     q: &Tensor,
     segments: &[(Tensor, Tensor)],
     mask: &Mask,
     kv_heads: usize,
     tile: usize,
+    parts: Option<usize>,
 ) -> candle_core::Result<Option<Tensor>> {
     if q.dtype() != DType::F32 || !matches!(q.device(), Device::Cpu) {
         return Ok(None);
@@ -220,8 +228,24 @@ fn attend_tiled(
     let block = (tile / (g * t).max(1))
         .clamp(MIN_BLOCK_ROWS, n.max(MIN_BLOCK_ROWS))
         .min(n);
-    let tasks: Vec<(usize, usize)> = (0..kv_heads)
-        .flat_map(|h| (0..n).step_by(block).map(move |s| (h, s)))
+    // Decode has one task per kv head (3 for SmolLM2): on 2 threads one thread would read two
+    // heads' K/V while the other waits. Long contexts split each task's columns into parts (one
+    // per thread) that are merged by their softmax statistics afterwards.
+    let row_blocks = n.div_ceil(block);
+    let parts = match parts {
+        _ if g * block > DIRECT_ROWS => 1,
+        Some(p) => p.max(1),
+        None if kv_heads * row_blocks < 2 * pool_threads() => {
+            pool_threads().min(t / SPLIT_MIN_COLS).max(1)
+        }
+        None => 1,
+    };
+    let tasks: Vec<(usize, usize, usize)> = (0..kv_heads)
+        .flat_map(|h| {
+            (0..n)
+                .step_by(block)
+                .flat_map(move |s| (0..parts).map(move |p| (h, s, p)))
+        })
         .collect();
     let scale = (1.0 / (d as f64).sqrt()) as f32;
     let job = Job {
@@ -239,15 +263,15 @@ fn attend_tiled(
     // Tasks run on candle's barrier pool, the one its quantized matmuls use: in decode the two
     // alternate every few microseconds, and a second pool (rayon) would compete with the barrier
     // pool's spinning workers for the same cores.
-    let slots: Vec<std::sync::OnceLock<Vec<f32>>> =
+    let slots: Vec<std::sync::OnceLock<Partial>> =
         tasks.iter().map(|_| std::sync::OnceLock::new()).collect();
     candle_core::utils::barrier_pool().execute_chunked(tasks.len(), |range| {
         for i in range {
-            let (h, start) = tasks[i];
-            let _ = slots[i].set(job.run(h, start));
+            let (h, start, part) = tasks[i];
+            let _ = slots[i].set(job.run(h, start, part, parts));
         }
     });
-    let outputs: Vec<Vec<f32>> = slots
+    let partials: Vec<Partial> = slots
         .into_iter()
         .map(|s| {
             s.into_inner()
@@ -255,10 +279,13 @@ fn attend_tiled(
         })
         .collect::<candle_core::Result<_>>()?;
 
-    // Scatter task outputs `[g·nb, d]` into `[n, heads·d]` (head `h·g + gi`, row `start + r`).
+    // Merge each (head, block)'s column parts, then scatter their rows `[g·nb, d]` into
+    // `[n, heads·d]` (head `h·g + gi`, row `start + r`).
     let mut out = vec![0f32; n * heads * d];
-    for (&(h, start), o) in tasks.iter().zip(&outputs) {
+    for (group, parts_of) in tasks.chunks(parts).zip(partials.chunks(parts)) {
+        let (h, start, _) = group[0];
         let nb = block.min(n - start);
+        let o = merge_parts(parts_of, d);
         for gi in 0..g {
             let head = h * g + gi;
             for r in 0..nb {
@@ -286,17 +313,22 @@ struct Job<'a> {
 }
 
 impl Job<'_> {
-    /// Output rows `[g·nb, d]` of kv head `h` for query rows `start..start + nb`.
-    fn run(&self, h: usize, start: usize) -> Vec<f32> {
+    /// Kv head `h`, query rows `start..start + nb`, against column part `part` of `parts`: the
+    /// unnormalised output rows `[g·nb, d]` with each row's max score and Σ e^(s − max).
+    fn run(&self, h: usize, start: usize, part: usize, parts: usize) -> Partial {
         let (g, d) = (self.g, self.d);
         let nb = self.block.min(self.n - start);
         let rows = g * nb;
         // Causal rows never see past the block's last row: the tile narrows to those columns.
-        let cols = match self.mask_rows {
+        let all_cols = match self.mask_rows {
             None => self.ctx + start + nb,
             Some(_) => self.t,
         };
+        let c0 = part * all_cols / parts;
+        let cols = (part + 1) * all_cols / parts - c0;
         let mut out = vec![0f32; rows * d];
+        let mut maxes = Vec::with_capacity(rows);
+        let mut sums = Vec::with_capacity(rows);
         // A handful of rows (decode): GEMM would pack all of K and V for a matrix-vector product;
         // reading each key/value row once and using it for every query row is cheaper.
         let direct = rows <= DIRECT_ROWS;
@@ -312,14 +344,14 @@ impl Job<'_> {
                     qb[(gi * nb + r) * d..(gi * nb + r + 1) * d].copy_from_slice(src);
                 }
             }
-            // Each segment's first `take` rows, at tile column `off`, up to the tile's width.
-            let pieces = self.pieces(cols);
+            // Segment rows `first..first + take` at tile column `off`, over columns c0..c0 + cols.
+            let pieces = self.pieces(c0, c0 + cols);
             // scores[:, off..off+take] = scale · qb · K_segᵀ
-            for &(seg, take, off) in &pieces {
+            for &(seg, first, take, off) in &pieces {
                 let keys = &self.kv[seg].0;
                 if direct {
-                    // SAFETY: kv head `h` holds at least `take` rows of `d` values.
-                    match unsafe { keys.rows(h, take, d) } {
+                    // SAFETY: kv head `h` holds at least `first + take` rows of `d` values.
+                    match unsafe { keys.rows(h, first, take, d) } {
                         KvRows::F32(k) => {
                             scores_direct(qb, d, k, &mut scores[off..], cols, self.scale)
                         }
@@ -329,7 +361,7 @@ impl Job<'_> {
                     }
                 } else {
                     // SAFETY: as above.
-                    let k = unsafe { keys.rows_f32(h, take, d, widened) };
+                    let k = unsafe { keys.rows_f32(h, first, take, d, widened) };
                     // SAFETY: dst is `rows × cols` (row stride cols) from column `off`; lhs
                     // `rows × d`; rhs is Kᵀ read through K's `[take, d]` rows.
                     unsafe {
@@ -343,31 +375,31 @@ impl Job<'_> {
                     };
                 }
             }
-            // Rows hold e^(s − max) after this; the 1/Σ is applied to the output rows instead
-            // (d values per row rather than `cols`).
-            let mut inv_sums = Vec::with_capacity(rows);
+            // Rows hold e^(s − max) after this; the 1/Σ is applied to the output rows when the
+            // parts are merged (d values per row rather than `cols`).
             for gi in 0..g {
                 for r in 0..nb {
                     let row = &mut scores[(gi * nb + r) * cols..(gi * nb + r + 1) * cols];
                     let visible = match self.mask_rows {
-                        None => self.ctx + start + r + 1,
+                        None => (self.ctx + start + r + 1).saturating_sub(c0).min(cols),
                         Some(m) => {
-                            let m = &m[(start + r) * self.t..(start + r + 1) * self.t];
+                            let m = &m[(start + r) * self.t + c0..(start + r) * self.t + c0 + cols];
                             row.iter_mut().zip(m).for_each(|(s, m)| *s += m);
                             cols
                         }
                     };
-                    let sum = exp_row(&mut row[..visible]);
+                    let (max, sum) = exp_row(&mut row[..visible]);
                     row[visible..].fill(0.0);
-                    inv_sums.push(if sum > 0.0 { 1.0 / sum } else { 0.0 });
+                    maxes.push(max);
+                    sums.push(sum);
                 }
             }
             // out = P · V, segment by segment
-            for (i, &(seg, take, off)) in pieces.iter().enumerate() {
+            for (i, &(seg, first, take, off)) in pieces.iter().enumerate() {
                 let values = &self.kv[seg].1;
                 if direct {
                     // SAFETY: as for K.
-                    match unsafe { values.rows(h, take, d) } {
+                    match unsafe { values.rows(h, first, take, d) } {
                         KvRows::F32(v) => weighted_sum_direct(&scores[off..], cols, v, d, &mut out),
                         KvRows::F16(v) => {
                             weighted_sum_direct_f16(&scores[off..], cols, v, d, &mut out)
@@ -375,7 +407,7 @@ impl Job<'_> {
                     }
                 } else {
                     // SAFETY: as for K.
-                    let v = unsafe { values.rows_f32(h, take, d, widened) };
+                    let v = unsafe { values.rows_f32(h, first, take, d, widened) };
                     // SAFETY: lhs is the probability tile from column `off` (`rows × take`, row
                     // stride cols); rhs V `[take, d]`; dst `[rows, d]`, accumulated after the first.
                     unsafe {
@@ -389,26 +421,93 @@ impl Job<'_> {
                     };
                 }
             }
-            for (o, inv) in out.chunks_exact_mut(d).zip(&inv_sums) {
-                o.iter_mut().for_each(|v| *v *= inv);
-            }
         });
-        out
+        Partial {
+            out,
+            max: maxes,
+            sum: sums,
+        }
     }
 }
 
+/// One task's result: unnormalised output rows `[rows, d]` (Σ e^(s − max)·v over its columns),
+/// and per row the max score and Σ e^(s − max) (0 when no column was visible).
+struct Partial {
+    out: Vec<f32>,
+    max: Vec<f32>,
+    sum: Vec<f32>,
+}
+
+/// Softmax-weighted rows over all columns from the parts over disjoint column ranges: each part is
+/// rescaled to the common max, `out = Σ_p e^(m_p − m)·o_p / Σ_p e^(m_p − m)·s_p`. Rows that saw no
+/// column are zeros.
+fn merge_parts(parts: &[Partial], d: usize) -> Vec<f32> {
+    if let [only] = parts {
+        // One part: the common max is its own (the plain 1/Σ).
+        let mut out = only.out.clone();
+        for (o, &s) in out.chunks_exact_mut(d).zip(&only.sum) {
+            let inv = if s > 0.0 { 1.0 / s } else { 0.0 };
+            o.iter_mut().for_each(|v| *v *= inv);
+        }
+        return out;
+    }
+    let rows = parts[0].sum.len();
+    let mut out = vec![0f32; rows * d];
+    for r in 0..rows {
+        let m = parts
+            .iter()
+            .filter(|p| p.sum[r] > 0.0)
+            .fold(f32::NEG_INFINITY, |a, p| a.max(p.max[r]));
+        if m == f32::NEG_INFINITY {
+            continue;
+        }
+        let weight = |p: &Partial| {
+            if p.sum[r] > 0.0 {
+                (p.max[r] - m).exp()
+            } else {
+                0.0
+            }
+        };
+        let total: f32 = parts.iter().map(|p| weight(p) * p.sum[r]).sum();
+        let row = &mut out[r * d..(r + 1) * d];
+        for p in parts {
+            let w = weight(p) / total;
+            if w > 0.0 {
+                let src = &p.out[r * d..(r + 1) * d];
+                row.iter_mut().zip(src).for_each(|(o, x)| *o += w * x);
+            }
+        }
+    }
+    out
+}
+
+/// Threads of candle's barrier pool (its own rule: `CANDLE_NUM_THREADS`, else rayon's count).
+fn pool_threads() -> usize {
+    std::env::var("CANDLE_NUM_THREADS")
+        .ok()
+        .and_then(|s| s.parse::<usize>().ok())
+        .filter(|&n| n > 0)
+        .unwrap_or_else(candle_core::utils::get_num_threads)
+}
+
+/// Fewest columns per part when a decode task's columns are split across threads.
+const SPLIT_MIN_COLS: usize = 512;
+
 impl Job<'_> {
-    /// (segment, rows taken, tile column) for the columns `0..cols` of the concatenated segments.
-    fn pieces(&self, cols: usize) -> Vec<(usize, usize, usize)> {
+    /// (segment, first row, rows taken, tile column) covering the columns `c0..c1` of the
+    /// concatenated segments; tile columns count from `c0`.
+    fn pieces(&self, c0: usize, c1: usize) -> Vec<(usize, usize, usize, usize)> {
         let mut out = Vec::new();
-        let mut off = 0;
+        let mut seg_start = 0;
         for (seg, (_, _, len)) in self.kv.iter().enumerate() {
-            if off >= cols {
+            let (lo, hi) = (c0.max(seg_start), c1.min(seg_start + len));
+            if lo < hi {
+                out.push((seg, lo - seg_start, hi - lo, lo - c0));
+            }
+            seg_start += len;
+            if seg_start >= c1 {
                 break;
             }
-            let take = (*len).min(cols - off);
-            out.push((seg, take, off));
-            off += take;
         }
         out
     }
@@ -702,9 +801,9 @@ fn has_avx2_fma() -> bool {
     std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
 }
 
-/// `x ← e^(x − max x)` in place; returns the sum (0 for a row with no finite entry, which becomes
-/// zeros: it attends to nothing). Softmax = this row / the sum.
-fn exp_row(x: &mut [f32]) -> f32 {
+/// `x ← e^(x − max x)` in place; returns (max, sum) (sum 0 for a row with no finite entry, which
+/// becomes zeros: it attends to nothing). Softmax = this row / the sum.
+fn exp_row(x: &mut [f32]) -> (f32, f32) {
     #[cfg(target_arch = "x86_64")]
     {
         if std::arch::is_x86_feature_detected!("avx512f") {
@@ -721,13 +820,13 @@ fn exp_row(x: &mut [f32]) -> f32 {
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn exp_row_avx512(x: &mut [f32]) -> f32 {
+unsafe fn exp_row_avx512(x: &mut [f32]) -> (f32, f32) {
     exp_row_portable(x)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn exp_row_avx2(x: &mut [f32]) -> f32 {
+unsafe fn exp_row_avx2(x: &mut [f32]) -> (f32, f32) {
     exp_row_portable(x)
 }
 
@@ -736,7 +835,7 @@ unsafe fn exp_row_avx2(x: &mut [f32]) -> f32 {
 const LANES: usize = 16;
 
 #[inline(always)]
-fn exp_row_portable(x: &mut [f32]) -> f32 {
+fn exp_row_portable(x: &mut [f32]) -> (f32, f32) {
     let mut lanes = [f32::NEG_INFINITY; LANES];
     let mut chunks = x.chunks_exact(LANES);
     for c in &mut chunks {
@@ -753,7 +852,7 @@ fn exp_row_portable(x: &mut [f32]) -> f32 {
     }
     if max == f32::NEG_INFINITY {
         x.fill(0.0);
-        return 0.0;
+        return (max, 0.0);
     }
     let mut sums = [0f32; LANES];
     let mut chunks = x.chunks_exact_mut(LANES);
@@ -768,7 +867,7 @@ fn exp_row_portable(x: &mut [f32]) -> f32 {
         *v = exp_nonpositive(*v - max);
         sum += *v;
     }
-    sum + sums.iter().sum::<f32>()
+    (max, sum + sums.iter().sum::<f32>())
 }
 
 /// `e^x` for `x ≤ 0` (and −∞ → 0), branch-free so it vectorises: `x = k·ln2 + r`, `|r| ≤ ln2/2`,
@@ -847,13 +946,17 @@ mod tests {
         for mask in [Mask::Causal, explicit] {
             let want = crate::model::attend_composed(&q, &segments, &mask, false, kvh).unwrap();
             // One block; blocks of 5 rows (14 blocks × 2 kv heads); blocks of 2 rows (direct path).
+            // Dot-product tasks also with their columns split in parts (merged afterwards),
+            // including more parts than some blocks have columns.
             for tile in [SCORE_TILE, 3 * t * 5, 3 * t * 2] {
-                let got = attend_tiled(&q, &segments, &mask, kvh, tile)
-                    .unwrap()
-                    .expect("f32 CPU inputs take the kernel");
-                assert_eq!(got.dims(), want.dims());
-                let diff = max_diff(&got, &want);
-                assert!(diff < 1e-5, "tile {tile}: max |Δ| {diff}");
+                for parts in [None, Some(2), Some(3), Some(t + 5)] {
+                    let got = attend_tiled(&q, &segments, &mask, kvh, tile, parts)
+                        .unwrap()
+                        .expect("f32 CPU inputs take the kernel");
+                    assert_eq!(got.dims(), want.dims());
+                    let diff = max_diff(&got, &want);
+                    assert!(diff < 1e-5, "tile {tile}, parts {parts:?}: max |Δ| {diff}");
+                }
             }
         }
     }
@@ -891,11 +994,16 @@ mod tests {
             let want =
                 crate::model::attend_composed(&q, &widened, &Mask::Causal, false, kvh).unwrap();
             for tile in [SCORE_TILE, 3 * (long + 3 + n) * 5] {
-                let got = attend_tiled(&q, &mixed, &Mask::Causal, kvh, tile)
-                    .unwrap()
-                    .expect("f16 K/V take the kernel");
-                let diff = max_diff(&got, &want);
-                assert!(diff < 1e-5, "n {n}, tile {tile}: max |Δ| {diff}");
+                for parts in [None, Some(4)] {
+                    let got = attend_tiled(&q, &mixed, &Mask::Causal, kvh, tile, parts)
+                        .unwrap()
+                        .expect("f16 K/V take the kernel");
+                    let diff = max_diff(&got, &want);
+                    assert!(
+                        diff < 1e-5,
+                        "n {n}, tile {tile}, parts {parts:?}: max |Δ| {diff}"
+                    );
+                }
             }
         }
     }
@@ -925,7 +1033,7 @@ mod tests {
     }
 
     fn softmax_in_place(x: &mut [f32]) {
-        let sum = exp_row(x);
+        let (_, sum) = exp_row(x);
         if sum > 0.0 {
             x.iter_mut().for_each(|v| *v /= sum);
         }
