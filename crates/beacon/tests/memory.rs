@@ -3,19 +3,30 @@
 
 use beacon::config::RatioMix;
 use beacon::engine::{Mode, Session, Want};
-use beacon::{load, LoadOptions};
+use beacon::{load, BeaconConfig, LoadOptions, Loaded};
 use std::path::Path;
+
+/// The tiny Llama fixture.
+fn tiny() -> Loaded {
+    let dir =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/reference/llama-tiny");
+    load(&dir, &LoadOptions::default()).unwrap()
+}
+
+/// Its beacon settings at one fixed ratio, with one sink entry.
+fn fixed_ratio(l: &Loaded, ratio: usize) -> BeaconConfig {
+    let mut cfg = l.beacon.clone();
+    cfg.ratios = vec![ratio];
+    cfg.ratio_mix = RatioMix::StepRandom;
+    cfg.sink_size = 1;
+    cfg
+}
 
 #[test]
 fn ratio8_holds_under_a_seventh_of_full_kv() {
-    let dir =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/reference/llama-tiny");
-    let l = load(&dir, &LoadOptions::default()).unwrap();
+    let l = tiny();
     let m = &l.model;
-    let mut cfg = l.beacon.clone();
-    cfg.ratios = vec![8];
-    cfg.ratio_mix = RatioMix::StepRandom;
-    cfg.sink_size = 1;
+    let cfg = fixed_ratio(&l, 8);
     let ids: Vec<u32> = (0..32 * 64 + 20).map(|i| (i * 31 % 256) as u32).collect();
     let mut s = Session::new(m, Mode::Beacon, cfg);
     s.feed(m, &ids, Want::Last).unwrap();
@@ -45,14 +56,9 @@ fn ratio8_holds_under_a_seventh_of_full_kv() {
 
 /// Logits of `ids` then 8 single tokens, in every mode, with the cache in `kv` dtype.
 fn run_with_kv(kv: candle_core::DType, mode: Mode) -> (Vec<Vec<f32>>, usize) {
-    let dir =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/reference/llama-tiny");
-    let l = load(&dir, &LoadOptions::default()).unwrap();
+    let l = tiny();
     let m = &l.model;
-    let mut cfg = l.beacon.clone();
-    cfg.ratios = vec![4];
-    cfg.ratio_mix = RatioMix::StepRandom;
-    cfg.sink_size = 1;
+    let cfg = fixed_ratio(&l, 4);
     let ids: Vec<u32> = (0..32 * 6 + 20).map(|i| (i * 37 % 256) as u32).collect();
     let mut s = Session::new(m, mode, cfg);
     s.set_kv_dtype(m, kv).unwrap();
@@ -103,9 +109,7 @@ fn f16_kv_cache_matches_f32_at_half_the_bytes() {
 #[test]
 fn f16_context_round_trip_continues_exactly() {
     use beacon::context_file::Snapshot;
-    let dir =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/reference/llama-tiny");
-    let l = load(&dir, &LoadOptions::default()).unwrap();
+    let l = tiny();
     let m = &l.model;
     let mut s = Session::new(m, Mode::Beacon, l.beacon.clone());
     s.set_kv_dtype(m, candle_core::DType::F16).unwrap();
