@@ -123,21 +123,10 @@ fn f16_context_round_trip_continues_exactly() {
     let mut r = Snapshot::load(&tmp).unwrap().restore(m).unwrap();
     std::fs::remove_file(&tmp).ok();
     assert_eq!(r.kv_dtype(), candle_core::DType::F16);
-    let a: Vec<f32> = s
-        .feed(m, &[7, 8, 9], Want::Last)
-        .unwrap()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap();
-    let b: Vec<f32> = r
-        .feed(m, &[7, 8, 9], Want::Last)
-        .unwrap()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap();
+    let mut next = |session: &mut Session| -> Vec<f32> {
+        let logits = session.feed(m, &[7, 8, 9], Want::Last).unwrap().unwrap();
+        logits.flatten_all().unwrap().to_vec1().unwrap()
+    };
+    let (a, b) = (next(&mut s), next(&mut r));
     assert_eq!(a, b);
 }
