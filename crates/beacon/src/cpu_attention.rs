@@ -8,9 +8,10 @@
 //! one pass per row (the causal limit is a row length, not an added mask), and read once by the
 //! second GEMM. Context segments (sink, memory, window, chunk) are read where they lie: no `cat`.
 //!
-//! Only the f32, graph-free path comes here (queries in f32; cached K/V in f32 or f16, widened to f32
-//! a few rows at a time as they are read); anything else (bf16, training) keeps the composed or the
-//! fused differentiable attention in [`crate::model`] / [`crate::attention`].
+//! Only the f32, graph-free path comes here (queries in f32; cached K/V in f32 or f16: dot-product
+//! tasks widen f16 in registers as they read it, GEMM calls widen each f16 segment to f32 once);
+//! anything else (bf16, training) keeps the composed or the fused differentiable attention in
+//! [`crate::model`] / [`crate::attention`].
 
 use crate::model::Mask;
 use candle_core::{CpuStorage, DType, Device, Storage, Tensor};
@@ -42,7 +43,7 @@ enum KvHeads<'a> {
     F16(Heads<'a, half::f16>),
 }
 
-/// The first rows of one head of cached K or V, as stored.
+/// Consecutive rows of one head of cached K or V, as stored.
 enum KvRows<'a> {
     F32(&'a [f32]),
     F16(&'a [half::f16]),
@@ -64,27 +65,17 @@ impl KvHeads<'_> {
         }
     }
 
-    /// Rows `first..first + n` of head `h` as f32: borrowed when stored in f32, widened into `buf`
-    /// when stored in f16 (for the GEMM path, which reads each row many times).
-    ///
-    /// # Safety
-    /// As for [`KvHeads::rows`].
-    unsafe fn rows_f32<'b>(
-        &'b self,
-        h: usize,
-        first: usize,
-        n: usize,
-        d: usize,
-        buf: &'b mut Vec<f32>,
-    ) -> &'b [f32] {
-        match self.rows(h, first, n, d) {
-            KvRows::F32(x) => x,
-            KvRows::F16(x) => {
-                buf.resize(x.len(), 0.0);
-                widen_f16(x, buf);
-                buf
-            }
+    /// All `heads × len` rows widened to f32 (`[heads, len, d]`, contiguous) when stored in f16.
+    fn widened(&self, heads: usize, len: usize, d: usize) -> Option<Vec<f32>> {
+        let KvHeads::F16(x) = self else {
+            return None;
+        };
+        let mut out = vec![0f32; heads * len * d];
+        for (h, dst) in out.chunks_exact_mut(len * d).enumerate() {
+            let first = h * x.head_stride;
+            widen_f16(&x.data[first..first + len * d], dst);
         }
+        Some(out)
     }
 }
 
@@ -123,17 +114,17 @@ fn kv_heads_of<'a>(storage: &'a Storage, t: &Tensor) -> Option<KvHeads<'a>> {
 }
 
 thread_local! {
-    /// Per-thread scratch (query rows, score tile, K/V rows widened from f16), reused across tasks
-    /// and calls so the tile is faulted in once.
-    static SCRATCH: RefCell<(Vec<f32>, Vec<f32>, Vec<f32>)> =
-        const { RefCell::new((Vec::new(), Vec::new(), Vec::new())) };
+    /// Per-thread scratch (query rows, score tile), reused across tasks and calls so the tile is
+    /// faulted in once.
+    static SCRATCH: RefCell<(Vec<f32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
 }
 
 /// Attention over K/V segments for inference. `q [heads, n, d]`, segments `[kv, len_i, d]` (the
 /// last one is the chunk itself, so the chunk's row `r` sits at column `T − n + r`) → `[n, heads·d]`.
 ///
 /// Returns `None` when the inputs are not CPU tensors with contiguous rows, q in f32 and K/V in f32
-/// or f16 (the caller then uses the composed path). The mask semantics are [`Mask`]'s: causal over the chunk, or additive.
+/// or f16 (the caller then uses the composed path). The mask semantics are [`Mask`]'s: causal over
+/// the chunk, or additive.
 pub(crate) fn attend(
     q: &Tensor,
     segments: &[(Tensor, Tensor)],
@@ -207,13 +198,46 @@ fn attend_tiled(
     let Some(q_heads) = heads_of(&q_store, &q) else {
         return Ok(None);
     };
-    let mut kv: Vec<(KvHeads, KvHeads, usize)> = Vec::with_capacity(segments.len());
+    let block = (tile / (g * t).max(1))
+        .clamp(MIN_BLOCK_ROWS, n.max(MIN_BLOCK_ROWS))
+        .min(n);
+    let mut stored: Vec<(KvHeads, KvHeads, usize)> = Vec::with_capacity(segments.len());
     for (((k, v), (ks, vs)), &len) in segments.iter().zip(&kv_stores).zip(&lens) {
         match (kv_heads_of(ks, k), kv_heads_of(vs, v)) {
-            (Some(kh), Some(vh)) => kv.push((kh, vh, len)),
+            (Some(kh), Some(vh)) => stored.push((kh, vh, len)),
             _ => return Ok(None),
         }
     }
+    // GEMM tasks (more than DIRECT_ROWS query rows; the first block is the largest) read every
+    // row of a segment, and each row block reads it again: f16 segments are widened to f32 once
+    // per call for them. Dot-product tasks read f16 directly.
+    let gemm_tasks = g * block > DIRECT_ROWS;
+    let wide: Vec<Option<(Vec<f32>, Vec<f32>)>> = stored
+        .iter()
+        .map(|(k, v, len)| match gemm_tasks {
+            true => k
+                .widened(kv_heads, *len, d)
+                .zip(v.widened(kv_heads, *len, d)),
+            false => None,
+        })
+        .collect();
+    let kv: Vec<(KvHeads, KvHeads, usize)> = stored
+        .into_iter()
+        .zip(&wide)
+        .map(|(stored, wide)| match wide {
+            Some((k, v)) => {
+                let len = stored.2;
+                let f32_heads = |data| {
+                    KvHeads::F32(Heads {
+                        data,
+                        head_stride: len * d,
+                    })
+                };
+                (f32_heads(k), f32_heads(v), len)
+            }
+            None => stored,
+        })
+        .collect();
     let mask_rows: Option<&[f32]> = match (&mask_store, &mask_tensor) {
         (Some(s), Some(m)) => match &**s {
             Storage::Cpu(CpuStorage::F32(v)) => {
@@ -225,9 +249,6 @@ fn attend_tiled(
         _ => None,
     };
 
-    let block = (tile / (g * t).max(1))
-        .clamp(MIN_BLOCK_ROWS, n.max(MIN_BLOCK_ROWS))
-        .min(n);
     // Decode has one task per kv head (3 for SmolLM2): on 2 threads one thread would read two
     // heads' K/V while the other waits. Long contexts split each task's columns into parts (one
     // per thread) that are merged by their softmax statistics afterwards.
@@ -333,7 +354,7 @@ impl Job<'_> {
         // reading each key/value row once and using it for every query row is cheaper.
         let direct = rows <= DIRECT_ROWS;
         SCRATCH.with(|cell| {
-            let (qb, scores, widened) = &mut *cell.borrow_mut();
+            let (qb, scores) = &mut *cell.borrow_mut();
             qb.resize(rows * d, 0.0);
             scores.resize(rows * cols, 0.0);
             for gi in 0..g {
@@ -361,7 +382,9 @@ impl Job<'_> {
                     }
                 } else {
                     // SAFETY: as above.
-                    let k = unsafe { keys.rows_f32(h, first, take, d, widened) };
+                    let KvRows::F32(k) = (unsafe { keys.rows(h, first, take, d) }) else {
+                        unreachable!("f16 segments are widened before GEMM tasks run")
+                    };
                     // SAFETY: dst is `rows × cols` (row stride cols) from column `off`; lhs
                     // `rows × d`; rhs is Kᵀ read through K's `[take, d]` rows.
                     unsafe {
@@ -407,7 +430,9 @@ impl Job<'_> {
                     }
                 } else {
                     // SAFETY: as for K.
-                    let v = unsafe { values.rows_f32(h, first, take, d, widened) };
+                    let KvRows::F32(v) = (unsafe { values.rows(h, first, take, d) }) else {
+                        unreachable!("f16 segments are widened before GEMM tasks run")
+                    };
                     // SAFETY: lhs is the probability tile from column `off` (`rows × take`, row
                     // stride cols); rhs V `[take, d]`; dst `[rows, d]`, accumulated after the first.
                     unsafe {
@@ -733,7 +758,9 @@ unsafe fn weighted_sum_direct_f16_avx2(
     }
 }
 
-/// f16 → f32 for a slice (the GEMM path widens each segment once per task).
+/// f16 → f32 for a slice (GEMM calls widen each f16 segment once). Our own F16C loop: half's
+/// slice conversion goes through a call and a copy per 8 values, which cost ~4 % of a 32K-token
+/// beacon prefill when it widened per task.
 fn widen_f16(src: &[half::f16], dst: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     {
