@@ -150,8 +150,8 @@ pub fn run(args: RunArgs) -> Result<()> {
         .context("this model has no tokenizer (tokenizer.json or GGUF metadata)")?;
     let model = &loaded.model;
     let opts = args.engine.options();
-    let cfg = opts.beacon_config(&loaded.beacon)?;
-    let mode = opts.mode(model.cfg.max_position_embeddings)?;
+    // Built (and the flags validated) even when a saved context replaces it.
+    let fresh = opts.session(model, &loaded.beacon)?;
     let (mut session, ids, first_logits) = match &args.context {
         Some(path) => {
             let saved = beacon::context_file::load_context(path, model, &loaded.fingerprint)
@@ -190,11 +190,7 @@ pub fn run(args: RunArgs) -> Result<()> {
         }
         None => {
             let ids = read_input(&args, tok)?;
-            let mut session = Session::new(model, mode, cfg);
-            if let Some(dtype) = opts.kv_dtype()? {
-                session.set_kv_dtype(model, dtype)?;
-            }
-            (session, ids, None)
+            (fresh, ids, None)
         }
     };
     let input_tokens = session.tokens.len() + ids.len();
@@ -260,7 +256,7 @@ pub fn run(args: RunArgs) -> Result<()> {
             beacon: l.beacons,
             raw: l.window_flags.len(),
         },
-        kv_dtype: format!("{:?}", session.kv_dtype()).to_lowercase(),
+        kv_dtype: session.kv_dtype().as_str().into(),
         kv_bytes: session.stats.peak_kv_bytes,
         kv_bytes_full: session.kv_bytes_full(),
         prefill_seconds: g.prefill_seconds,

@@ -123,7 +123,7 @@ fn f16_context_round_trip_continues_exactly() {
     let mut r = Snapshot::load(&tmp).unwrap().restore(m).unwrap();
     std::fs::remove_file(&tmp).ok();
     assert_eq!(r.kv_dtype(), candle_core::DType::F16);
-    let mut next = |session: &mut Session| -> Vec<f32> {
+    let next = |session: &mut Session| -> Vec<f32> {
         let logits = session.feed(m, &[7, 8, 9], Want::Last).unwrap().unwrap();
         logits.flatten_all().unwrap().to_vec1().unwrap()
     };
