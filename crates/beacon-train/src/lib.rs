@@ -15,6 +15,7 @@ pub mod objective;
 pub mod optim;
 pub mod params;
 pub mod plot;
+pub mod recall;
 pub mod trainer;
 
 use anyhow::{bail, Context, Result};
@@ -45,6 +46,10 @@ pub struct TrainArgs {
     /// Continue from the newest valid checkpoint in <out>/checkpoints.
     #[arg(long)]
     pub resume: bool,
+    /// Start from these beacon weights (a `beacon.safetensors`, released names) with a fresh optimiser
+    /// instead of the backbone-copied initialisation: progress that travels without `runs/`.
+    #[arg(long)]
+    pub init_beacons: Option<PathBuf>,
 
     /// Tokens per training sample.
     #[arg(long, default_value_t = 2048)]
@@ -67,6 +72,10 @@ pub struct TrainArgs {
     /// Training objective.
     #[arg(long, value_enum, default_value_t = Objective::Lm)]
     pub objective: Objective,
+    /// Fraction of samples turned into recall samples: facts planted in early windows and asked for at
+    /// the end, or a span to repeat; loss on the answers only (see recall.rs).
+    #[arg(long, default_value_t = 0.0)]
+    pub recall_mix: f64,
 
     /// Optimiser updates in the whole run (the schedule's length).
     #[arg(long, default_value_t = 2000)]
@@ -219,7 +228,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
         dense_prefill: true,
         ..Default::default()
     };
-    let loaded =
+    let mut loaded =
         load(&model_path, &opts).with_context(|| format!("loading {}", model_path.display()))?;
     let param_names: Vec<String> = args.beacon_param.clone();
     let keys = BeaconKeys {
@@ -245,6 +254,11 @@ pub fn run(args: TrainArgs) -> Result<()> {
         ..cfg.clone()
     };
     beacon::loader::init_beacons(&mut model, &init_cfg)?;
+    if let Some(file) = &args.init_beacons {
+        beacon::loader::load_beacon_weights(&mut model, file, params)
+            .with_context(|| format!("--init-beacons {}", file.display()))?;
+        eprintln!("beacon parameters initialised from {}", file.display());
+    }
 
     std::fs::create_dir_all(&args.out)?;
     let encode = encoder(&loaded)?;
@@ -278,6 +292,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
         held.tokens(),
         t.elapsed().as_secs_f64()
     );
+    drop(encode);
     let eos = model.cfg.eos_token_ids.first().copied();
     let packed = data::Packed::new(&train, args.seq_len, eos)?;
     let held_packed = data::Packed::new(&held, args.seq_len, eos)?;
@@ -310,8 +325,28 @@ pub fn run(args: TrainArgs) -> Result<()> {
         checkpoint_every: args.checkpoint_every,
         checkpoint_minutes: args.checkpoint_minutes,
         keep_checkpoints: args.keep_checkpoints,
+        init_beacons: args
+            .init_beacons
+            .as_ref()
+            .map(|p| p.display().to_string()),
+        recall_mix: args.recall_mix,
     };
+    if !(0.0..=1.0).contains(&args.recall_mix) {
+        bail!("--recall-mix: expected a fraction in [0, 1], got {}", args.recall_mix);
+    }
     let mut trainer = Trainer::new(model, cfg.clone(), settings, packed, heldout, &args.out)?;
+    if args.recall_mix > 0.0 {
+        let tok = loaded
+            .tokenizer
+            .take()
+            .context("--recall-mix needs the model's tokenizer")?;
+        trainer.recall = Some(recall::RecallMix::new(
+            args.recall_mix,
+            cfg.window,
+            args.seed,
+            Box::new(move |s: &str| Ok(tok.encode(s, false)?)),
+        ));
+    }
     if args.resume {
         if trainer.resume()? {
             eprintln!(

@@ -94,6 +94,8 @@ impl Target {
 pub struct SoftCrossEntropy {
     pub target: Target,
     pub scale: f32,
+    /// Per-row weights (token weighting, answer-only loss); None = every valid row weighs 1.
+    pub row_weights: Option<Vec<f32>>,
 }
 
 /// Row-wise log-sum-exp of a row slice.
@@ -151,11 +153,16 @@ impl SoftCrossEntropy {
                 }
                 _ => {}
             }
+            let k = self.scale * self.weight(r);
             for gi in g.iter_mut() {
-                *gi *= self.scale;
+                *gi *= k;
             }
         }
-        loss
+        loss * self.weight(r)
+    }
+
+    fn weight(&self, row: usize) -> f32 {
+        self.row_weights.as_ref().map_or(1.0, |w| w[row])
     }
 }
 
@@ -211,11 +218,19 @@ impl candle_core::CustomOp1 for SoftCrossEntropy {
     }
 }
 
-/// The loss of one window's logits `[n, vocab]` against `target`, scaled by `scale` (1 / valid labels).
-pub fn window_loss(logits: &Tensor, target: Target, scale: f32) -> Result<Tensor> {
-    Ok(logits
-        .contiguous()?
-        .apply_op1(SoftCrossEntropy { target, scale })?)
+/// The loss of one window's logits `[n, vocab]` against `target`, each row weighted by `row_weights`
+/// (None = 1) and the sum scaled by `scale` (1 / the sample's total label weight).
+pub fn window_loss(
+    logits: &Tensor,
+    target: Target,
+    scale: f32,
+    row_weights: Option<Vec<f32>>,
+) -> Result<Tensor> {
+    Ok(logits.contiguous()?.apply_op1(SoftCrossEntropy {
+        target,
+        scale,
+        row_weights,
+    })?)
 }
 
 /// Whether the reference keeps the first window's labels (SPEC §3.1).
@@ -223,16 +238,19 @@ pub fn first_window_trained(cfg: &BeaconConfig) -> bool {
     cfg.pos == BeaconPos::Interleave && cfg.attn == BeaconAttn::FullCoverage
 }
 
-/// Labels of the raw tokens `[start, start+len)` of a sample: the next token, if any, and not in an
-/// untrained first window.
+/// Labels of the raw tokens `[start, start+len)` of a sample: the next token, if any, not in an
+/// untrained first window, and not weighted 0 by `label_weights`.
 pub fn window_labels(
     tokens: &[u32],
     w: &WindowPlan,
     first_window_labels: bool,
+    label_weights: Option<&[f32]>,
 ) -> Vec<Option<u32>> {
     (w.start..w.start + w.len)
         .map(|p| {
-            if w.start == 0 && !first_window_labels {
+            if (w.start == 0 && !first_window_labels)
+                || label_weights.is_some_and(|lw| lw[p] <= 0.0)
+            {
                 None
             } else {
                 tokens.get(p + 1).copied()
@@ -284,16 +302,26 @@ fn single_ratio(cfg: &BeaconConfig, ratio: usize) -> BeaconConfig {
 /// Forward + backward of one sample with window-level recomputation (see the module docs).
 /// Returns the loss and the gradient of every variable in `params` (zeros where unused),
 /// each scaled by `grad_scale` (e.g. 1 / accumulation steps).
+#[allow(clippy::too_many_arguments)]
 pub fn sample_gradients(
     models: &Models,
     cfg: &BeaconConfig,
     tokens: &[u32],
+    label_weights: Option<&[f32]>,
     windows: &[WindowPlan],
     objective: Objective,
     params: &[Var],
     grad_scale: f64,
 ) -> Result<(SampleResult, Vec<Tensor>)> {
-    let (res, grads) = run_sample(models, cfg, tokens, windows, objective, Some(params))?;
+    let (res, grads) = run_sample(
+        models,
+        cfg,
+        tokens,
+        label_weights,
+        windows,
+        objective,
+        Some(params),
+    )?;
     let grads = grads
         .into_iter()
         .map(|g| {
@@ -315,13 +343,14 @@ pub fn sample_loss(
     windows: &[WindowPlan],
     objective: Objective,
 ) -> Result<SampleResult> {
-    Ok(run_sample(models, cfg, tokens, windows, objective, None)?.0)
+    Ok(run_sample(models, cfg, tokens, None, windows, objective, None)?.0)
 }
 
 fn run_sample(
     models: &Models,
     cfg: &BeaconConfig,
     tokens: &[u32],
+    label_weights: Option<&[f32]>,
     windows: &[WindowPlan],
     objective: Objective,
     params: Option<&[Var]>,
@@ -329,20 +358,27 @@ fn run_sample(
     if tokens.len() < 2 {
         bail!("a training sample needs at least 2 tokens");
     }
+    if label_weights.is_some_and(|w| w.len() != tokens.len()) {
+        bail!("label weights must cover every token of the sample");
+    }
     let first_labels = first_window_trained(cfg);
-    let valid: usize = windows
-        .iter()
-        .map(|w| {
-            window_labels(tokens, w, first_labels)
-                .iter()
-                .filter(|l| l.is_some())
-                .count()
-        })
-        .sum();
+    let (mut valid, mut weight_sum) = (0usize, 0f64);
+    for w in windows {
+        for (j, l) in window_labels(tokens, w, first_labels, label_weights)
+            .iter()
+            .enumerate()
+        {
+            if l.is_some() {
+                valid += 1;
+                weight_sum += label_weights.map_or(1.0, |lw| lw[w.start + j] as f64);
+            }
+        }
+    }
     if valid == 0 {
         bail!("the sample has no trainable label");
     }
-    let scale = 1.0 / valid as f32;
+    // The loss is the weighted mean over valid labels (the plain mean without weights).
+    let scale = (1.0 / weight_sum) as f32;
     let teacher = match objective {
         Objective::Lm => None,
         Objective::Distill => Some(teacher_logits(models.plain, tokens)?),
@@ -436,7 +472,8 @@ fn run_sample(
         // logits: [len, vocab]. A window never spans two steps, so the replay of window i is
         // exactly one step.
         sizes[i] = s.stats.step_beacon_sizes.first().copied().unwrap_or(0);
-        let labels = window_labels(tokens, w, first_labels);
+        let labels = window_labels(tokens, w, first_labels, label_weights);
+        let row_weights = label_weights.map(|lw| lw[w.start..w.start + w.len].to_vec());
         let target = match &teacher {
             None => Target::Labels(labels),
             Some(t) => Target::Teacher {
@@ -446,7 +483,7 @@ fn run_sample(
         };
         let has_labels = labels_any(&target, w.len);
         let loss = if has_labels {
-            Some(window_loss(&logits, target, scale)?)
+            Some(window_loss(&logits, target, scale, row_weights)?)
         } else {
             None
         };

@@ -4,6 +4,7 @@
 use crate::checkpoint;
 use crate::data::{DataPosition, Packed, SampleStream};
 use crate::objective::{self, Models, Objective, WindowPlan};
+use crate::recall::{RecallMix, Sample};
 use crate::optim::{clip_grad_norm, AdamW, AdamWConfig, Decay, Schedule};
 use crate::params::{make_trainable, TrainableModel};
 use anyhow::{bail, Context, Result};
@@ -42,6 +43,12 @@ pub struct Settings {
     /// Also checkpoint when this many minutes passed since the last one (0 = off).
     pub checkpoint_minutes: f64,
     pub keep_checkpoints: usize,
+    /// The beacon weights the run started from (`--init-beacons`); None = the backbone copy.
+    #[serde(default)]
+    pub init_beacons: Option<String>,
+    /// Fraction of samples turned into recall samples (`recall.rs`); 0 = plain text only.
+    #[serde(default)]
+    pub recall_mix: f64,
 }
 
 /// Everything besides tensors that a resumed run needs to continue identically.
@@ -80,6 +87,9 @@ pub struct StepMetrics {
     pub peak_rss_mib: f64,
     /// Ratios of the windows of the step's samples.
     pub ratios: Vec<usize>,
+    /// Samples of the update that were recall samples (their loss is over answers only).
+    #[serde(default)]
+    pub recall_samples: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -117,6 +127,8 @@ pub struct Trainer {
     pub heldout: Vec<Vec<u32>>,
     pub state: TrainState,
     pub out_dir: PathBuf,
+    /// Builds recall samples when `settings.recall_mix > 0` (needs the tokenizer: set by the caller).
+    pub recall: Option<RecallMix>,
     last_checkpoint: Instant,
 }
 
@@ -159,6 +171,7 @@ impl Trainer {
             heldout,
             state,
             out_dir: out_dir.to_path_buf(),
+            recall: None,
             last_checkpoint: Instant::now(),
         })
     }
@@ -259,21 +272,31 @@ impl Trainer {
         let mut loss = 0.0;
         let mut ratios = Vec::new();
         let mut tokens = 0u64;
-        for _ in 0..accum {
-            let sample = self.stream.next_sample();
-            let windows = objective::plan_windows(&self.cfg, &mut self.chooser, sample.len());
+        let mut recall_samples = 0;
+        for k in 0..accum {
+            let text = self.stream.next_sample();
+            let sample = match &self.recall {
+                Some(r) if r.chosen(self.state.step, k) => {
+                    recall_samples += 1;
+                    r.build(&text, self.state.step, k)?
+                }
+                _ => Sample::plain(text),
+            };
+            let windows =
+                objective::plan_windows(&self.cfg, &mut self.chooser, sample.tokens.len());
             ratios.extend(windows.iter().map(|w| w.ratio));
             let (res, grads) = objective::sample_gradients(
                 &self.models(),
                 &self.cfg,
-                &sample,
+                &sample.tokens,
+                sample.label_weights.as_deref(),
                 &windows,
                 self.settings.objective,
                 &vars,
                 1.0 / accum as f64,
             )?;
             loss += res.loss / accum as f64;
-            tokens += sample.len() as u64;
+            tokens += sample.tokens.len() as u64;
             sum = Some(match sum {
                 None => grads,
                 Some(acc) => acc
@@ -311,6 +334,7 @@ impl Trainer {
             elapsed_s: self.state.elapsed_s,
             peak_rss_mib: peak_rss_mib(),
             ratios,
+            recall_samples,
         })
     }
 
@@ -380,7 +404,7 @@ pub fn heldout_nll(
                 &mut |_| {},
             )?
             .context("no logits")?;
-        let labels = objective::window_labels(sample, w, first_labels);
+        let labels = objective::window_labels(sample, w, first_labels, None);
         let rows: Vec<Vec<f32>> = logits.to_vec2()?;
         for (row, label) in rows.iter().zip(&labels) {
             if let Some(l) = label {

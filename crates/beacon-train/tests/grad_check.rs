@@ -52,6 +52,7 @@ fn recomputation_equals_whole_sample_graph() {
             &models,
             &cfg,
             &tokens,
+            None,
             &windows,
             Objective::Lm,
             &tm.vars(),
@@ -74,11 +75,12 @@ fn recomputation_equals_whole_sample_graph() {
             len: tokens.len(),
             ratio: 4,
         };
-        let labels = window_labels(&tokens, &whole, true);
+        let labels = window_labels(&tokens, &whole, true, None);
         let loss = window_loss(
             &logits,
             Target::Labels(labels),
             1.0 / (tokens.len() - 1) as f32,
+            None,
         )
         .unwrap();
         let full = loss.backward().unwrap();
@@ -145,6 +147,7 @@ fn check_fd(model_dir: &str, rank: Option<usize>, objective_note: &str) {
         &models,
         &cfg,
         &tokens,
+        None,
         &windows,
         Objective::Lm,
         &tm.vars(),

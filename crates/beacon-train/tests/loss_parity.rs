@@ -48,6 +48,7 @@ fn training_loss_matches_reference() {
                 &models,
                 &cfg,
                 &input,
+                None,
                 &windows,
                 Objective::Lm,
                 &tm.vars(),

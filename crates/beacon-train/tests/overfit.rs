@@ -37,6 +37,8 @@ pub fn tiny_settings(seq_len: usize, steps: u64, lr: f64) -> Settings {
         checkpoint_every: 0,
         checkpoint_minutes: 0.0,
         keep_checkpoints: 2,
+        init_beacons: None,
+        recall_mix: 0.0,
     }
 }
 

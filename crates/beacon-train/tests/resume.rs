@@ -39,6 +39,8 @@ fn settings(steps: u64) -> Settings {
         checkpoint_every: 2,
         checkpoint_minutes: 0.0,
         keep_checkpoints: 2,
+        init_beacons: None,
+        recall_mix: 0.0,
     }
 }
 

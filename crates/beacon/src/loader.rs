@@ -458,6 +458,13 @@ fn external_beacons(
     }
 }
 
+/// Replace a model's beacon parameters with those of a `beacon.safetensors` (released names), e.g. to
+/// warm-start training from shipped weights. `params` says which projections the file must hold.
+pub fn load_beacon_weights(model: &mut Model, path: &Path, params: BeaconParams) -> Result<()> {
+    let st = SafeFiles::open(&[path.to_path_buf()])?;
+    attach_beacons(model, &st, params)
+}
+
 /// Read `model.beacon_embed_tokens.weight` and `model.layers.{i}.self_attn.beacon_{q,k,v,o}_proj.*`.
 fn attach_beacons(model: &mut Model, src: &dyn Tensors, params: BeaconParams) -> Result<()> {
     let cfg = model.cfg.clone();

@@ -1,0 +1,381 @@
+//! Recall samples for the training mix (`--recall-mix F`): ordinary training text with facts planted
+//! in early windows and asked for at the end of the sample, plus a span of the text to repeat
+//! verbatim. Only the answers and the repeated span carry loss, so the gradient of such a sample is
+//! entirely about what the beacons kept from windows the query can no longer see.
+//!
+//! Everything here is ours and deliberately unlike the evaluation's tasks (`beacon eval needle`):
+//! other sentence templates, keys made of invented names / places / objects instead of adjective–noun
+//! pairs, and numbers of 3, 4 or 6 digits (the evaluation draws 5- and 7-digit values). A test checks
+//! that the evaluation's phrases never occur here.
+//!
+//! Draws are seeded by (run seed, update, sample within the update), so a resumed run rebuilds
+//! exactly the samples it would have built.
+
+use anyhow::Result;
+use beacon::schedule::SplitMix64;
+
+/// A training sample: tokens and, where not every next-token label counts equally, the weight of the
+/// label at each position (position p predicts token p+1; weight 0 = no label).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sample {
+    pub tokens: Vec<u32>,
+    pub label_weights: Option<Vec<f32>>,
+}
+
+impl Sample {
+    pub fn plain(tokens: Vec<u32>) -> Self {
+        Sample {
+            tokens,
+            label_weights: None,
+        }
+    }
+}
+
+/// A statement planted in the text, the question asked about it, the start of the answer and the
+/// answer itself (the only tokens with loss).
+pub struct Fact {
+    pub statement: String,
+    pub question: String,
+    pub lead: String,
+    pub answer: String,
+}
+
+const SYLLABLES: [&str; 24] = [
+    "ta", "vor", "mi", "len", "ko", "ras", "bel", "du", "fen", "gri", "lo", "mar", "nes", "pil",
+    "qua", "ron", "sel", "tib", "ul", "vek", "wen", "yor", "zan", "hal",
+];
+const PLACES: [&str; 16] = [
+    "Eastbrook", "Marrowgate", "Linden Cross", "Stavemoor", "Kellinford", "Ashcombe",
+    "Port Velda", "Harrowby", "Quillon", "Drennick", "Saltmere", "Fennimore", "Corriway",
+    "Blythe End", "Orsk", "Tamberlin",
+];
+const ITEMS: [&str; 16] = [
+    "copper wire", "dried figs", "saffron", "lamp oil", "linen thread", "rock salt", "oat flour",
+    "beeswax", "indigo dye", "iron nails", "walnut shells", "goose feathers", "chalk", "tar",
+    "raisins", "barley",
+];
+const CODEWORDS: [&str; 16] = [
+    "marigold", "anvil", "tundra", "pepperpot", "lighthouse", "quartz", "bramble", "sextant",
+    "cobalt", "thistle", "paddock", "ember", "gondola", "juniper", "tarragon", "zephyr",
+];
+
+/// Templates: (statement, question, answer lead, answer) with slots {name} {place} {item} {word}
+/// {code} {n} filled per draw. The answer is the slot that is asked for.
+const TEMPLATES: [(&str, &str, &str, &str); 10] = [
+    (
+        "{name}'s locker combination is {n}.",
+        "What is {name}'s locker combination?",
+        "{name}'s locker combination is",
+        " {n}",
+    ),
+    (
+        "The ferry to {place} leaves from pier {n}.",
+        "From which pier does the ferry to {place} leave?",
+        "The ferry to {place} leaves from pier",
+        " {n}",
+    ),
+    (
+        "In the ledger, crate {code} was marked as holding {item}.",
+        "What was crate {code} holding?",
+        "Crate {code} was holding",
+        " {item}",
+    ),
+    (
+        "{name} was born in the town of {place}.",
+        "In which town was {name} born?",
+        "{name} was born in",
+        " {place}",
+    ),
+    (
+        "The old recipe asks for {n} grams of {item}.",
+        "How many grams of {item} does the old recipe ask for?",
+        "The old recipe asks for",
+        " {n}",
+    ),
+    (
+        "Agent {name} signs every letter with the codeword {word}.",
+        "Which codeword does agent {name} use?",
+        "Agent {name} uses the codeword",
+        " {word}",
+    ),
+    (
+        "Room {code} has been reserved for {name}.",
+        "For whom has room {code} been reserved?",
+        "Room {code} has been reserved for",
+        " {name}",
+    ),
+    (
+        "{name} paid {n} coins for the {item}.",
+        "How many coins did {name} pay for the {item}?",
+        "{name} paid",
+        " {n}",
+    ),
+    (
+        "The telegraph office in {place} is open until {n} o'clock.",
+        "Until when is the telegraph office in {place} open?",
+        "It is open until",
+        " {n}",
+    ),
+    (
+        "Shelf {code} in the archive holds the letters of {name}.",
+        "Whose letters are on shelf {code}?",
+        "Shelf {code} holds the letters of",
+        " {name}",
+    ),
+];
+
+/// How a question is put after the text.
+const QUERY_FORMS: [(&str, &str); 4] = [
+    ("\nQuestion: {q}\nAnswer: ", ""),
+    ("\nQ: {q}\nA: ", ""),
+    ("\n{q} ", ""),
+    ("\nRecall from the text above. {q} ", ""),
+];
+
+const COPY_FORMS: [&str; 3] = [
+    "\nRepeat, word for word, the passage that begins \"",
+    "\nCopy the earlier text starting at \"",
+    "\nContinue the quotation from above: \"",
+];
+
+struct Draw(SplitMix64);
+
+impl Draw {
+    fn below(&mut self, n: usize) -> usize {
+        (self.0.next_f64() * n as f64) as usize % n.max(1)
+    }
+    fn pick<'a>(&mut self, xs: &[&'a str]) -> &'a str {
+        xs[self.below(xs.len())]
+    }
+    fn name(&mut self) -> String {
+        let parts = 2 + self.below(2);
+        let mut s: String = (0..parts).map(|_| self.pick(&SYLLABLES)).collect();
+        s[..1].make_ascii_uppercase();
+        s
+    }
+    /// 3, 4 or 6 digits (never 5 or 7: those are the evaluation's).
+    fn number(&mut self) -> String {
+        let (lo, hi) = match self.below(3) {
+            0 => (100, 1_000),
+            1 => (1_000, 10_000),
+            _ => (100_000, 1_000_000),
+        };
+        (lo + self.below(hi - lo)).to_string()
+    }
+    fn code(&mut self) -> String {
+        let letter = (b'A' + self.below(26) as u8) as char;
+        format!("{letter}-{}", 10 + self.below(90))
+    }
+}
+
+/// Draw one fact.
+fn fact(d: &mut Draw) -> Fact {
+    let (st, q, lead, ans) = TEMPLATES[d.below(TEMPLATES.len())];
+    let name = d.name();
+    let place = d.pick(&PLACES).to_string();
+    let item = d.pick(&ITEMS).to_string();
+    let word = d.pick(&CODEWORDS).to_string();
+    let code = d.code();
+    let n = d.number();
+    let fill = |t: &str| {
+        t.replace("{name}", &name)
+            .replace("{place}", &place)
+            .replace("{item}", &item)
+            .replace("{word}", &word)
+            .replace("{code}", &code)
+            .replace("{n}", &n)
+    };
+    Fact {
+        statement: fill(st),
+        question: fill(q),
+        lead: fill(lead),
+        answer: fill(ans),
+    }
+}
+
+/// Every fixed phrase this module can emit (for the disjointness test with the evaluation).
+pub fn template_phrases() -> Vec<String> {
+    let mut v = Vec::new();
+    for (a, b, c, d) in TEMPLATES {
+        v.extend([a, b, c, d].map(String::from));
+    }
+    v.extend(QUERY_FORMS.iter().map(|(a, _)| a.to_string()));
+    v.extend(COPY_FORMS.iter().map(|s| s.to_string()));
+    v
+}
+
+/// Builds recall samples from ordinary text.
+pub struct RecallMix {
+    /// Fraction of samples that are recall samples.
+    pub fraction: f64,
+    pub window: usize,
+    seed: u64,
+    encode: Box<dyn Fn(&str) -> Result<Vec<u32>>>,
+}
+
+impl RecallMix {
+    pub fn new(
+        fraction: f64,
+        window: usize,
+        seed: u64,
+        encode: Box<dyn Fn(&str) -> Result<Vec<u32>>>,
+    ) -> Self {
+        RecallMix {
+            fraction,
+            window,
+            seed,
+            encode,
+        }
+    }
+
+    fn draw(&self, step: u64, k: usize) -> Draw {
+        let mut r = SplitMix64(
+            self.seed ^ 0x5ec0_11ab ^ step.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ (k as u64) << 48,
+        );
+        r.next_u64();
+        Draw(r)
+    }
+
+    /// Whether sample `k` of update `step` is a recall sample.
+    pub fn chosen(&self, step: u64, k: usize) -> bool {
+        self.fraction > 0.0 && self.draw(step, k).0.next_f64() < self.fraction
+    }
+
+    /// Turn `text` (a packed training sample) into a recall sample of the same length. Samples shorter
+    /// than two windows stay plain (there is no earlier window to recall from).
+    pub fn build(&self, text: &[u32], step: u64, k: usize) -> Result<Sample> {
+        let len = text.len();
+        let w = self.window;
+        if len < 2 * w {
+            return Ok(Sample::plain(text.to_vec()));
+        }
+        let mut d = self.draw(step, k);
+        d.0.next_f64(); // the `chosen` draw
+        let n_facts = 1 + d.below(6);
+        let facts: Vec<Fact> = (0..n_facts).map(|_| fact(&mut d)).collect();
+        // Query block: every fact's question (shuffled), then possibly a span to repeat.
+        let mut query: Vec<u32> = Vec::new();
+        let mut answer_mask: Vec<bool> = Vec::new();
+        let mut push = |ids: Vec<u32>, is_answer: bool, q: &mut Vec<u32>| {
+            answer_mask.extend(std::iter::repeat_n(is_answer, ids.len()));
+            q.extend(ids);
+        };
+        let mut order: Vec<usize> = (0..n_facts).collect();
+        for i in (1..order.len()).rev() {
+            order.swap(i, d.below(i + 1));
+        }
+        for &i in &order {
+            let f = &facts[i];
+            let (form, _) = QUERY_FORMS[d.below(QUERY_FORMS.len())];
+            let head = format!("{}{}", form.replace("{q}", &f.question), f.lead);
+            push((self.encode)(&head)?, false, &mut query);
+            push((self.encode)(&format!("{}.", f.answer))?, true, &mut query);
+        }
+        let planted: Vec<Vec<u32>> = facts
+            .iter()
+            .map(|f| (self.encode)(&format!(" {} ", f.statement)))
+            .collect::<Result<_>>()?;
+        let planted_len: usize = planted.iter().map(|p| p.len()).sum();
+        // A span to copy: 8 prompt tokens + 16..48 copied, chosen from the filler later.
+        let copy = d.below(2) == 0;
+        let copy_len = 16 + d.below(33);
+        let copy_form = COPY_FORMS[d.below(COPY_FORMS.len())];
+        let copy_head = (self.encode)(copy_form)?;
+        let copy_mid = (self.encode)("\" and go on:")?;
+        let copy_total = if copy {
+            copy_head.len() + 8 + copy_mid.len() + copy_len
+        } else {
+            0
+        };
+        let filler_len = len
+            .checked_sub(planted_len + query.len() + copy_total)
+            .filter(|&f| f > w + 64)
+            .ok_or_else(|| anyhow::anyhow!("recall sample: {len} tokens cannot hold the facts"))?;
+        let filler = &text[..filler_len];
+        // Facts go at least one window before the query block.
+        let latest = filler_len - w;
+        let mut at: Vec<usize> = (0..n_facts).map(|_| d.below(latest)).collect();
+        at.sort_unstable();
+        let mut tokens = Vec::with_capacity(len);
+        let mut prev = 0;
+        for (pos, p) in at.iter().zip(&planted) {
+            tokens.extend_from_slice(&filler[prev..*pos]);
+            tokens.extend_from_slice(p);
+            prev = *pos;
+        }
+        tokens.extend_from_slice(&filler[prev..]);
+        let mut weights = vec![0f32; len];
+        if copy {
+            // The copied span lies in the body, at least one window before the query block.
+            let body = tokens.len();
+            let start = d.below(body - w - (8 + copy_len));
+            let span: Vec<u32> = tokens[start..start + 8 + copy_len].to_vec();
+            query.extend_from_slice(&copy_head);
+            answer_mask.extend(std::iter::repeat_n(false, copy_head.len()));
+            query.extend_from_slice(&span[..8]);
+            answer_mask.extend(std::iter::repeat_n(false, 8));
+            query.extend_from_slice(&copy_mid);
+            answer_mask.extend(std::iter::repeat_n(false, copy_mid.len()));
+            query.extend_from_slice(&span[8..]);
+            answer_mask.extend(std::iter::repeat_n(true, copy_len));
+        }
+        let q0 = tokens.len();
+        tokens.extend_from_slice(&query);
+        debug_assert_eq!(tokens.len(), len);
+        for (i, &a) in answer_mask.iter().enumerate() {
+            // Position p predicts token p + 1: weight the position before each answer token.
+            if a {
+                weights[q0 + i - 1] = 1.0;
+            }
+        }
+        Ok(Sample {
+            tokens,
+            label_weights: Some(weights),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// One token per byte: enough to check the layout.
+    fn bytes() -> Box<dyn Fn(&str) -> Result<Vec<u32>>> {
+        Box::new(|s: &str| Ok(s.bytes().map(|b| 1000 + b as u32).collect()))
+    }
+
+    #[test]
+    fn recall_sample_keeps_length_and_weights_only_answers() {
+        let mix = RecallMix::new(1.0, 512, 7, bytes());
+        let text: Vec<u32> = (0..4096u32).map(|i| i % 500).collect();
+        for step in 0..20 {
+            let s = mix.build(&text, step, 0).unwrap();
+            assert_eq!(s.tokens.len(), text.len());
+            let w = s.label_weights.unwrap();
+            let n: usize = w.iter().filter(|&&x| x > 0.0).count();
+            assert!(n > 0);
+            // Every weighted position predicts a token of the query block, which starts at least one
+            // window after the last planted fact and lies at the end of the sample.
+            let first = w.iter().position(|&x| x > 0.0).unwrap();
+            assert!(first > 4096 - 512 - 200, "answer at {first}");
+            // Same draw twice: same sample (resume reproduces it).
+            assert_eq!(mix.build(&text, step, 0).unwrap().tokens, s.tokens);
+        }
+    }
+
+    #[test]
+    fn recall_numbers_avoid_the_evaluation_lengths() {
+        let mut d = Draw(SplitMix64(3));
+        for _ in 0..2000 {
+            let n = d.number();
+            assert!(matches!(n.len(), 3 | 4 | 6), "{n}");
+        }
+    }
+
+    #[test]
+    fn short_samples_stay_plain() {
+        let mix = RecallMix::new(1.0, 512, 7, bytes());
+        let text: Vec<u32> = (0..900).collect();
+        assert_eq!(mix.build(&text, 0, 0).unwrap(), Sample::plain(text));
+    }
+}
