@@ -325,14 +325,14 @@ pub fn run(args: TrainArgs) -> Result<()> {
         checkpoint_every: args.checkpoint_every,
         checkpoint_minutes: args.checkpoint_minutes,
         keep_checkpoints: args.keep_checkpoints,
-        init_beacons: args
-            .init_beacons
-            .as_ref()
-            .map(|p| p.display().to_string()),
+        init_beacons: args.init_beacons.as_ref().map(|p| p.display().to_string()),
         recall_mix: args.recall_mix,
     };
     if !(0.0..=1.0).contains(&args.recall_mix) {
-        bail!("--recall-mix: expected a fraction in [0, 1], got {}", args.recall_mix);
+        bail!(
+            "--recall-mix: expected a fraction in [0, 1], got {}",
+            args.recall_mix
+        );
     }
     let mut trainer = Trainer::new(model, cfg.clone(), settings, packed, heldout, &args.out)?;
     if args.recall_mix > 0.0 {

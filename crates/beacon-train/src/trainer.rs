@@ -4,9 +4,9 @@
 use crate::checkpoint;
 use crate::data::{DataPosition, Packed, SampleStream};
 use crate::objective::{self, Models, Objective, WindowPlan};
-use crate::recall::{RecallMix, Sample};
 use crate::optim::{clip_grad_norm, AdamW, AdamWConfig, Decay, Schedule};
 use crate::params::{make_trainable, TrainableModel};
+use crate::recall::{RecallMix, Sample};
 use anyhow::{bail, Context, Result};
 use beacon::config::{BeaconConfig, BeaconKeys, BeaconParams, RatioMix};
 use beacon::engine::{position_budget, FeedOptions, Mode, Session, Want};

@@ -40,6 +40,21 @@ fn setup(
 #[test]
 fn recomputation_equals_whole_sample_graph() {
     for (model_dir, sink) in [("qwen2-tiny", 1), ("llama-tiny", 0)] {
+        recomputation_case(model_dir, sink, None);
+    }
+}
+
+/// Per-label weights (token weighting, answer-only recall loss) flow through the recomputation the
+/// same way: some labels weigh 0, others up to 3.
+#[test]
+fn weighted_recomputation_equals_whole_sample_graph() {
+    let weights: Vec<f32> = (0..150).map(|i| ((i * 7) % 13) as f32 / 4.0).collect();
+    assert!(weights.contains(&0.0));
+    recomputation_case("qwen2-tiny", 1, Some(weights));
+}
+
+fn recomputation_case(model_dir: &str, sink: usize, weights: Option<Vec<f32>>) {
+    {
         let (tm, cfg) = setup(model_dir, vec![4], sink, None);
         let tokens = common::random_tokens(150, tm.plain.cfg.vocab_size, 11);
         let mut chooser = RatioChooser::new(&cfg, position_budget(&tm.plain.cfg));
@@ -52,7 +67,7 @@ fn recomputation_equals_whole_sample_graph() {
             &models,
             &cfg,
             &tokens,
-            None,
+            weights.as_deref(),
             &windows,
             Objective::Lm,
             &tm.vars(),
@@ -75,12 +90,16 @@ fn recomputation_equals_whole_sample_graph() {
             len: tokens.len(),
             ratio: 4,
         };
-        let labels = window_labels(&tokens, &whole, true, None);
+        let labels = window_labels(&tokens, &whole, true, weights.as_deref());
+        let weight_sum: f32 = match &weights {
+            None => (tokens.len() - 1) as f32,
+            Some(w) => w[..tokens.len() - 1].iter().sum(),
+        };
         let loss = window_loss(
             &logits,
             Target::Labels(labels),
-            1.0 / (tokens.len() - 1) as f32,
-            None,
+            1.0 / weight_sum,
+            weights.clone(),
         )
         .unwrap();
         let full = loss.backward().unwrap();
