@@ -16,6 +16,7 @@ pub mod optim;
 pub mod params;
 pub mod plot;
 pub mod recall;
+pub mod targets;
 pub mod trainer;
 
 use anyhow::{bail, Context, Result};
@@ -76,6 +77,19 @@ pub struct TrainArgs {
     /// the end, or a span to repeat; loss on the answers only (see recall.rs).
     #[arg(long, default_value_t = 0.0)]
     pub recall_mix: f64,
+    /// Label weighting of plain samples: none, or long-gain = min(exp(nll_window − nll_full), cap)
+    /// from the cached backbone targets.
+    #[arg(long, value_enum, default_value_t = trainer::TokenWeights::None)]
+    pub token_weights: trainer::TokenWeights,
+    /// Largest long-gain weight.
+    #[arg(long, default_value_t = 5.0)]
+    pub weight_cap: f64,
+    /// Directory of cached backbone targets (shared by runs; entries are keyed by tokens + settings).
+    #[arg(long, default_value = "runs/targets")]
+    pub target_cache: PathBuf,
+    /// Top-k entries of the full view's distribution cached per position (distill-cached).
+    #[arg(long, default_value_t = 16)]
+    pub topk: usize,
 
     /// Optimiser updates in the whole run (the schedule's length).
     #[arg(long, default_value_t = 2000)]
@@ -327,6 +341,8 @@ pub fn run(args: TrainArgs) -> Result<()> {
         keep_checkpoints: args.keep_checkpoints,
         init_beacons: args.init_beacons.as_ref().map(|p| p.display().to_string()),
         recall_mix: args.recall_mix,
+        token_weights: args.token_weights,
+        weight_cap: args.weight_cap,
     };
     if !(0.0..=1.0).contains(&args.recall_mix) {
         bail!(
@@ -335,6 +351,17 @@ pub fn run(args: TrainArgs) -> Result<()> {
         );
     }
     let mut trainer = Trainer::new(model, cfg.clone(), settings, packed, heldout, &args.out)?;
+    if args.objective == Objective::DistillCached
+        || args.token_weights != trainer::TokenWeights::None
+    {
+        let spec = targets::TargetSpec {
+            model_id: tok_id.clone(),
+            window: cfg.window,
+            sink: cfg.sink_size,
+            k: args.topk,
+        };
+        trainer.targets = Some(targets::TargetCache::new(&args.target_cache, spec)?);
+    }
     if args.recall_mix > 0.0 {
         let tok = loaded
             .tokenizer
@@ -380,6 +407,16 @@ pub fn run(args: TrainArgs) -> Result<()> {
     trainer::install_signal_handler();
     let mut console = Console::new(args.steps, trainer.state.step);
     trainer.run_loop(args.stop_after, &mut console)?;
+    if let Some(c) = &trainer.targets {
+        eprintln!(
+            "backbone targets: {} built in {:.0} s ({:.2} s per 1K tokens), {} reused, in {}",
+            c.built,
+            c.build_seconds,
+            c.build_seconds / (c.built.max(1) * args.seq_len) as f64 * 1000.0,
+            c.reused,
+            c.dir.display()
+        );
+    }
     trainer.export(&args.out, export_dtype(&args.export_dtype)?)?;
     eprintln!(
         "exported {} and {}",

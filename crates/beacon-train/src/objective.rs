@@ -25,6 +25,7 @@
 //! Only one window's graph is alive at a time; the chain rule makes the result the exact gradient
 //! of the whole-sample loss.
 
+use crate::targets::SampleTargets;
 use anyhow::{bail, Context, Result};
 use beacon::config::{BeaconAttn, BeaconConfig, BeaconPos};
 use beacon::engine::{FeedOptions, Mode, Session, Want};
@@ -42,6 +43,29 @@ pub enum Objective {
     /// KL(teacher ‖ student): the teacher is the same backbone with full attention over the raw
     /// context (the sample must fit the native context length).
     Distill,
+    /// The same KL against the teacher's cached top-k distribution (`targets.rs`, renormalised over
+    /// the k tokens): no teacher forward per update once a sample's targets are cached.
+    DistillCached,
+}
+
+/// One training sample as the objective sees it.
+#[derive(Debug, Clone, Copy)]
+pub struct SampleView<'a> {
+    pub tokens: &'a [u32],
+    /// Weight of the label at each position (None = all 1; 0 = no label).
+    pub label_weights: Option<&'a [f32]>,
+    /// Cached backbone targets ([`Objective::DistillCached`]).
+    pub cached: Option<&'a SampleTargets>,
+}
+
+impl<'a> SampleView<'a> {
+    pub fn plain(tokens: &'a [u32]) -> Self {
+        SampleView {
+            tokens,
+            label_weights: None,
+            cached: None,
+        }
+    }
 }
 
 /// One window of a sample: raw tokens `[start, start + len)` compressed at `ratio`.
@@ -78,13 +102,21 @@ pub enum Target {
     Labels(Vec<Option<u32>>),
     /// Teacher logits `[n, vocab]` (f32, no graph) and which rows count.
     Teacher { logits: Tensor, valid: Vec<bool> },
+    /// The teacher's top-k ids and log-probabilities per row (`[n, k]` row-major), renormalised over
+    /// the k tokens, and which rows count.
+    TopK {
+        ids: Vec<u32>,
+        logp: Vec<f32>,
+        k: usize,
+        valid: Vec<bool>,
+    },
 }
 
 impl Target {
     fn valid(&self, row: usize) -> bool {
         match self {
             Target::Labels(l) => l[row].is_some(),
-            Target::Teacher { valid, .. } => valid[row],
+            Target::Teacher { valid, .. } | Target::TopK { valid, .. } => valid[row],
         }
     }
 }
@@ -96,6 +128,12 @@ pub struct SoftCrossEntropy {
     pub scale: f32,
     /// Per-row weights (token weighting, answer-only loss); None = every valid row weighs 1.
     pub row_weights: Option<Vec<f32>>,
+}
+
+/// Log-probabilities renormalised to sum to 1 over the given entries.
+fn renormalised(logp: &[f32]) -> Vec<f32> {
+    let z = logsumexp(logp);
+    logp.iter().map(|&l| l - z).collect()
 }
 
 /// Row-wise log-sum-exp of a row slice.
@@ -119,7 +157,7 @@ fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a 
 impl SoftCrossEntropy {
     fn teacher_rows(&self) -> candle_core::Result<Option<Vec<f32>>> {
         Ok(match &self.target {
-            Target::Labels(_) => None,
+            Target::Labels(_) | Target::TopK { .. } => None,
             Target::Teacher { logits, .. } => Some(logits.flatten_all()?.to_vec1::<f32>()?),
         })
     }
@@ -137,6 +175,16 @@ impl SoftCrossEntropy {
                     .map(|(&ti, &si)| (ti - tl).exp() * ((ti - tl) - (si - lse)))
                     .sum()
             }
+            (Target::TopK { ids, logp, k, .. }, _) => {
+                let (ids, lq) = (
+                    &ids[r * k..(r + 1) * k],
+                    renormalised(&logp[r * k..(r + 1) * k]),
+                );
+                ids.iter()
+                    .zip(&lq)
+                    .map(|(&i, &l)| l.exp() * (l - (s[i as usize] - lse)))
+                    .sum()
+            }
             _ => unreachable!("teacher rows present for a teacher target"),
         };
         if let Some(g) = grad {
@@ -145,6 +193,12 @@ impl SoftCrossEntropy {
             }
             match (&self.target, teacher) {
                 (Target::Labels(l), _) => g[l[r].expect("valid row") as usize] -= 1.0,
+                (Target::TopK { ids, logp, k, .. }, _) => {
+                    let lq = renormalised(&logp[r * k..(r + 1) * k]);
+                    for (&i, &l) in ids[r * k..(r + 1) * k].iter().zip(&lq) {
+                        g[i as usize] -= l.exp();
+                    }
+                }
                 (_, Some(t)) => {
                     let tl = logsumexp(t);
                     for (gi, &ti) in g.iter_mut().zip(t) {
@@ -302,26 +356,16 @@ fn single_ratio(cfg: &BeaconConfig, ratio: usize) -> BeaconConfig {
 /// Forward + backward of one sample with window-level recomputation (see the module docs).
 /// Returns the loss and the gradient of every variable in `params` (zeros where unused),
 /// each scaled by `grad_scale` (e.g. 1 / accumulation steps).
-#[allow(clippy::too_many_arguments)]
 pub fn sample_gradients(
     models: &Models,
     cfg: &BeaconConfig,
-    tokens: &[u32],
-    label_weights: Option<&[f32]>,
+    sample: &SampleView,
     windows: &[WindowPlan],
     objective: Objective,
     params: &[Var],
     grad_scale: f64,
 ) -> Result<(SampleResult, Vec<Tensor>)> {
-    let (res, grads) = run_sample(
-        models,
-        cfg,
-        tokens,
-        label_weights,
-        windows,
-        objective,
-        Some(params),
-    )?;
+    let (res, grads) = run_sample(models, cfg, sample, windows, objective, Some(params))?;
     let grads = grads
         .into_iter()
         .map(|g| {
@@ -343,18 +387,26 @@ pub fn sample_loss(
     windows: &[WindowPlan],
     objective: Objective,
 ) -> Result<SampleResult> {
-    Ok(run_sample(models, cfg, tokens, None, windows, objective, None)?.0)
+    Ok(run_sample(
+        models,
+        cfg,
+        &SampleView::plain(tokens),
+        windows,
+        objective,
+        None,
+    )?
+    .0)
 }
 
 fn run_sample(
     models: &Models,
     cfg: &BeaconConfig,
-    tokens: &[u32],
-    label_weights: Option<&[f32]>,
+    sample: &SampleView,
     windows: &[WindowPlan],
     objective: Objective,
     params: Option<&[Var]>,
 ) -> Result<(SampleResult, Vec<Tensor>)> {
+    let (tokens, label_weights) = (sample.tokens, sample.label_weights);
     if tokens.len() < 2 {
         bail!("a training sample needs at least 2 tokens");
     }
@@ -380,8 +432,15 @@ fn run_sample(
     // The loss is the weighted mean over valid labels (the plain mean without weights).
     let scale = (1.0 / weight_sum) as f32;
     let teacher = match objective {
-        Objective::Lm => None,
+        Objective::Lm | Objective::DistillCached => None,
         Objective::Distill => Some(teacher_logits(models.plain, tokens)?),
+    };
+    let cached = match (objective, sample.cached) {
+        (Objective::DistillCached, None) => {
+            bail!("--objective distill-cached needs the sample's cached targets")
+        }
+        (Objective::DistillCached, Some(c)) => Some(c),
+        _ => None,
     };
     let n = windows.len();
 
@@ -474,12 +533,18 @@ fn run_sample(
         sizes[i] = s.stats.step_beacon_sizes.first().copied().unwrap_or(0);
         let labels = window_labels(tokens, w, first_labels, label_weights);
         let row_weights = label_weights.map(|lw| lw[w.start..w.start + w.len].to_vec());
-        let target = match &teacher {
-            None => Target::Labels(labels),
-            Some(t) => Target::Teacher {
+        let target = match (&teacher, cached) {
+            (Some(t), _) => Target::Teacher {
                 logits: t.narrow(0, w.start, w.len)?,
                 valid: labels.iter().map(|l| l.is_some()).collect(),
             },
+            (None, Some(c)) => Target::TopK {
+                ids: c.topk_ids[w.start * c.k..(w.start + w.len) * c.k].to_vec(),
+                logp: c.topk_logp[w.start * c.k..(w.start + w.len) * c.k].to_vec(),
+                k: c.k,
+                valid: labels.iter().map(|l| l.is_some()).collect(),
+            },
+            (None, None) => Target::Labels(labels),
         };
         let has_labels = labels_any(&target, w.len);
         let loss = if has_labels {

@@ -3,10 +3,12 @@
 
 use crate::checkpoint;
 use crate::data::{DataPosition, Packed, SampleStream};
+use crate::objective::SampleView;
 use crate::objective::{self, Models, Objective, WindowPlan};
 use crate::optim::{clip_grad_norm, AdamW, AdamWConfig, Decay, Schedule};
 use crate::params::{make_trainable, TrainableModel};
 use crate::recall::{RecallMix, Sample};
+use crate::targets::{self, TargetCache};
 use anyhow::{bail, Context, Result};
 use beacon::config::{BeaconConfig, BeaconKeys, BeaconParams, RatioMix};
 use beacon::engine::{position_budget, FeedOptions, Mode, Session, Want};
@@ -49,6 +51,28 @@ pub struct Settings {
     /// Fraction of samples turned into recall samples (`recall.rs`); 0 = plain text only.
     #[serde(default)]
     pub recall_mix: f64,
+    /// How plain samples' labels are weighted.
+    #[serde(default)]
+    pub token_weights: TokenWeights,
+    /// Largest long-gain weight.
+    #[serde(default = "default_weight_cap")]
+    pub weight_cap: f64,
+}
+
+fn default_weight_cap() -> f64 {
+    5.0
+}
+
+/// Label weighting of plain text samples.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum TokenWeights {
+    /// Every label weighs 1 (the paper's loss).
+    #[default]
+    None,
+    /// `min(exp(nll_window − nll_full), cap)` from the cached backbone targets: tokens only the far
+    /// context predicts dominate (the LongCE / LongPPL idea).
+    LongGain,
 }
 
 /// Everything besides tensors that a resumed run needs to continue identically.
@@ -129,6 +153,8 @@ pub struct Trainer {
     pub out_dir: PathBuf,
     /// Builds recall samples when `settings.recall_mix > 0` (needs the tokenizer: set by the caller).
     pub recall: Option<RecallMix>,
+    /// Cached backbone targets, when the objective or the weighting needs them (set by the caller).
+    pub targets: Option<TargetCache>,
     last_checkpoint: Instant,
 }
 
@@ -172,6 +198,7 @@ impl Trainer {
             state,
             out_dir: out_dir.to_path_buf(),
             recall: None,
+            targets: None,
             last_checkpoint: Instant::now(),
         })
     }
@@ -204,13 +231,18 @@ impl Trainer {
         if meta.param_names != names {
             bail!("checkpoint parameters differ from this model's (different --beacon-rank or beacon_param?)");
         }
-        if meta.settings.seq_len != self.settings.seq_len
-            || meta.settings.objective != self.settings.objective
+        let (a, b) = (&meta.settings, &self.settings);
+        if a.seq_len != b.seq_len
+            || a.objective != b.objective
+            || a.recall_mix != b.recall_mix
+            || a.token_weights != b.token_weights
         {
             bail!(
-                "checkpoint was trained with seq_len {} / {:?}; resume with the same settings",
-                meta.settings.seq_len,
-                meta.settings.objective
+                "checkpoint was trained with seq_len {} / {:?} / recall mix {} / token weights {:?}; resume with the same settings",
+                a.seq_len,
+                a.objective,
+                a.recall_mix,
+                a.token_weights
             );
         }
         let get = |k: String| {
@@ -285,13 +317,38 @@ impl Trainer {
             let windows =
                 objective::plan_windows(&self.cfg, &mut self.chooser, sample.tokens.len());
             ratios.extend(windows.iter().map(|w| w.ratio));
+            // Backbone targets for plain samples when the objective or the weighting needs them
+            // (recall samples keep their answer-only loss).
+            let cached = match &mut self.targets {
+                Some(cache) if sample.label_weights.is_none() => {
+                    Some(cache.get_or_build(&self.tm.plain, &sample.tokens)?)
+                }
+                _ => None,
+            };
+            let gain_weights = match (&cached, self.settings.token_weights) {
+                (Some(c), TokenWeights::LongGain) => Some(targets::long_gain_weights(
+                    c,
+                    self.settings.weight_cap as f32,
+                )),
+                _ => None,
+            };
+            let objective =
+                if cached.is_none() && self.settings.objective == Objective::DistillCached {
+                    Objective::Lm // recall samples: answers as labels
+                } else {
+                    self.settings.objective
+                };
+            let view = SampleView {
+                tokens: &sample.tokens,
+                label_weights: sample.label_weights.as_deref().or(gain_weights.as_deref()),
+                cached: cached.as_ref(),
+            };
             let (res, grads) = objective::sample_gradients(
                 &self.models(),
                 &self.cfg,
-                &sample.tokens,
-                sample.label_weights.as_deref(),
+                &view,
                 &windows,
-                self.settings.objective,
+                objective,
                 &vars,
                 1.0 / accum as f64,
             )?;

@@ -15,7 +15,7 @@ use beacon::testing::{max_abs, max_rel_diff};
 use beacon::BeaconConfig;
 use beacon_train::objective::{
     plan_windows, sample_gradients, sample_loss, window_labels, window_loss, Models, Objective,
-    Target, WindowPlan,
+    SampleView, Target, WindowPlan,
 };
 use beacon_train::params::{make_trainable, TrainableModel};
 use candle_core::{Tensor, Var};
@@ -66,8 +66,10 @@ fn recomputation_case(model_dir: &str, sink: usize, weights: Option<Vec<f32>>) {
         let (res, grads) = sample_gradients(
             &models,
             &cfg,
-            &tokens,
-            weights.as_deref(),
+            &SampleView {
+                label_weights: weights.as_deref(),
+                ..SampleView::plain(&tokens)
+            },
             &windows,
             Objective::Lm,
             &tm.vars(),
@@ -165,8 +167,7 @@ fn check_fd(model_dir: &str, rank: Option<usize>, objective_note: &str) {
     let (_, grads) = sample_gradients(
         &models,
         &cfg,
-        &tokens,
-        None,
+        &SampleView::plain(&tokens),
         &windows,
         Objective::Lm,
         &tm.vars(),

@@ -8,7 +8,7 @@ mod common;
 
 use beacon::engine::position_budget;
 use beacon::schedule::RatioChooser;
-use beacon_train::objective::{plan_windows, sample_gradients, Models, Objective};
+use beacon_train::objective::{plan_windows, sample_gradients, Models, Objective, SampleView};
 use beacon_train::params::make_trainable;
 use candle_core::Device;
 
@@ -47,8 +47,7 @@ fn training_loss_matches_reference() {
             let (res, grads) = sample_gradients(
                 &models,
                 &cfg,
-                &input,
-                None,
+                &SampleView::plain(&input),
                 &windows,
                 Objective::Lm,
                 &tm.vars(),

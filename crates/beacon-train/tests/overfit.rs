@@ -39,6 +39,8 @@ pub fn tiny_settings(seq_len: usize, steps: u64, lr: f64) -> Settings {
         keep_checkpoints: 2,
         init_beacons: None,
         recall_mix: 0.0,
+        token_weights: Default::default(),
+        weight_cap: 5.0,
     }
 }
 

@@ -41,6 +41,8 @@ fn settings(steps: u64) -> Settings {
         keep_checkpoints: 2,
         init_beacons: None,
         recall_mix: 0.0,
+        token_weights: Default::default(),
+        weight_cap: 5.0,
     }
 }
 
