@@ -84,6 +84,12 @@ pub struct CaseRecord {
     pub seconds: f64,
     pub peak_kv_bytes: usize,
     pub beacon_weights: String,
+    /// Equal-memory baselines: the beacon configuration whose peak K/V they match (`beacon-x8`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_of: Option<String>,
+    /// Equal-memory baselines: K/V entries allowed (that beacon run's peak on the same prompt).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_entries: Option<usize>,
 }
 
 /// Answer every case with every configuration.
@@ -106,7 +112,11 @@ pub fn run_cases(
             &case.answer_prefix,
         )?;
         let mut full: Option<CaseRecord> = None;
+        let mut budgets = crate::harness::MemoryBudgets::default();
         for spec in specs {
+            // equal-memory baselines take their keep from this prompt's beacon run
+            let (spec, memory_entries) = budgets.resolve(spec)?;
+            let spec = &spec;
             let label = spec.label(ev.native);
             pb.set_message(format!(
                 "{} {} {label}",
@@ -125,10 +135,25 @@ pub fn run_cases(
                     r.ratio = spec.ratio.clone();
                     r.keep = spec.keep_limit(ev.native);
                     r.label = label;
+                    r.memory_of = spec.memory_of();
+                    r.memory_entries = memory_entries;
                     out.push(r);
                     pb.set_position(base + prompt.ids.len() as u64);
                     continue;
                 }
+            }
+            if spec.streaming_too_small(ev.native) {
+                crate::harness::say(
+                    pb,
+                    format!(
+                        "{:>16} {:>5} {label:<18} skipped: streaming needs more than 64 kept entries (got {})",
+                        case.task,
+                        fmt_len(case.target_tokens),
+                        spec.keep.unwrap_or(ev.native)
+                    ),
+                );
+                pb.set_position(base + prompt.ids.len() as u64);
+                continue;
             }
             let mut session = spec.session(ev, seed)?;
             let t0 = std::time::Instant::now();
@@ -142,6 +167,7 @@ pub fn run_cases(
                 stop_newline,
                 &mut |d| pb.set_position(base + d as u64),
             )?;
+            budgets.note(spec, &session);
             let (score, em) = grade(case.scorer, &a.text, &case.expected);
             pb.set_position(base + prompt.ids.len() as u64);
             let rec = CaseRecord {
@@ -161,6 +187,8 @@ pub fn run_cases(
                 seconds: t0.elapsed().as_secs_f64(),
                 peak_kv_bytes: a.peak_kv_bytes,
                 beacon_weights: ev.weights.clone(),
+                memory_of: spec.memory_of(),
+                memory_entries,
             };
             crate::harness::say(
                 pb,

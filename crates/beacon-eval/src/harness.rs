@@ -45,7 +45,8 @@ pub struct CommonArgs {
 /// Which engine modes to compare.
 #[derive(clap::Args, Debug, Clone, Default)]
 pub struct ModeArgs {
-    /// Modes: full, truncate, streaming, beacon. Default: all four (efficiency: full,beacon).
+    /// Modes: full, window-only (sink + open beacon window, no memory), truncate, streaming, beacon.
+    /// Default: full, truncate, streaming, beacon (efficiency: full,beacon).
     #[arg(long, value_delimiter = ',')]
     pub modes: Vec<String>,
     /// Beacon ratios: integers dividing the beacon window, adapt, adapt-N, random. Default:
@@ -55,9 +56,16 @@ pub struct ModeArgs {
     /// Tokens of K/V kept by truncate and streaming (several = several runs). Default: the native window.
     #[arg(long, value_delimiter = ',')]
     pub keep: Vec<usize>,
-    /// Beacon window (raw tokens). Default: the model's beacon config.
+    /// Beacon window (raw tokens; also window-only's). Default: the model's beacon config.
     #[arg(long)]
     pub window: Option<usize>,
+    /// Equal-memory baselines: for each integer beacon ratio r, also run truncate and streaming
+    /// (those among --modes; both when neither is) keeping as many K/V entries as beacon ×r held at
+    /// its peak at the same length (measured from the beacon run), labelled `truncate@xr` and
+    /// `streaming@xr`. Default (ppl, needle): on when beacon and truncate or streaming are both
+    /// selected; `--equal-memory=false` turns it off.
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    pub equal_memory: Option<bool>,
 }
 
 pub const DEFAULT_MODES: [&str; 4] = ["full", "truncate", "streaming", "beacon"];
@@ -90,7 +98,14 @@ pub struct ModeSpec {
     /// K/V tokens kept (truncate/streaming only); None = native window.
     pub keep: Option<usize>,
     pub window: Option<usize>,
+    /// Equal-memory baseline (truncate/streaming): keep what beacon at this ratio held at its peak,
+    /// resolved per length by [`ModeSpec::with_memory`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub equal_memory: Option<String>,
 }
+
+/// Sink tokens of the harness's streaming runs (the engine options' default).
+pub const STREAMING_SINK: usize = 4;
 
 impl ModeSpec {
     pub fn new(mode: &str, ratio: Option<&str>, keep: Option<usize>) -> Self {
@@ -100,11 +115,48 @@ impl ModeSpec {
             ratio: ratio.map(String::from),
             keep,
             window: None,
+            equal_memory: None,
         }
     }
 
-    /// Short stable name: `full`, `truncate-8192`, `streaming-8192`, `beacon-x8`, `beacon-adapt`.
+    /// An equal-memory baseline of `mode` (truncate/streaming) for beacon ratio `ratio`.
+    pub fn equal_memory(mode: &str, ratio: &str) -> Self {
+        ModeSpec {
+            equal_memory: Some(ratio.to_string()),
+            ..ModeSpec::new(mode, None, None)
+        }
+    }
+
+    /// The beacon configuration an equal-memory baseline matches (`beacon-x8`).
+    pub fn memory_of(&self) -> Option<String> {
+        self.equal_memory.as_ref().map(|r| format!("beacon-x{r}"))
+    }
+
+    /// This equal-memory baseline holding `entries` K/V entries in all: truncate reads the last
+    /// `entries` tokens; streaming keeps [`STREAMING_SINK`] sink + `entries − sink` recent entries.
+    pub fn with_memory(&self, entries: usize) -> ModeSpec {
+        let keep = match self.mode.as_str() {
+            "streaming" => entries.saturating_sub(STREAMING_SINK),
+            _ => entries,
+        };
+        ModeSpec {
+            keep: Some(keep),
+            ..self.clone()
+        }
+    }
+
+    /// Streaming with this few kept entries is not run (the engine evicts in blocks of 64, so such a
+    /// "recent window" would mostly hold less than it says).
+    pub fn streaming_too_small(&self, native: usize) -> bool {
+        self.mode == "streaming" && self.keep.unwrap_or(native) <= 64
+    }
+
+    /// Short stable name: `full`, `window-only`, `truncate-8192`, `streaming-8192`, `beacon-x8`,
+    /// `beacon-adapt`, and the equal-memory baselines `truncate@x8`, `streaming@x8`.
     pub fn label(&self, native: usize) -> String {
+        if let Some(r) = &self.equal_memory {
+            return format!("{}@x{r}", self.mode);
+        }
         match self.mode.as_str() {
             "beacon" => format!(
                 "beacon-{}",
@@ -136,7 +188,13 @@ impl ModeSpec {
     pub fn session(&self, ev: &Evaluator, seed: u64) -> Result<Session> {
         let o = self.options(seed);
         let cfg = o.beacon_config(&ev.loaded.beacon)?;
-        let mode = o.mode(ev.native)?;
+        let mode = o.mode_for(ev.native, &cfg)?;
+        if self.equal_memory.is_some() && self.keep.is_none() {
+            bail!(
+                "{}: the equal-memory keep is not resolved (ModeSpec::with_memory)",
+                self.label(ev.native)
+            );
+        }
         let mut s = Session::new(&ev.loaded.model, mode, cfg);
         if self.mode == "streaming" {
             // The engine's streaming eviction fails when one prefill chunk (or its 64-entry eviction
@@ -203,6 +261,7 @@ pub fn expand_modes(args: &ModeArgs) -> Result<Vec<ModeSpec>> {
     for m in &modes {
         match m.as_str() {
             "full" => out.push(ModeSpec::new("full", None, None)),
+            "window-only" => out.push(ModeSpec::new("window-only", None, None)),
             "truncate" | "streaming" => {
                 if args.keep.is_empty() {
                     out.push(ModeSpec::new(m, None, None));
@@ -222,11 +281,13 @@ pub fn expand_modes(args: &ModeArgs) -> Result<Vec<ModeSpec>> {
                     }
                 }
             }
-            other => bail!("unknown mode {other:?} (expected full, truncate, streaming or beacon)"),
+            other => bail!(
+                "unknown mode {other:?} (expected full, window-only, truncate, streaming or beacon)"
+            ),
         }
     }
     for s in &mut out {
-        if s.mode == "beacon" {
+        if s.mode == "beacon" || s.mode == "window-only" {
             s.window = args.window;
         }
     }
@@ -234,6 +295,79 @@ pub fn expand_modes(args: &ModeArgs) -> Result<Vec<ModeSpec>> {
         bail!("no modes selected");
     }
     Ok(out)
+}
+
+/// Append the equal-memory baselines to `specs` (after every beacon configuration, so their keeps
+/// can be measured from the beacon runs): for each integer beacon ratio r > 0, truncate and
+/// streaming (those in `specs`, both when neither is) at `@xr`. `flag` is `--equal-memory`; unset, it
+/// is `default_on` when beacon and truncate or streaming are both in `specs`.
+pub fn with_equal_memory(
+    mut specs: Vec<ModeSpec>,
+    flag: Option<bool>,
+    default_on: bool,
+) -> Result<Vec<ModeSpec>> {
+    let ratios: Vec<String> = specs
+        .iter()
+        .filter(|s| s.mode == "beacon")
+        .filter_map(|s| s.ratio.clone())
+        .filter(|r| r.parse::<usize>().is_ok_and(|r| r > 0))
+        .collect();
+    let mut baselines: Vec<&str> = ["truncate", "streaming"]
+        .into_iter()
+        .filter(|m| specs.iter().any(|s| s.mode == *m))
+        .collect();
+    let on = flag.unwrap_or(default_on && !ratios.is_empty() && !baselines.is_empty());
+    if !on {
+        return Ok(specs);
+    }
+    if ratios.is_empty() {
+        bail!("--equal-memory needs beacon among --modes with integer --ratios (e.g. 8,32)");
+    }
+    if baselines.is_empty() {
+        baselines = vec!["truncate", "streaming"];
+    }
+    for r in &ratios {
+        for m in &baselines {
+            let spec = ModeSpec::equal_memory(m, r);
+            if !specs.contains(&spec) {
+                specs.push(spec);
+            }
+        }
+    }
+    Ok(specs)
+}
+
+/// Resolves equal-memory baselines from the beacon runs of one length (or one prompt): the peak
+/// K/V entries each integer ratio held.
+#[derive(Debug, Default)]
+pub struct MemoryBudgets {
+    peaks: Vec<(String, usize)>,
+}
+
+impl MemoryBudgets {
+    /// Note a finished run of `spec` (only beacon runs count).
+    pub fn note(&mut self, spec: &ModeSpec, session: &Session) {
+        if let (true, Some(r)) = (spec.mode == "beacon", &spec.ratio) {
+            let entries = session.stats.peak_kv_bytes / session.bytes_per_entry().max(1);
+            self.peaks.retain(|(q, _)| q != r);
+            self.peaks.push((r.clone(), entries));
+        }
+    }
+
+    /// `spec` with its keep resolved (unchanged unless it is an equal-memory baseline), and the
+    /// K/V entries it matches.
+    pub fn resolve(&self, spec: &ModeSpec) -> Result<(ModeSpec, Option<usize>)> {
+        let Some(r) = &spec.equal_memory else {
+            return Ok((spec.clone(), None));
+        };
+        let entries = self
+            .peaks
+            .iter()
+            .find(|(q, _)| q == r)
+            .map(|&(_, e)| e)
+            .with_context(|| format!("{}@x{r}: beacon ×{r} has not run first", spec.mode))?;
+        Ok((spec.with_memory(entries), Some(entries)))
+    }
 }
 
 /// Parse a token count: `4096`, `4K`, `4k`, `1M`.

@@ -229,6 +229,7 @@ pub fn passkey_cases(
 pub fn run(args: &NeedleArgs, command: &str) -> Result<Vec<CaseRecord>> {
     let t_start = std::time::Instant::now();
     let (ev, specs) = harness::load_with_modes(&args.common, &args.modes, &harness::DEFAULT_MODES)?;
+    let specs = harness::with_equal_memory(specs, args.modes.equal_memory, true)?;
     let quick = args.common.quick;
     let lengths = harness::lengths_or(
         &args.lengths,

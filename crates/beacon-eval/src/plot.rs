@@ -394,3 +394,181 @@ fn distinct_xs(series: &[(String, Vec<(f64, f64)>)]) -> Vec<f64> {
     xs.dedup();
     xs
 }
+
+/// How a styled series' line is drawn.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dash {
+    Solid,
+    Dashed,
+    Dotted,
+}
+
+/// The marker drawn at each point of a styled series.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Marker {
+    None,
+    Circle,
+    Cross,
+    Triangle,
+}
+
+/// A named line with its colour index ([`color`]), dash and point marker.
+#[derive(Debug, Clone)]
+pub struct StyledSeries {
+    pub name: String,
+    pub points: Vec<(f64, f64)>,
+    pub color: usize,
+    pub dash: Dash,
+    pub marker: Marker,
+}
+
+/// Styled lines on a log₂ x axis (key points `x_ticks`, e.g. the ratios) and a log y axis; the
+/// legend sits beside the chart on the right.
+pub fn styled_line_plot(
+    path: &Path,
+    title: &str,
+    x_label: &str,
+    y_label: &str,
+    series: &[StyledSeries],
+    x_ticks: &[f64],
+) -> Result<()> {
+    fonts();
+    let plain: Vec<(String, Vec<(f64, f64)>)> = series
+        .iter()
+        .map(|s| (s.name.clone(), s.points.clone()))
+        .collect();
+    let Some((x0, x1, y0, y1)) = bounds(&plain, true) else {
+        return Ok(());
+    };
+    if let Some(d) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(d)?;
+    }
+    let legend_w = 220u32;
+    let rows = series.len() as u32;
+    let (w, h) = (900 + legend_w, (640u32).max(80 + 22 * rows));
+    let root = BitMapBackend::new(path, (w, h)).into_drawing_area();
+    root.fill(&WHITE).map_err(err)?;
+    let (left, right) = root.split_horizontally(w - legend_w);
+    let (ya, yb) = (y0 / 1.15, y1 * 1.15);
+    let (xa, xb) = if x1 > x0 {
+        (x0 / 1.25, x1 * 1.25)
+    } else {
+        (x0 / 2.0, x0 * 2.0)
+    };
+    let mut chart = ChartBuilder::on(&left)
+        .caption(title, ("sans-serif", 22))
+        .margin(16)
+        .x_label_area_size(44)
+        .y_label_area_size(70)
+        .build_cartesian_2d(
+            (xa..xb)
+                .log_scale()
+                .base(2.0)
+                .with_key_points(x_ticks.to_vec()),
+            (ya..yb)
+                .log_scale()
+                .with_key_points(dense_log_ticks(ya, yb)),
+        )
+        .map_err(err)?;
+    chart
+        .configure_mesh()
+        .x_desc(x_label)
+        .y_desc(y_label)
+        .x_label_formatter(&|v| format!("×{}", v.round()))
+        .y_label_formatter(&|v| fmt_num(*v))
+        .label_style(("sans-serif", 14))
+        .draw()
+        .map_err(err)?;
+    for s in series {
+        let c = color(s.color);
+        let style = c.stroke_width(2);
+        let pts: Vec<(f64, f64)> = s
+            .points
+            .iter()
+            .copied()
+            .filter(|(x, y)| x.is_finite() && y.is_finite() && *y > 0.0)
+            .collect();
+        match s.dash {
+            Dash::Solid => chart.draw_series(LineSeries::new(pts.clone(), style)),
+            Dash::Dashed => chart.draw_series(DashedLineSeries::new(pts.clone(), 8, 5, style)),
+            Dash::Dotted => chart.draw_series(DashedLineSeries::new(pts.clone(), 2, 4, style)),
+        }
+        .map_err(err)?;
+        match s.marker {
+            Marker::None => {}
+            Marker::Circle => {
+                chart
+                    .draw_series(pts.iter().map(|&p| Circle::new(p, 4, c.filled())))
+                    .map_err(err)?;
+            }
+            Marker::Cross => {
+                chart
+                    .draw_series(pts.iter().map(|&p| Cross::new(p, 5, style)))
+                    .map_err(err)?;
+            }
+            Marker::Triangle => {
+                chart
+                    .draw_series(pts.iter().map(|&p| TriangleMarker::new(p, 6, c.filled())))
+                    .map_err(err)?;
+            }
+        }
+    }
+    // The legend, in pixels: a sample of each line (dash and marker) and its name.
+    let left_pos = plotters::style::text_anchor::Pos::new(
+        plotters::style::text_anchor::HPos::Left,
+        plotters::style::text_anchor::VPos::Center,
+    );
+    for (k, s) in series.iter().enumerate() {
+        let c = color(s.color);
+        let style = c.stroke_width(2);
+        let (x, y) = (8i32, 60 + 22 * k as i32);
+        let pieces: Vec<(i32, i32)> = match s.dash {
+            Dash::Solid => vec![(0, 28)],
+            Dash::Dashed => vec![(0, 9), (14, 28)],
+            Dash::Dotted => (0..5).map(|i| (6 * i, 6 * i + 2)).collect(),
+        };
+        for (a, b) in pieces {
+            right
+                .draw(&PathElement::new(vec![(x + a, y), (x + b, y)], style))
+                .map_err(err)?;
+        }
+        let m = (x + 14, y);
+        match s.marker {
+            Marker::None => {}
+            Marker::Circle => right.draw(&Circle::new(m, 4, c.filled())).map_err(err)?,
+            Marker::Cross => right.draw(&Cross::new(m, 5, style)).map_err(err)?,
+            Marker::Triangle => right
+                .draw(&TriangleMarker::new(m, 6, c.filled()))
+                .map_err(err)?,
+        }
+        right
+            .draw(&Text::new(
+                s.name.clone(),
+                (x + 36, y),
+                ("sans-serif", 14).into_font().color(&BLACK).pos(left_pos),
+            ))
+            .map_err(err)?;
+    }
+    root.present().map_err(err)?;
+    Ok(())
+}
+
+/// [`nice_log_ticks`], or when they are fewer than 5 (a narrow range), about 6 ticks evenly spaced in
+/// log space, rounded to two significant digits.
+fn dense_log_ticks(lo: f64, hi: f64) -> Vec<f64> {
+    let nice = nice_log_ticks(lo, hi);
+    if nice.len() >= 5 || !(lo > 0.0 && hi > lo) {
+        return nice;
+    }
+    let (a, b) = (lo.ln(), hi.ln());
+    let mut out: Vec<f64> = (1..=6)
+        .map(|i| {
+            let v = (a + (b - a) * i as f64 / 7.0).exp();
+            let scale = 10f64.powi(v.log10().floor() as i32 - 1);
+            (v / scale).round() * scale
+        })
+        .filter(|v| *v >= lo && *v <= hi)
+        .collect();
+    out.dedup();
+    out
+}

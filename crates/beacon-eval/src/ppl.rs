@@ -21,8 +21,9 @@ pub struct PplArgs {
     pub common: CommonArgs,
     #[command(flatten)]
     pub modes: ModeArgs,
-    /// Text files to score (default: held-out books; 2, or 1 with --quick).
-    #[arg(long = "text")]
+    /// Text files to score: `--text a b c` or `--text a --text b` (default: held-out books; 2, or 1
+    /// with --quick).
+    #[arg(long = "text", num_args = 1..)]
     pub text: Vec<PathBuf>,
     /// Total tokens read (context + scored span). Default 2K,4K,8K,16K,32K,64K (--quick: 2K,4K,8K,16K).
     #[arg(long, value_delimiter = ',', value_parser = harness::parse_len)]
@@ -40,7 +41,7 @@ pub struct PplArgs {
 pub struct PplRecord {
     pub mode: String,
     pub ratio: Option<String>,
-    /// K/V tokens kept (truncate/streaming).
+    /// K/V tokens kept (truncate: tokens read; streaming: recent entries besides its 4 sink entries).
     pub keep: Option<usize>,
     pub label: String,
     pub context_tokens: usize,
@@ -60,6 +61,12 @@ pub struct PplRecord {
     /// The model's native window.
     #[serde(default)]
     pub native_window: Option<usize>,
+    /// Equal-memory baselines: the beacon configuration whose peak K/V they match (`beacon-x8`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_of: Option<String>,
+    /// Equal-memory baselines: K/V entries allowed (that beacon run's peak K/V bytes / bytes per entry).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_entries: Option<usize>,
 }
 
 /// −log softmax(logits)[target], in nats.
@@ -156,6 +163,60 @@ pub fn context_for<'a>(
     }
 }
 
+/// Truncation that cannot hold the whole scored span within its keep (`truncate-N` with N below
+/// the span, and every equal-memory `truncate@xr`) is scored piece by piece, each piece from a fresh
+/// read of the last `keep` tokens up to its end ([`score_span_rolling`]): its K/V never exceeds
+/// `keep` entries and every scored token sees at least `keep − piece` tokens before it. Returns that
+/// keep, or None for a single read.
+pub fn rolling_keep(spec: &ModeSpec, scored: usize) -> Option<usize> {
+    if spec.mode != "truncate" {
+        return None;
+    }
+    let keep = spec.keep?;
+    (spec.equal_memory.is_some() || keep < scored).then_some(keep)
+}
+
+/// Score `all[span_start..]` in pieces of at most `piece` tokens (at most half of `keep`), each from a
+/// fresh session (`fresh`) that reads the `keep` tokens ending with the piece: the piece and what
+/// precedes it. Returns (NLL sum, tokens scored, largest peak K/V bytes, bytes per entry). The first
+/// token of `all` is never scored (nothing predicts it).
+pub fn score_span_rolling(
+    model: &Model,
+    fresh: &mut dyn FnMut() -> Result<Session>,
+    all: &[u32],
+    span_start: usize,
+    keep: usize,
+    piece: usize,
+    progress: &mut dyn FnMut(usize),
+) -> Result<(f64, usize, usize, usize)> {
+    if keep < 2 {
+        bail!("truncation to {keep} tokens leaves nothing to predict from");
+    }
+    let piece = piece.min(keep / 2).max(1);
+    let (mut nll, mut n, mut peak, mut bpe) = (0.0f64, 0usize, 0usize, 0usize);
+    let mut p = span_start;
+    while p < all.len() {
+        let end = (p + piece).min(all.len());
+        let from = end.saturating_sub(keep);
+        let mut session = fresh()?;
+        let (a, b) = score_span(
+            model,
+            &mut session,
+            &all[from..p],
+            &all[p..end],
+            piece,
+            &mut |_| {},
+        )?;
+        nll += a;
+        n += b;
+        peak = peak.max(session.stats.peak_kv_bytes);
+        bpe = session.bytes_per_entry();
+        p = end;
+        progress(p - span_start);
+    }
+    Ok((nll, n, peak, bpe))
+}
+
 /// Whether the configuration behaves exactly as full attention for `total` tokens.
 fn same_as_full(spec: &ModeSpec, native: usize, total: usize) -> bool {
     match spec.keep_limit(native) {
@@ -176,6 +237,7 @@ pub fn default_lengths(quick: bool) -> Vec<usize> {
 pub fn run(args: &PplArgs, command: &str) -> Result<Vec<PplRecord>> {
     let t_start = std::time::Instant::now();
     let (ev, specs) = harness::load_with_modes(&args.common, &args.modes, &harness::DEFAULT_MODES)?;
+    let specs = harness::with_equal_memory(specs, args.modes.equal_memory, true)?;
     let lengths = harness::lengths_or(
         &args.lengths,
         args.common.quick,
@@ -254,7 +316,11 @@ pub fn run(args: &PplArgs, command: &str) -> Result<Vec<PplRecord>> {
         for &len in lengths.iter().filter(|&&l| l <= top) {
             let context = &window[top - len..top - scored];
             let mut full_result: Option<PplRecord> = None;
+            let mut budgets = harness::MemoryBudgets::default();
             for spec in &specs {
+                // equal-memory baselines take their keep from this length's beacon run
+                let (spec, memory_entries) = budgets.resolve(spec)?;
+                let spec = &spec;
                 let label = spec.label(ev.native);
                 pb.set_message(format!("{name} {} {label}", fmt_len(len)));
                 let base = pb.position();
@@ -265,17 +331,55 @@ pub fn run(args: &PplArgs, command: &str) -> Result<Vec<PplRecord>> {
                     r.keep = Some(spec.keep.unwrap_or(ev.native));
                     r.label = label;
                     r.same_as = Some("full".into());
+                    r.memory_of = spec.memory_of();
+                    r.memory_entries = memory_entries;
                     records.push(r);
                     pb.set_position(base + len as u64);
                     continue;
                 }
-                let ctx = context_for(spec, ev.native, context, scored);
-                let mut session = spec.session(&ev, args.common.seed)?;
+                if spec.streaming_too_small(ev.native) {
+                    harness::say(
+                        &pb,
+                        format!(
+                            "{name:>12} {:>5} {label:<18} skipped: streaming needs more than 64 kept entries (got {})",
+                            fmt_len(len),
+                            spec.keep.unwrap_or(ev.native)
+                        ),
+                    );
+                    pb.set_position(base + len as u64);
+                    continue;
+                }
                 let t0 = std::time::Instant::now();
-                let skipped = (context.len() - ctx.len()) as u64;
-                let (nll, n) = score_span(model, &mut session, ctx, span, args.piece, &mut |d| {
-                    pb.set_position(base + skipped + d as u64)
-                })?;
+                let (nll, n, peak_kv_bytes, bytes_per_entry) = match rolling_keep(spec, scored) {
+                    // truncation under a budget smaller than what it must score: re-read per piece
+                    Some(keep) => {
+                        let read = &window[top - len..top];
+                        let skipped = (len - scored) as u64;
+                        let mut fresh = || spec.session(&ev, args.common.seed);
+                        let r = score_span_rolling(
+                            model,
+                            &mut fresh,
+                            read,
+                            len - scored,
+                            keep,
+                            args.piece,
+                            &mut |d| pb.set_position(base + skipped + d as u64),
+                        )?;
+                        (r.0, r.1, r.2, r.3)
+                    }
+                    None => {
+                        let ctx = context_for(spec, ev.native, context, scored);
+                        let mut session = spec.session(&ev, args.common.seed)?;
+                        let skipped = (context.len() - ctx.len()) as u64;
+                        let (nll, n) =
+                            score_span(model, &mut session, ctx, span, args.piece, &mut |d| {
+                                pb.set_position(base + skipped + d as u64)
+                            })?;
+                        budgets.note(spec, &session);
+                        let bpe = session.bytes_per_entry();
+                        (nll, n, session.stats.peak_kv_bytes, bpe)
+                    }
+                };
                 let rec = PplRecord {
                     mode: spec.mode.clone(),
                     ratio: spec.ratio.clone(),
@@ -288,10 +392,12 @@ pub fn run(args: &PplArgs, command: &str) -> Result<Vec<PplRecord>> {
                     file: name.clone(),
                     beacon_weights: ev.weights.clone(),
                     seconds: t0.elapsed().as_secs_f64(),
-                    peak_kv_bytes: session.stats.peak_kv_bytes,
-                    full_kv_bytes: session.kv_bytes_full().max(len * session.bytes_per_entry()),
+                    peak_kv_bytes,
+                    full_kv_bytes: len * bytes_per_entry,
                     same_as: None,
                     native_window: Some(ev.native),
+                    memory_of: spec.memory_of(),
+                    memory_entries,
                 };
                 pb.set_position(base + len as u64);
                 harness::say(
@@ -321,6 +427,7 @@ pub fn run(args: &PplArgs, command: &str) -> Result<Vec<PplRecord>> {
     out.write(&ev, &records, &md, t_start.elapsed().as_secs_f64())?;
     if !args.common.no_plot && !records.is_empty() {
         plot(&records, &out.png_path(""), ev.native)?;
+        plot_ratio(&records, &out.png_path("_ratio"))?;
     }
     Ok(records)
 }
@@ -386,16 +493,137 @@ pub fn markdown(records: &[PplRecord], native: usize, scored: usize) -> String {
         }
         kv_rows.push(row);
     }
+    // Equal-memory baselines: the K/V entries each was allowed, per length.
+    let mut budget_rows: Vec<Vec<String>> = Vec::new();
+    for lab in &labels {
+        let recs: Vec<&PplRecord> = records.iter().filter(|r| &r.label == lab).collect();
+        let Some(of) = recs.iter().find_map(|r| r.memory_of.clone()) else {
+            continue;
+        };
+        let mut row = vec![format!("{lab} (= {of})")];
+        for &l in &lengths {
+            row.push(
+                recs.iter()
+                    .find(|r| r.context_tokens == l)
+                    .and_then(|r| r.memory_entries)
+                    .map(|e| e.to_string())
+                    .unwrap_or_else(|| "–".into()),
+            );
+        }
+        budget_rows.push(row);
+    }
+    let budgets = if budget_rows.is_empty() {
+        String::new()
+    } else {
+        format!(
+            "\nEqual-memory budgets (K/V entries: the peak beacon ×r held at that length, its peak K/V bytes / bytes \
+             per entry; `truncate@xr` holds at most that many tokens, `streaming@xr` keeps 4 sink + the rest recent):\n\n{}",
+            md_table(&header, &budget_rows)
+        )
+    };
+    let weights: Vec<&str> = {
+        let mut w: Vec<&str> = records.iter().map(|r| r.beacon_weights.as_str()).collect();
+        w.sort_unstable();
+        w.dedup();
+        w
+    };
     format!(
         "Perplexity of the same last {scored} tokens after reading the preceding context, pooled over {} \
-         ({}); the column is the total tokens read. The native window is {}; `full` beyond it extrapolates \
-         positions. `truncate-N` reads only the last N tokens; `streaming-N` keeps 4 sink + N recent entries.\n\n{}\n\
-         Peak K/V held (MiB):\n\n{}",
+         ({}); the column is the total tokens read. Beacon weights: {}. The native window is {}; `full` beyond it \
+         extrapolates positions. `window-only` keeps the sink and the open beacon window only (no memory of \
+         closed windows). `truncate-N` reads only the last N tokens; `streaming-N` keeps 4 sink + N recent \
+         entries; `truncate@xr` / `streaming@xr` hold as many K/V entries as `beacon-xr` at its peak at the same \
+         length; `truncate@xr` (and `truncate-N` with N below the scored span) scores the span piece by piece, \
+         each piece after a fresh read of the last N tokens up to its end.\n\n{}\n\
+         Peak K/V held (MiB):\n\n{}{}",
         if files.len() == 1 { "1 text".to_string() } else { format!("{} texts", files.len()) },
         files.join(", "),
+        weights.join("; "),
         fmt_len(native),
         md_table(&header, &rows),
-        md_table(&header, &kv_rows)
+        md_table(&header, &kv_rows),
+        budgets
+    )
+}
+
+/// Perplexity against the beacon ratio (log₂ x), one colour per length: beacon at each integer
+/// ratio (solid, dots), the equal-memory truncate@xr (crosses) and streaming@xr (triangles, dashed),
+/// and full and window-only as flat lines (dashed, dotted). Nothing is drawn without integer ratios.
+pub fn plot_ratio(records: &[PplRecord], path: &std::path::Path) -> Result<()> {
+    use crate::plot::{Dash, Marker, StyledSeries};
+    let (_, lengths, map) = pooled(records);
+    let mut ratios: Vec<usize> = records
+        .iter()
+        .filter(|r| r.mode == "beacon")
+        .filter_map(|r| r.ratio.as_deref()?.parse().ok())
+        .filter(|&r| r > 0)
+        .collect();
+    ratios.sort_unstable();
+    ratios.dedup();
+    let (Some(&lo), Some(&hi)) = (ratios.first(), ratios.last()) else {
+        return Ok(());
+    };
+    let ppl = |label: &str, l: usize| {
+        map.get(&(label.to_string(), l))
+            .copied()
+            .filter(|p| p.is_finite())
+    };
+    let mut series = Vec::new();
+    for (i, &l) in lengths.iter().enumerate() {
+        let per_ratio = |prefix: &str| -> Vec<(f64, f64)> {
+            ratios
+                .iter()
+                .filter_map(|&r| ppl(&format!("{prefix}{r}"), l).map(|p| (r as f64, p)))
+                .collect()
+        };
+        let flat = |label: &str| -> Vec<(f64, f64)> {
+            ppl(label, l)
+                .map(|p| vec![(lo as f64, p), (hi as f64, p)])
+                .unwrap_or_default()
+        };
+        let kinds = [
+            ("beacon", per_ratio("beacon-x"), Dash::Solid, Marker::Circle),
+            (
+                "truncate@x",
+                per_ratio("truncate@x"),
+                Dash::Solid,
+                Marker::Cross,
+            ),
+            (
+                "streaming@x",
+                per_ratio("streaming@x"),
+                Dash::Dashed,
+                Marker::Triangle,
+            ),
+            ("full", flat("full"), Dash::Dashed, Marker::None),
+            (
+                "window-only",
+                flat("window-only"),
+                Dash::Dotted,
+                Marker::None,
+            ),
+        ];
+        for (kind, points, dash, marker) in kinds {
+            if points.is_empty() {
+                continue;
+            }
+            series.push(StyledSeries {
+                name: format!("{kind} {}", fmt_len(l)),
+                points,
+                color: i,
+                dash,
+                marker,
+            });
+        }
+    }
+    let ticks: Vec<f64> = ratios.iter().map(|&r| r as f64).collect();
+    crate::plot::styled_line_plot(
+        path,
+        "Perplexity vs beacon ratio (equal-memory baselines at each ratio)",
+        "compression ratio",
+        "perplexity (log scale)",
+        &series,
+        &ticks,
     )
 }
 
@@ -432,4 +660,84 @@ pub fn plot(records: &[PplRecord], path: &std::path::Path, native: usize) -> Res
         true,
         Some(native as f64),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::{EvalCli, EvalCommand};
+    use clap::Parser;
+
+    fn parse(args: &[&str]) -> super::PplArgs {
+        let argv = ["beacon eval", "ppl"].iter().chain(args).copied();
+        match EvalCli::try_parse_from(argv).expect("parses").cmd {
+            EvalCommand::Ppl(a) => a,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn text_takes_several_files_and_equal_memory_is_a_switch() {
+        let a = parse(&["--text", "a.txt", "b.txt", "c.txt", "--lengths", "2K"]);
+        assert_eq!(a.text.len(), 3);
+        assert_eq!(a.lengths, [2048]);
+        assert_eq!(a.modes.equal_memory, None);
+        let a = parse(&["--text", "a.txt", "--text", "b.txt", "--equal-memory"]);
+        assert_eq!(a.text.len(), 2);
+        assert_eq!(a.modes.equal_memory, Some(true));
+        let a = parse(&["--equal-memory=false", "--modes", "full,window-only"]);
+        assert_eq!(a.modes.equal_memory, Some(false));
+        assert_eq!(a.modes.modes, ["full", "window-only"]);
+    }
+
+    #[test]
+    fn equal_memory_baselines_follow_the_beacon_ratios() {
+        use crate::harness::{expand_modes, with_equal_memory, ModeArgs};
+        let args = |modes: &str, ratios: &str| ModeArgs {
+            modes: modes.split(',').map(String::from).collect(),
+            ratios: ratios.split(',').map(String::from).collect(),
+            ..Default::default()
+        };
+        let labels = |a: ModeArgs, flag: Option<bool>| -> Vec<String> {
+            let specs = expand_modes(&a).unwrap();
+            with_equal_memory(specs, flag, true)
+                .unwrap()
+                .iter()
+                .map(|s| s.label(8192))
+                .collect()
+        };
+        assert_eq!(
+            labels(args("beacon,truncate,window-only", "8,adapt,32"), None),
+            [
+                "beacon-x8",
+                "beacon-adapt",
+                "beacon-x32",
+                "truncate-8192",
+                "window-only",
+                "truncate@x8",
+                "truncate@x32"
+            ]
+        );
+        // off without a baseline mode unless forced (then both baselines)
+        assert_eq!(labels(args("beacon", "8"), None), ["beacon-x8"]);
+        assert_eq!(
+            labels(args("beacon", "8"), Some(true)),
+            ["beacon-x8", "truncate@x8", "streaming@x8"]
+        );
+        assert_eq!(
+            labels(args("beacon,streaming", "8"), Some(false)),
+            ["beacon-x8", "streaming-8192"]
+        );
+        // forced without an integer ratio: an error
+        let specs = expand_modes(&args("beacon,truncate", "adapt")).unwrap();
+        assert!(with_equal_memory(specs, Some(true), true).is_err());
+        // the keep: truncate reads the budget, streaming keeps 4 sink + the rest
+        let s = crate::harness::ModeSpec::equal_memory("streaming", "8").with_memory(600);
+        assert_eq!(
+            (s.keep, s.label(8192).as_str()),
+            (Some(596), "streaming@x8")
+        );
+        let t = crate::harness::ModeSpec::equal_memory("truncate", "8").with_memory(600);
+        assert_eq!(t.keep_limit(8192), Some(600));
+        assert_eq!(t.memory_of().as_deref(), Some("beacon-x8"));
+    }
 }

@@ -144,6 +144,7 @@ fn replot(dir: &Path, name: &str) -> Result<()> {
                 .unwrap_or(0);
             if !r.is_empty() {
                 crate::ppl::plot(&r, &png(""), native)?;
+                crate::ppl::plot_ratio(&r, &png("_ratio"))?;
             }
         }
         "needle" => {

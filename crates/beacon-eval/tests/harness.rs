@@ -5,7 +5,7 @@ use beacon::engine::{Session, Want};
 use beacon::{load, LoadOptions};
 use beacon_eval::cases::CaseRecord;
 use beacon_eval::harness::{CommonArgs, ModeArgs, ModeSpec};
-use beacon_eval::ppl::{nll_of, score_span, PplRecord};
+use beacon_eval::ppl::{nll_of, score_span, score_span_rolling, PplRecord};
 use std::path::{Path, PathBuf};
 
 fn tiny() -> PathBuf {
@@ -81,6 +81,26 @@ fn span_scoring_in_pieces_matches_one_forward() {
     let mut s = Session::new(model, beacon::Mode::Full, loaded.beacon.clone());
     let (_, n) = score_span(model, &mut s, &[], span, 16, &mut |_| {}).unwrap();
     assert_eq!(n, 49);
+    // rolling truncation: with a keep covering everything it is full attention; with a small keep
+    // every piece holds exactly `keep` entries
+    let mut fresh = || {
+        Ok(Session::new(
+            model,
+            beacon::Mode::Full,
+            loaded.beacon.clone(),
+        ))
+    };
+    let (nll, n, _, _) =
+        score_span_rolling(model, &mut fresh, &ids, 150, 1000, 16, &mut |_| {}).unwrap();
+    assert_eq!(n, 50);
+    assert!(
+        (nll - want).abs() < 1e-3 * want.abs().max(1.0),
+        "{nll} vs {want}"
+    );
+    let (nll, n, peak, bpe) =
+        score_span_rolling(model, &mut fresh, &ids, 150, 40, 16, &mut |_| {}).unwrap();
+    assert_eq!((n, peak), (50, 40 * bpe));
+    assert!(nll.is_finite() && (nll - want).abs() > 1e-3);
 }
 
 #[test]
@@ -90,7 +110,11 @@ fn ppl_grid_on_tiny_model() {
     std::fs::write(&file, text(3000)).unwrap();
     let args = beacon_eval::ppl::PplArgs {
         common: common(&out),
-        modes: modes("beacon,full,truncate,streaming", "2,8,adapt"),
+        modes: ModeArgs {
+            // (the equal-memory baselines are checked in their own test below)
+            equal_memory: Some(false),
+            ..modes("beacon,full,truncate,streaming", "2,8,adapt")
+        },
         text: vec![file.clone()],
         lengths: vec![64, 128, 384],
         scored: 32,
@@ -195,6 +219,143 @@ fn needle_and_passkey_grid_on_tiny_model() {
     assert_eq!(
         recs.iter().map(key).collect::<Vec<_>>(),
         again.iter().map(key).collect::<Vec<_>>()
+    );
+    let _ = std::fs::remove_dir_all(&out);
+}
+
+/// `window-only` and the equal-memory baselines (`truncate@xr`, `streaming@xr`, on by default when
+/// beacon and truncate/streaming are both selected): their keeps are beacon ×r's measured peak.
+#[test]
+fn ppl_window_only_and_equal_memory_on_tiny_model() {
+    let out = tmp("ppl-eqmem");
+    let file = out.join("book.txt");
+    std::fs::write(&file, text(3000)).unwrap();
+    let args = beacon_eval::ppl::PplArgs {
+        common: common(&out),
+        modes: modes("full,window-only,truncate,streaming,beacon", "2,8"),
+        text: vec![file.clone()],
+        lengths: vec![64, 384],
+        scored: 32,
+        piece: 16,
+    };
+    let recs = beacon_eval::ppl::run(&args, "beacon eval ppl (test)").unwrap();
+    let find = |label: &str, len: usize| {
+        recs.iter()
+            .find(|r| r.label == label && r.context_tokens == len)
+            .unwrap_or_else(|| panic!("no {label} at {len}"))
+    };
+    for len in [64, 384] {
+        let full = find("full", len);
+        let bpe = full.full_kv_bytes / len;
+        // window-only holds one beacon window (32) at most, and is not full attention beyond it
+        let wo = find("window-only", len);
+        assert_eq!(wo.peak_kv_bytes, 32 * bpe, "{len}");
+        assert!(wo.ppl.is_finite() && wo.ppl != full.ppl, "{len}");
+        assert!(wo.same_as.is_none());
+        for r in ["2", "8"] {
+            let beacon = find(&format!("beacon-x{r}"), len);
+            let entries = beacon.peak_kv_bytes / bpe;
+            let t = find(&format!("truncate@x{r}"), len);
+            assert_eq!(
+                t.memory_of.as_deref(),
+                Some(format!("beacon-x{r}").as_str())
+            );
+            assert_eq!((t.memory_entries, t.keep), (Some(entries), Some(entries)));
+            assert_eq!(t.mode, "truncate");
+            if t.same_as.is_none() {
+                // each piece is read with the `entries` tokens ending with it: exactly that much K/V
+                assert_eq!(t.peak_kv_bytes, entries * bpe, "{len} x{r}");
+            } else {
+                assert!(entries >= len, "{len} x{r}: {entries}");
+            }
+            // streaming keeps 4 sink + the rest recent; too small a budget is skipped
+            let s = recs
+                .iter()
+                .find(|x| x.label == format!("streaming@x{r}") && x.context_tokens == len);
+            match s {
+                Some(s) => {
+                    assert_eq!(s.memory_entries, Some(entries));
+                    assert_eq!(s.keep, Some(entries - 4));
+                }
+                None => assert!(entries <= 68, "{len} x{r}: {entries} entries"),
+            }
+        }
+        // more memory at ×2 than at ×8
+        assert!(
+            find("truncate@x2", len).memory_entries > find("truncate@x8", len).memory_entries
+                || len <= 64
+        );
+    }
+    // the native-window baselines are still there
+    assert!(recs.iter().any(|r| r.label == "truncate-256"));
+    let md = std::fs::read_to_string(out.join("ppl.md")).unwrap();
+    for row in [
+        "| window-only |",
+        "| truncate@x8 |",
+        "| truncate@x2 (= beacon-x2) |",
+    ] {
+        assert!(md.contains(row), "{row} missing:\n{md}");
+    }
+    assert!(md.contains("Beacon weights:"), "{md}");
+    assert!(std::fs::metadata(out.join("ppl.png")).unwrap().len() > 1000);
+    assert!(std::fs::metadata(out.join("ppl_ratio.png")).unwrap().len() > 1000);
+    // off when asked
+    let mut a2 = args.clone();
+    a2.modes.equal_memory = Some(false);
+    a2.lengths = vec![384];
+    a2.common.out = out.join("off");
+    a2.common.no_plot = true;
+    let r2 = beacon_eval::ppl::run(&a2, "x").unwrap();
+    assert!(r2
+        .iter()
+        .all(|r| r.memory_of.is_none() && !r.label.contains('@')));
+    let _ = std::fs::remove_dir_all(&out);
+}
+
+#[test]
+fn needle_window_only_and_equal_memory_on_tiny_model() {
+    let out = tmp("needle-eqmem");
+    let hay = out.join("hay.json");
+    std::fs::write(&hay, serde_json::json!({ "text": text(20000) }).to_string()).unwrap();
+    let args = beacon_eval::needle::NeedleArgs {
+        common: CommonArgs {
+            no_plot: true,
+            ..common(&out)
+        },
+        modes: modes("full,window-only,truncate,beacon", "4"),
+        lengths: vec![512],
+        depths: vec![50.0],
+        tasks: vec!["needle".into()],
+        samples: 1,
+        haystack: Some(hay),
+        max_new: 4,
+        no_chat: false,
+    };
+    let recs: Vec<CaseRecord> = beacon_eval::needle::run(&args, "t").unwrap();
+    let labels: Vec<&str> = recs.iter().map(|r| r.label.as_str()).collect();
+    assert_eq!(
+        labels,
+        [
+            "full",
+            "window-only",
+            "truncate-256",
+            "beacon-x4",
+            "truncate@x4"
+        ]
+    );
+    let beacon = &recs[3];
+    let eq = &recs[4];
+    let loaded = load(&tiny(), &LoadOptions::default()).unwrap();
+    let bpe =
+        Session::new(&loaded.model, beacon::Mode::Full, loaded.beacon.clone()).bytes_per_entry();
+    assert_eq!(eq.memory_of.as_deref(), Some("beacon-x4"));
+    assert_eq!(eq.memory_entries, Some(beacon.peak_kv_bytes / bpe));
+    assert_eq!(eq.keep, eq.memory_entries);
+    // window-only never holds more than one window of 32 entries (+ the token being decoded)
+    assert!(
+        recs[1].peak_kv_bytes <= 33 * bpe,
+        "{}",
+        recs[1].peak_kv_bytes
     );
     let _ = std::fs::remove_dir_all(&out);
 }

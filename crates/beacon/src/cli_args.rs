@@ -79,17 +79,18 @@ impl ModelArgs {
 /// How the engine reads the input.
 #[derive(clap::Args, Debug, Clone)]
 pub struct EngineArgs {
-    /// beacon (default), full, streaming (sink + recent window) or truncate (last N tokens).
+    /// beacon (default), full, window-only (sink + open beacon window, no memory of closed
+    /// windows), streaming (sink + recent window) or truncate (last N tokens).
     #[arg(long)]
     pub mode: Option<String>,
     /// Compression ratio: 2, 4, 8, 16, 32, 0 (none), adapt (= adapt-1024), adapt-N, random.
     /// Default: the model's beacon settings.
     #[arg(long)]
     pub ratio: Option<String>,
-    /// Raw tokens per window. Default: the model's beacon settings.
+    /// Raw tokens per window (beacon, window-only). Default: the model's beacon settings.
     #[arg(long)]
     pub window: Option<usize>,
-    /// Sink entries (beacon) or sink tokens (streaming).
+    /// Sink entries (beacon, window-only) or sink tokens (streaming).
     #[arg(long)]
     pub sink: Option<usize>,
     /// Tokens kept by truncate/streaming. Default: the model's native context.

@@ -30,6 +30,12 @@ pub enum Mode {
     Streaming { sink: usize, recent: usize },
     /// Keep only the last `keep` input tokens, then full attention.
     Truncate { keep: usize },
+    /// No memory at all: the first `sink` entries plus the open window. Windows are `window` raw
+    /// tokens counted from the start of the sequence (the first one includes the sink tokens), as in
+    /// beacon mode; when a window is full and more tokens come, every entry after the sink is dropped.
+    /// Raw tokens of window k ≥ 1 sit at positions `sink, sink + 1, …`, where beacon mode puts them
+    /// with zero beacons. The baseline that shows what the beacon memory adds.
+    WindowOnly { sink: usize, window: usize },
 }
 
 impl Mode {
@@ -39,6 +45,7 @@ impl Mode {
             Mode::Full => "full",
             Mode::Streaming { .. } => "streaming",
             Mode::Truncate { .. } => "truncate",
+            Mode::WindowOnly { .. } => "window-only",
         }
     }
 }
@@ -437,6 +444,13 @@ impl Session {
                 cache.reserve(entries)?;
             }
         }
+        if let Mode::WindowOnly { sink, window } = self.mode {
+            // Never more than the sink and one window.
+            for cache in &mut self.caches {
+                let entries = (cache.len() + tokens.len()).min(sink.min(window) + window);
+                cache.reserve(entries)?;
+            }
+        }
         let start_total = self.tokens.len();
         self.tokens.extend_from_slice(tokens);
         self.stats.input_tokens = self.tokens.len();
@@ -642,7 +656,7 @@ impl Session {
         Ok((positions, Mask::Explicit(mask)))
     }
 
-    /// One step of full / streaming / truncate: plain causal attention over a growing cache.
+    /// One step of full / streaming / truncate / window-only: plain causal attention over a growing cache.
     fn plain_step(
         &mut self,
         model: &Model,
@@ -651,6 +665,14 @@ impl Session {
         want: Want,
     ) -> Result<(usize, Option<Tensor>)> {
         let mut n = self.prefill_chunk.max(1).min(tokens.len() - done);
+        if let Mode::WindowOnly { sink, window } = self.mode {
+            let window = window.max(1);
+            if self.layout.window_raw >= window {
+                self.close_window_only(sink)?;
+            }
+            // A chunk never crosses a window boundary.
+            n = n.min(window - self.layout.window_raw);
+        }
         if let Mode::Streaming { sink, recent } = self.mode {
             // A chunk never exceeds the recent window; evict the oldest non-sink entries so the context
             // plus this chunk fits sink + recent, at least 64 at a time so re-rotation is amortised.
@@ -690,6 +712,25 @@ impl Session {
         self.stats.step_beacon_sizes.push(0);
         self.note_peak(step_peak);
         Ok((n, logits))
+    }
+
+    /// Window-only: the open window is full and more tokens come; keep only the first `sink` entries
+    /// (already at positions 0..sink, so nothing moves) and open the next window after them.
+    fn close_window_only(&mut self, sink: usize) -> Result<()> {
+        let l = &mut self.layout;
+        if l.sink == 0 && l.beacons == 0 {
+            // The first window closes: its first entries become the sink.
+            l.sink = sink.min(l.window_flags.len());
+        }
+        let keep = l.sink;
+        for cache in self.caches.iter_mut() {
+            cache.truncate(keep)?;
+        }
+        l.window_flags.clear();
+        l.window_raw = 0;
+        l.remainder = 0;
+        self.stats.windows_closed += 1;
+        Ok(())
     }
 
     /// Streaming: drop `count` entries after the first `sink`, re-rotating the rest to close the gap.
@@ -1035,6 +1076,135 @@ mod tests {
         assert!(plans[0].slots[..32].iter().all(|&b| !b));
         assert!(plans[1].slots.iter().all(|&b| !b));
         assert_eq!((l.beacons, l.window_raw), (8, 8));
+    }
+
+    /// The tiny Llama fixture (vocab 256, beacon window 32, 3 layers).
+    fn tiny() -> crate::Loaded {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../tests/fixtures/reference/llama-tiny");
+        crate::load(&dir, &crate::LoadOptions::default()).expect("the tiny fixture loads")
+    }
+
+    fn ids(n: usize, mul: usize) -> Vec<u32> {
+        (0..n).map(|i| (i * mul % 251 + 3) as u32).collect()
+    }
+
+    /// Logits of `feeds` (each with its `Want`) in a fresh session, as one flat vector per feed.
+    fn logits_of(
+        l: &crate::Loaded,
+        mode: Mode,
+        chunk: usize,
+        feeds: &[(&[u32], Want)],
+    ) -> (Vec<Vec<f32>>, Session) {
+        let m = &l.model;
+        let mut s = Session::new(m, mode, l.beacon.clone());
+        s.prefill_chunk = chunk;
+        let out = feeds
+            .iter()
+            .filter_map(|(t, w)| s.feed(m, t, *w).unwrap())
+            .map(|t| t.flatten_all().unwrap().to_vec1::<f32>().unwrap())
+            .collect();
+        (out, s)
+    }
+
+    #[test]
+    fn window_only_within_one_window_is_full_attention() {
+        let l = tiny();
+        let w = l.beacon.window;
+        assert_eq!(w, 32);
+        let x = ids(w, 37);
+        for sink in [0, 2] {
+            let mode = Mode::WindowOnly { sink, window: w };
+            // up to and including a full window (it closes only when more tokens come)
+            for n in [1, 5, w - 1, w] {
+                let feeds: [(&[u32], Want); 2] =
+                    [(&x[..n / 2], Want::From(0)), (&x[n / 2..n], Want::From(0))];
+                let (full, _) = logits_of(&l, Mode::Full, 512, &feeds);
+                let (wo, s) = logits_of(&l, mode.clone(), 512, &feeds);
+                assert_eq!(wo, full, "sink {sink}, {n} tokens");
+                assert_eq!(s.layout.context_len(), n);
+                assert_eq!((s.layout.sink, s.stats.windows_closed), (0, 0));
+                assert_eq!(s.stats.peak_kv_bytes, n * s.bytes_per_entry());
+            }
+        }
+    }
+
+    #[test]
+    fn window_only_after_a_close_is_full_attention_over_sink_and_window() {
+        let l = tiny();
+        let w = l.beacon.window;
+        let x = ids(3 * w + 11, 53);
+        for sink in [0, 2] {
+            let mode = Mode::WindowOnly { sink, window: w };
+            for (closed, extra) in [(1, 1), (1, 20), (2, 11)] {
+                let start = closed * w;
+                let total = start + extra;
+                // window-only reads everything; the reference reads only [sink tokens] + the open window
+                let (wo, s) = logits_of(&l, mode.clone(), 512, &[(&x[..total], Want::From(start))]);
+                let mut reference = x[..sink].to_vec();
+                reference.extend_from_slice(&x[start..total]);
+                let (full, _) = logits_of(&l, Mode::Full, 512, &[(&reference, Want::From(sink))]);
+                let (a, b) = (&wo[0], &full[0]);
+                assert_eq!(a.len(), extra * 256);
+                if sink == 0 {
+                    // the same chunks over the same K/V: bit for bit
+                    assert_eq!(a, b, "{closed} closed + {extra}");
+                }
+                // with a sink, its K/V were computed in a longer chunk here (the first window) than
+                // in the reference: equal up to f32 summation order
+                let scale = b.iter().fold(0f32, |m, v| m.max(v.abs()));
+                let worst = a.iter().zip(b).fold(0f32, |m, (p, q)| m.max((p - q).abs()));
+                assert!(
+                    worst <= 1e-5 * scale,
+                    "sink {sink}, {closed} closed + {extra}: max |Δ logit| {worst} (scale {scale})"
+                );
+                // bookkeeping: sink + open window held; the peak is the first window, or the sink
+                // plus a later full window
+                let lay = &s.layout;
+                assert_eq!((lay.sink, lay.beacons, lay.window_raw), (sink, 0, extra));
+                assert_eq!(lay.context_len(), sink + extra);
+                assert_eq!(s.stats.windows_closed, closed);
+                assert_eq!(s.kv_bytes_now(), (sink + extra) * s.bytes_per_entry());
+                let peak = if closed >= 2 { sink + w } else { w };
+                assert_eq!(s.stats.peak_kv_bytes, peak * s.bytes_per_entry());
+                assert_eq!(s.stats.input_tokens, total);
+            }
+        }
+    }
+
+    #[test]
+    fn window_only_chunks_stop_at_window_boundaries() {
+        let l = tiny();
+        let w = l.beacon.window;
+        let x = ids(2 * w + 9, 29);
+        let mode = Mode::WindowOnly { sink: 2, window: w };
+        let (one, a) = logits_of(&l, mode.clone(), 512, &[(&x, Want::From(0))]);
+        // small chunks, and token by token: same memory, same logits up to summation order
+        for chunk in [7, 1] {
+            let (many, b) = logits_of(&l, mode.clone(), chunk, &[(&x, Want::From(0))]);
+            assert_eq!(a.layout, b.layout, "chunk {chunk}");
+            assert_eq!(
+                a.stats.peak_kv_bytes, b.stats.peak_kv_bytes,
+                "chunk {chunk}"
+            );
+            let worst = one[0]
+                .iter()
+                .zip(&many[0])
+                .fold(0f32, |m, (p, q)| m.max((p - q).abs()));
+            assert!(worst < 1e-4, "chunk {chunk}: {worst}");
+        }
+        // one step per window at chunk 512: [0, w), [w, 2w), [2w, 2w + 9)
+        assert_eq!(a.stats.steps, 3);
+        let mut c = Session::new(&l.model, mode, l.beacon.clone());
+        for t in &x {
+            c.feed(&l.model, &[*t], Want::Last).unwrap();
+        }
+        assert_eq!(c.layout, a.layout);
+        assert_eq!(c.stats.windows_closed, 2);
+        assert_eq!(
+            Mode::WindowOnly { sink: 1, window: 8 }.name(),
+            "window-only"
+        );
     }
 
     #[test]

@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 /// Overrides of the model's beacon settings.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct EngineOptions {
-    /// `beacon` (default), `full`, `streaming`, `truncate`.
+    /// `beacon` (default), `full`, `window-only`, `streaming`, `truncate`.
     pub mode: Option<String>,
     /// A ratio (`2`…`32`, `0` = no compression), `adapt` (= adapt-1024), `adapt-N`, or `random` (step-random).
     pub ratio: Option<String>,
@@ -94,10 +94,11 @@ impl EngineOptions {
 
     /// A fresh session for `model` with these options over the model's beacon settings `base`.
     pub fn session(&self, model: &Model, base: &BeaconConfig) -> Result<Session> {
+        let beacon = self.beacon_config(base)?;
         let mut s = Session::new(
             model,
-            self.mode(model.cfg.max_position_embeddings)?,
-            self.beacon_config(base)?,
+            self.mode_for(model.cfg.max_position_embeddings, &beacon)?,
+            beacon,
         );
         if let Some(dtype) = self.kv_dtype()? {
             s.set_kv_dtype(model, dtype)?;
@@ -105,8 +106,36 @@ impl EngineOptions {
         Ok(s)
     }
 
+    /// The mode, with `window-only` taking its window and sink from `beacon` (the beacon settings
+    /// after overrides, as [`EngineOptions::beacon_config`] gives them).
+    pub fn mode_for(&self, native_window: usize, beacon: &BeaconConfig) -> Result<Mode> {
+        if self.is_window_only() {
+            return Ok(Mode::WindowOnly {
+                sink: beacon.sink_size,
+                window: beacon.window,
+            });
+        }
+        self.mode(native_window)
+    }
+
+    fn is_window_only(&self) -> bool {
+        matches!(self.mode.as_deref().map(str::trim), Some("window-only"))
+    }
+
+    /// The mode. `window-only` needs the beacon settings (its window and sink): use
+    /// [`EngineOptions::mode_for`] or [`EngineOptions::session`]; here it is an error unless both
+    /// `window` and `sink` are set in these options.
     pub fn mode(&self, native_window: usize) -> Result<Mode> {
         let keep = self.keep.unwrap_or(native_window);
+        if self.is_window_only() {
+            return match (self.window, self.sink) {
+                (Some(window), Some(sink)) if window > 0 => Ok(Mode::WindowOnly { sink, window }),
+                _ => Err(BeaconError::invalid(
+                    "--mode window-only takes its window and sink from the beacon settings \
+                     (EngineOptions::mode_for), or from both --window and --sink",
+                )),
+            };
+        }
         Ok(match self.mode.as_deref().unwrap_or("beacon") {
             "beacon" => Mode::Beacon,
             "full" => Mode::Full,
@@ -119,7 +148,7 @@ impl EngineOptions {
                 return Err(BeaconError::config(
                     "--mode",
                     "mode",
-                    "beacon, full, streaming or truncate",
+                    "beacon, full, window-only, streaming or truncate",
                     other,
                 ))
             }
@@ -167,6 +196,37 @@ mod tests {
             ..Default::default()
         };
         assert!(o.mode(8192).is_err());
+        // window-only: the beacon settings' window and sink, after overrides
+        let base = BeaconConfig {
+            sink_size: 1,
+            ..base
+        };
+        let o = EngineOptions {
+            mode: Some("window-only".into()),
+            ..Default::default()
+        };
+        let c = o.beacon_config(&base).unwrap();
+        assert_eq!(
+            o.mode_for(8192, &c).unwrap(),
+            Mode::WindowOnly {
+                sink: 1,
+                window: 512
+            }
+        );
+        assert!(o.mode(8192).is_err());
+        let o = EngineOptions {
+            mode: Some("window-only".into()),
+            window: Some(64),
+            sink: Some(4),
+            ..Default::default()
+        };
+        let c = o.beacon_config(&base).unwrap();
+        let want = Mode::WindowOnly {
+            sink: 4,
+            window: 64,
+        };
+        assert_eq!(o.mode_for(8192, &c).unwrap(), want);
+        assert_eq!(o.mode(8192).unwrap(), want);
         let o = EngineOptions {
             kv_dtype: Some("f8".into()),
             ..Default::default()
