@@ -2,6 +2,7 @@
 
 use crate::common::{load_model, EngineArgs, ModelArgs};
 use anyhow::{Context, Result};
+use beacon::cli_args::PenaltyArgs;
 use beacon::engine::{Mode, Session};
 use beacon::generate::{generate, GenerateOptions, SamplingParams};
 use beacon::metrics::{human_bytes, peak_rss_bytes};
@@ -39,8 +40,9 @@ pub struct RunArgs {
     pub top_k: Option<usize>,
     #[arg(long)]
     pub top_p: Option<f32>,
-    #[arg(long, default_value_t = 1.0)]
-    pub repeat_penalty: f32,
+    /// Repetition penalty and DRY (on by default with --chat: `--dry-multiplier 0` turns it off).
+    #[command(flatten)]
+    pub penalties: PenaltyArgs,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Stop string (repeatable).
@@ -216,8 +218,11 @@ pub fn run(args: RunArgs) -> Result<()> {
             temperature: args.temperature,
             top_k: args.top_k,
             top_p: args.top_p,
-            repetition_penalty: args.repeat_penalty,
+            repetition_penalty: args.penalties.repeat_penalty,
+            // DRY stops the loops greedy chat answers fall into; plain continuation keeps the raw model.
+            dry: args.penalties.dry_params(args.chat),
             seed: args.seed,
+            ..SamplingParams::default()
         },
         stop_strings: args.stop.clone(),
         eos_ids: eos,
@@ -268,7 +273,7 @@ pub fn run(args: RunArgs) -> Result<()> {
         finish: format!("{:?}", g.finish).to_lowercase(),
     };
     eprintln!(
-        "[{} ratio {}] {} tokens read in {:.2}s ({:.0} tok/s), {} generated at {:.1} tok/s | {} K/V peak {} vs {} full ({:.1}x less) | memory sink {} + beacon {} + raw {} | peak RSS {}",
+        "[{} ratio {}] {} tokens read in {:.2}s ({:.0} tok/s), {} generated at {:.1} tok/s (finish: {}) | {} K/V peak {} vs {} full ({:.1}x less) | memory sink {} + beacon {} + raw {} | peak RSS {}",
         stats.mode,
         stats.ratio,
         stats.input_tokens,
@@ -276,6 +281,7 @@ pub fn run(args: RunArgs) -> Result<()> {
         stats.prefill_tokens_per_second,
         stats.decode_tokens,
         stats.decode_tokens_per_second,
+        stats.finish,
         stats.kv_dtype,
         human_bytes(stats.kv_bytes as u64),
         human_bytes(stats.kv_bytes_full as u64),

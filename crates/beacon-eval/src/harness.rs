@@ -447,6 +447,9 @@ pub struct Evaluator {
     /// Where the beacon weights came from: `untrained`, `checkpoint`, or the file.
     pub weights: String,
     pub model_path: PathBuf,
+    /// How answers are drawn: greedy, with the penalties a subcommand asks for (none by default;
+    /// `eval retrieval --dry` turns DRY on).
+    pub sampling: beacon::generate::SamplingParams,
 }
 
 impl Evaluator {
@@ -471,6 +474,7 @@ impl Evaluator {
             native,
             weights,
             model_path: path,
+            sampling: Default::default(),
         })
     }
 
@@ -586,10 +590,11 @@ pub fn answer_greedy(
         .feed_with(model, prompt, Want::Last, FeedOptions::default(), progress)?
         .context("the prompt produced no logits")?;
     let prefill_seconds = t0.elapsed().as_secs_f64();
+    let mut sampler = beacon::generate::Sampler::new(ev.sampling.clone()).with_breakers(&eos);
     let mut out = Vec::new();
     while out.len() < max_new {
-        let rows = logit_rows(&logits)?;
-        let next = beacon::generate::argmax(rows.last().context("empty logits")?);
+        let mut rows = logit_rows(&logits)?;
+        let next = sampler.pick(rows.pop().context("empty logits")?, &session.tokens);
         if eos.contains(&next) {
             break;
         }

@@ -47,6 +47,10 @@ pub struct RetrievalArgs {
     /// Plain prompts even when the model has a chat template.
     #[arg(long)]
     pub no_chat: bool,
+    /// Repetition control of the (greedy) answers: none unless asked (`--dry`, `--dry-multiplier`,
+    /// `--repeat-penalty`).
+    #[command(flatten)]
+    pub penalties: beacon::cli_args::PenaltyArgs,
 }
 
 /// Pick `n` distinct indices of `0..len`, deterministically.
@@ -476,7 +480,9 @@ pub fn qa_cases(
 
 pub fn run(args: &RetrievalArgs, command: &str) -> Result<Vec<CaseRecord>> {
     let t_start = std::time::Instant::now();
-    let (ev, specs) = harness::load_with_modes(&args.common, &args.modes, &harness::DEFAULT_MODES)?;
+    let (mut ev, specs) =
+        harness::load_with_modes(&args.common, &args.modes, &harness::DEFAULT_MODES)?;
+    ev.sampling = args.penalties.greedy(false)?;
     let quick = args.common.quick;
     let tok = ev.tok();
     let chat = !args.no_chat;

@@ -387,6 +387,7 @@ fn synthetic_retrieval_and_efficiency_on_tiny_model() {
         kv_keys: vec![],
         samples: Some(1),
         no_chat: false,
+        penalties: Default::default(),
     };
     let recs = beacon_eval::retrieval::run(&args, "t").unwrap();
     assert_eq!(recs.len(), 4);

@@ -3,7 +3,7 @@
 
 use crate::engine::{Done, EngineError, MemoryReport, PromptInput};
 use axum::http::StatusCode;
-use beacon::generate::{FinishReason, SamplingParams};
+use beacon::generate::{DryParams, FinishReason, SamplingParams};
 use beacon::tokenizer::ChatMessage;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -16,6 +16,10 @@ pub struct Limits {
     pub max_tokens: usize,
     /// `max_tokens` when a request gives none.
     pub default_max_tokens: usize,
+    /// `repetition_penalty` when a request gives none (`beacon serve --repeat-penalty`).
+    pub default_repetition_penalty: f32,
+    /// DRY settings a request's `dry_*` fields override (`beacon serve --dry-*`; on by default).
+    pub default_dry: DryParams,
 }
 
 /// Why a request was refused, in words for the user.
@@ -134,6 +138,17 @@ pub struct Common {
     /// Not OpenAI, common in compatible servers.
     pub top_k: Option<i64>,
     pub repetition_penalty: Option<f64>,
+    pub frequency_penalty: Option<f64>,
+    pub presence_penalty: Option<f64>,
+    /// DRY n-gram penalty (not OpenAI; the names llama.cpp's and text-generation-webui's servers
+    /// use). `dry_multiplier: 0` turns it off for the request.
+    pub dry_multiplier: Option<f64>,
+    pub dry_base: Option<f64>,
+    pub dry_allowed_length: Option<u32>,
+    /// Most tokens searched for repeats (0 = no limit).
+    pub dry_range: Option<u32>,
+    /// Prompt tokens before the answer searched too (default 0: the answer's own repeats only).
+    pub dry_prompt_tail: Option<u32>,
     pub stop: Option<Stop>,
     pub seed: Option<i64>,
     #[serde(default)]
@@ -249,7 +264,16 @@ fn validate_common(
         Some(s) if s >= 0 => s as u64,
         Some(s) => return Err(RequestError::Seed(s)),
     };
-    let repetition_penalty = c.repetition_penalty.unwrap_or(1.0);
+    let d = limits.default_dry;
+    let dry = DryParams {
+        multiplier: c.dry_multiplier.map_or(d.multiplier, |x| x as f32),
+        base: c.dry_base.map_or(d.base, |x| x as f32),
+        allowed_length: c
+            .dry_allowed_length
+            .map_or(d.allowed_length, |x| x as usize),
+        range: c.dry_range.map_or(d.range, |x| x as usize),
+        prompt_tail: c.dry_prompt_tail.map_or(d.prompt_tail, |x| x as usize),
+    };
     let stop = match &c.stop {
         None => Vec::new(),
         Some(Stop::One(s)) => vec![s.clone()],
@@ -260,7 +284,12 @@ fn validate_common(
         temperature: temperature as f32,
         top_k,
         top_p: (top_p < 1.0).then_some(top_p as f32),
-        repetition_penalty: repetition_penalty as f32,
+        repetition_penalty: c
+            .repetition_penalty
+            .map_or(limits.default_repetition_penalty, |x| x as f32),
+        frequency_penalty: c.frequency_penalty.unwrap_or(0.0) as f32,
+        presence_penalty: c.presence_penalty.unwrap_or(0.0) as f32,
+        dry,
         seed,
     };
     sampling
@@ -470,6 +499,8 @@ mod tests {
             max_body_bytes: 1 << 20,
             max_tokens: 100,
             default_max_tokens: 16,
+            default_repetition_penalty: 1.0,
+            default_dry: DryParams::CHAT,
         }
     }
 
@@ -507,6 +538,53 @@ mod tests {
         let e = r.validate("tiny", &limits()).unwrap_err();
         assert_eq!(e.status(), StatusCode::NOT_FOUND);
         assert_eq!(e.body()["error"]["code"], "model_not_found");
+    }
+
+    #[test]
+    fn repetition_fields() {
+        let sampling = |extra: &str| {
+            parse::<ChatRequest>(
+                format!(r#"{{"messages":[{{"role":"user","content":"hi"}}]{extra}}}"#).as_bytes(),
+            )
+            .unwrap()
+            .validate("m", &limits())
+            .map(|v| v.sampling)
+        };
+        // DRY is on unless a request turns it off; each field overrides the server's default.
+        let s = sampling("").unwrap();
+        assert_eq!((s.dry, s.repetition_penalty), (DryParams::CHAT, 1.0));
+        assert!(!sampling(r#","dry_multiplier":0"#).unwrap().dry.enabled());
+        let s = sampling(
+            r#","dry_multiplier":1.5,"dry_base":2,"dry_allowed_length":3,"dry_range":0,"dry_prompt_tail":64,"repetition_penalty":1.1,"frequency_penalty":0.5,"presence_penalty":-0.5"#,
+        )
+        .unwrap();
+        assert_eq!(
+            s.dry,
+            DryParams {
+                multiplier: 1.5,
+                base: 2.0,
+                allowed_length: 3,
+                range: 0,
+                prompt_tail: 64,
+            }
+        );
+        assert_eq!(
+            (
+                s.repetition_penalty,
+                s.frequency_penalty,
+                s.presence_penalty
+            ),
+            (1.1, 0.5, -0.5)
+        );
+        for bad in [
+            r#","dry_base":0.5"#,
+            r#","dry_multiplier":-1"#,
+            r#","dry_allowed_length":0"#,
+            r#","frequency_penalty":3"#,
+        ] {
+            let e = sampling(bad).unwrap_err();
+            assert!(matches!(e, RequestError::BadField(_)), "{bad}: {e}");
+        }
     }
 
     #[test]

@@ -18,7 +18,7 @@ pub mod metrics;
 pub use compress::{run_compress, CompressArgs};
 
 use anyhow::Context;
-use beacon::cli_args::{EngineArgs, ModelArgs};
+use beacon::cli_args::{EngineArgs, ModelArgs, PenaltyArgs};
 use beacon::Loaded;
 use engine::{Engine, EngineSettings};
 use std::net::SocketAddr;
@@ -32,6 +32,10 @@ pub struct ServeArgs {
     pub model: ModelArgs,
     #[command(flatten)]
     pub engine: EngineArgs,
+    /// Defaults of requests that set no `repetition_penalty` / `dry_*` fields: DRY is on
+    /// (`--dry-multiplier 0` turns it off).
+    #[command(flatten)]
+    pub penalties: PenaltyArgs,
     /// Address to listen on. Default: loopback only.
     #[arg(long, default_value = "127.0.0.1")]
     pub host: String,
@@ -72,6 +76,7 @@ impl Default for ServeArgs {
         ServeArgs {
             model: ModelArgs::default(),
             engine: EngineArgs::default(),
+            penalties: PenaltyArgs::default(),
             host: "127.0.0.1".into(),
             port: 8080,
             served_model_name: None,
@@ -150,6 +155,11 @@ struct Prepared {
 }
 
 fn prepare(args: &ServeArgs) -> anyhow::Result<Prepared> {
+    // Checked before the model loads.
+    let defaults = args
+        .penalties
+        .greedy(true)
+        .context("--repeat-penalty / --dry-*")?;
     let loaded = args.model.load().context("loading the model")?;
     let path = loaded.path.clone();
     let Loaded {
@@ -197,6 +207,8 @@ fn prepare(args: &ServeArgs) -> anyhow::Result<Prepared> {
         max_body_bytes: args.max_body_bytes as usize,
         max_tokens: args.max_tokens_limit,
         default_max_tokens: args.default_max_tokens.min(args.max_tokens_limit),
+        default_repetition_penalty: defaults.repetition_penalty,
+        default_dry: defaults.dry,
     };
     let state = Arc::new(http::AppState::new(
         engine.clone(),

@@ -1,8 +1,9 @@
 //! Command-line flags every front end shares (`beacon run/bench/compress/serve/eval`): which model,
-//! which beacon weights, which engine settings. One definition, flattened into each subcommand, so
-//! the flags mean the same everywhere. Behind the `cli` feature (it pulls in clap).
+//! which beacon weights, which engine settings, which repetition penalties. One definition,
+//! flattened into each subcommand, so the flags mean the same everywhere. Behind the `cli` feature (it pulls in clap).
 
 use crate::error::{BeaconError, Result};
+use crate::generate::{DryParams, SamplingParams};
 use crate::loader::{BeaconSource, LoadOptions, Loaded};
 use crate::options::EngineOptions;
 use std::path::PathBuf;
@@ -131,5 +132,84 @@ impl EngineArgs {
             seed: self.ratio_seed,
             kv_dtype: Some(self.kv_dtype.clone()),
         }
+    }
+}
+
+/// Repetition control: the repetition penalty and the DRY n-gram penalty
+/// ([`crate::generate::DryParams`]). Whether DRY is on when no flag asks is the front end's
+/// choice: on for `run --chat` and `serve`, off for plain `run` and for `eval`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct PenaltyArgs {
+    /// Divide positive (multiply negative) logits of tokens already in the context (1 = off).
+    #[arg(long, default_value_t = 1.0)]
+    pub repeat_penalty: f32,
+    /// Turn the DRY penalty on with its chat settings where it is off by default (plain `run`,
+    /// `eval`).
+    #[arg(long)]
+    pub dry: bool,
+    /// DRY: penalty of a repeat of exactly the allowed length; grows ×base per longer token
+    /// (0 = off). Default 0.8 with `run --chat`, `serve` and `--dry`; off otherwise.
+    #[arg(long)]
+    pub dry_multiplier: Option<f32>,
+    /// DRY: growth of the penalty per repeated token beyond the allowed length. Default 1.75.
+    #[arg(long)]
+    pub dry_base: Option<f32>,
+    /// DRY: repeats this long or longer are penalised. Default 2.
+    #[arg(long)]
+    pub dry_allowed_length: Option<usize>,
+    /// DRY: most tokens searched for repeats, counted back from the newest (0 = no limit).
+    /// Default 1024.
+    #[arg(long)]
+    pub dry_range: Option<usize>,
+    /// DRY: also search this many prompt tokens before the answer. Default 0: only the answer's
+    /// own repeats are penalised, quoting the document or the question is free.
+    #[arg(long)]
+    pub dry_prompt_tail: Option<usize>,
+}
+
+impl Default for PenaltyArgs {
+    /// What the flags default to.
+    fn default() -> Self {
+        PenaltyArgs {
+            repeat_penalty: 1.0,
+            dry: false,
+            dry_multiplier: None,
+            dry_base: None,
+            dry_allowed_length: None,
+            dry_range: None,
+            dry_prompt_tail: None,
+        }
+    }
+}
+
+impl PenaltyArgs {
+    /// The DRY settings: the flags given, the chat settings for the rest; on unless
+    /// `--dry-multiplier 0` when `on_by_default` or `--dry`, off unless `--dry-multiplier` otherwise.
+    pub fn dry_params(&self, on_by_default: bool) -> DryParams {
+        let on = on_by_default || self.dry;
+        DryParams {
+            multiplier: self.dry_multiplier.unwrap_or(if on {
+                DryParams::CHAT.multiplier
+            } else {
+                0.0
+            }),
+            base: self.dry_base.unwrap_or(DryParams::CHAT.base),
+            allowed_length: self
+                .dry_allowed_length
+                .unwrap_or(DryParams::CHAT.allowed_length),
+            range: self.dry_range.unwrap_or(DryParams::CHAT.range),
+            prompt_tail: self.dry_prompt_tail.unwrap_or(DryParams::CHAT.prompt_tail),
+        }
+    }
+
+    /// Greedy sampling with these penalties (checked).
+    pub fn greedy(&self, dry_by_default: bool) -> Result<SamplingParams> {
+        let p = SamplingParams {
+            repetition_penalty: self.repeat_penalty,
+            dry: self.dry_params(dry_by_default),
+            ..SamplingParams::default()
+        };
+        p.validate()?;
+        Ok(p)
     }
 }
