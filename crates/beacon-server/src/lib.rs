@@ -176,9 +176,11 @@ fn prepare(args: &ServeArgs) -> anyhow::Result<Prepared> {
         )
     })?;
     let options = args.engine.options();
+    let beacon = options.beacon_config(&beacon_cfg)?;
     let settings = EngineSettings {
-        mode: options.mode(model.cfg.max_position_embeddings)?,
-        beacon: options.beacon_config(&beacon_cfg)?,
+        // window-only takes its window and sink from the beacon settings, as in `beacon run`
+        mode: options.mode_for(model.cfg.max_position_embeddings, &beacon)?,
+        beacon,
         kv_dtype: options.kv_dtype()?,
         cache_bytes: args.cache_bytes as usize,
         persist_dir: args.persist_dir.clone(),
