@@ -552,6 +552,9 @@ pub fn markdown(records: &[PplRecord], native: usize, scored: usize) -> String {
 pub fn plot_ratio(records: &[PplRecord], path: &std::path::Path) -> Result<()> {
     use crate::plot::{Dash, Marker, StyledSeries};
     let (_, lengths, map) = pooled(records);
+    // Full attention beyond the native window extrapolates positions (perplexity in the thousands):
+    // not a baseline anyone would use, and it would flatten every other line.
+    let native = records.iter().find_map(|r| r.native_window);
     let mut ratios: Vec<usize> = records
         .iter()
         .filter(|r| r.mode == "beacon")
@@ -595,7 +598,16 @@ pub fn plot_ratio(records: &[PplRecord], path: &std::path::Path) -> Result<()> {
                 Dash::Dashed,
                 Marker::Triangle,
             ),
-            ("full", flat("full"), Dash::Dashed, Marker::None),
+            (
+                "full",
+                if native.is_some_and(|n| l > n) {
+                    Vec::new()
+                } else {
+                    flat("full")
+                },
+                Dash::Dashed,
+                Marker::None,
+            ),
             (
                 "window-only",
                 flat("window-only"),
