@@ -11,6 +11,7 @@
 //! Draws are seeded by (run seed, update, sample within the update), so a resumed run rebuilds
 //! exactly the samples it would have built.
 
+use crate::data::Encode;
 use anyhow::Result;
 use beacon::schedule::SplitMix64;
 
@@ -250,16 +251,11 @@ pub struct RecallMix {
     pub fraction: f64,
     pub window: usize,
     seed: u64,
-    encode: Box<dyn Fn(&str) -> Result<Vec<u32>>>,
+    encode: Box<Encode<'static>>,
 }
 
 impl RecallMix {
-    pub fn new(
-        fraction: f64,
-        window: usize,
-        seed: u64,
-        encode: Box<dyn Fn(&str) -> Result<Vec<u32>>>,
-    ) -> Self {
+    pub fn new(fraction: f64, window: usize, seed: u64, encode: Box<Encode<'static>>) -> Self {
         RecallMix {
             fraction,
             window,
@@ -380,7 +376,7 @@ mod tests {
     use super::*;
 
     /// One token per byte: enough to check the layout.
-    fn bytes() -> Box<dyn Fn(&str) -> Result<Vec<u32>>> {
+    fn bytes() -> Box<Encode<'static>> {
         Box::new(|s: &str| Ok(s.bytes().map(|b| 1000 + b as u32).collect()))
     }
 
