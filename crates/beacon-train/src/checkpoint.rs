@@ -24,10 +24,17 @@ pub struct Envelope<M> {
     pub meta: M,
 }
 
-fn sha256_file(path: &Path) -> Result<String> {
+/// Lower-case hex SHA-256 of `bytes` (checkpoints and cached targets).
+pub(crate) fn sha256_hex(bytes: &[u8]) -> String {
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+pub(crate) fn sha256_file(path: &Path) -> Result<String> {
     let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-    let d = Sha256::digest(&bytes);
-    Ok(d.iter().map(|b| format!("{b:02x}")).collect())
+    Ok(sha256_hex(&bytes))
 }
 
 fn stem(step: u64) -> String {

@@ -137,7 +137,7 @@ fn renormalised(logp: &[f32]) -> Vec<f32> {
 }
 
 /// Row-wise log-sum-exp of a row slice.
-fn logsumexp(row: &[f32]) -> f32 {
+pub(crate) fn logsumexp(row: &[f32]) -> f32 {
     let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let s: f32 = row.iter().map(|&x| (x - m).exp()).sum();
     m + s.ln()

@@ -166,11 +166,11 @@ const TEMPLATES: [(&str, &str, &str, &str); 10] = [
 ];
 
 /// How a question is put after the text.
-const QUERY_FORMS: [(&str, &str); 4] = [
-    ("\nQuestion: {q}\nAnswer: ", ""),
-    ("\nQ: {q}\nA: ", ""),
-    ("\n{q} ", ""),
-    ("\nRecall from the text above. {q} ", ""),
+const QUERY_FORMS: [&str; 4] = [
+    "\nQuestion: {q}\nAnswer: ",
+    "\nQ: {q}\nA: ",
+    "\n{q} ",
+    "\nRecall from the text above. {q} ",
 ];
 
 const COPY_FORMS: [&str; 3] = [
@@ -183,7 +183,7 @@ struct Draw(SplitMix64);
 
 impl Draw {
     fn below(&mut self, n: usize) -> usize {
-        (self.0.next_f64() * n as f64) as usize % n.max(1)
+        self.0.below(n)
     }
     fn pick<'a>(&mut self, xs: &[&'a str]) -> &'a str {
         xs[self.below(xs.len())]
@@ -240,7 +240,7 @@ pub fn template_phrases() -> Vec<String> {
     for (a, b, c, d) in TEMPLATES {
         v.extend([a, b, c, d].map(String::from));
     }
-    v.extend(QUERY_FORMS.iter().map(|(a, _)| a.to_string()));
+    v.extend(QUERY_FORMS.iter().map(|s| s.to_string()));
     v.extend(COPY_FORMS.iter().map(|s| s.to_string()));
     v
 }
@@ -302,7 +302,7 @@ impl RecallMix {
         }
         for &i in &order {
             let f = &facts[i];
-            let (form, _) = QUERY_FORMS[d.below(QUERY_FORMS.len())];
+            let form = QUERY_FORMS[d.below(QUERY_FORMS.len())];
             let head = format!("{}{}", form.replace("{q}", &f.question), f.lead);
             push((self.encode)(&head)?, false, &mut query);
             push((self.encode)(&format!("{}.", f.answer))?, true, &mut query);

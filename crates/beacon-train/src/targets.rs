@@ -13,8 +13,11 @@
 //!
 //! Storage: one safetensors file per sample, named by a hash of (tokens, settings), with a JSON
 //! sidecar holding its SHA-256; both written atomically (tensors first, JSON last), verified on load
-//! (a file that does not verify is rebuilt), read through a memory map.
+//! (a file that does not verify is rebuilt). A read takes the file once: the checksum and the tensors
+//! come from the same bytes.
 
+use crate::checkpoint::{sha256_file, sha256_hex};
+use crate::objective::logsumexp;
 use anyhow::{bail, Context, Result};
 use beacon::engine::{Mode, Session, Want};
 use beacon::model::Model;
@@ -74,10 +77,6 @@ pub struct TargetCache {
     pub reused: usize,
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 impl TargetCache {
     pub fn new(dir: &Path, spec: TargetSpec) -> Result<Self> {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -96,7 +95,10 @@ impl TargetCache {
         for t in tokens {
             h.update(t.to_le_bytes());
         }
-        hex(&h.finalize()[..12])
+        h.finalize()[..12]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
     }
 
     /// The targets of `tokens`: read from the cache, or computed with `model` and stored.
@@ -132,17 +134,17 @@ impl TargetCache {
             Ok(b) => b,
             Err(_) => return Ok(None),
         };
-        if side.spec != self.spec
-            || side.tokens != len
-            || hex(&Sha256::digest(&bytes)) != side.tensors_sha256
+        if side.spec != self.spec || side.tokens != len || sha256_hex(&bytes) != side.tensors_sha256
         {
             eprintln!("warning: {} does not verify; rebuilding", st.display());
             return Ok(None);
         }
-        drop(bytes);
-        // SAFETY: cache files are only ever replaced by rename, never modified in place.
-        let m = unsafe { candle_core::safetensors::MmapedSafetensors::new(st) }?;
-        let get = |n: &str| -> Result<Tensor> { Ok(m.load(n, &Device::Cpu)?) };
+        let m = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)?;
+        let get = |n: &str| -> Result<Tensor> {
+            m.get(n)
+                .cloned()
+                .with_context(|| format!("{} lacks {n}", st.display()))
+        };
         let k = self.spec.k;
         let t = SampleTargets {
             nll_full: get("nll_full")?.to_vec1()?,
@@ -184,8 +186,7 @@ impl TargetCache {
         let mut digest = String::new();
         atomic_write_with(st, |tmp| {
             candle_core::safetensors::save(&map, tmp)?;
-            let bytes = std::fs::read(tmp).map_err(|e| beacon::BeaconError::io(tmp, e))?;
-            digest = hex(&Sha256::digest(&bytes));
+            digest = sha256_file(tmp).map_err(|e| beacon::BeaconError::invalid(e.to_string()))?;
             Ok(())
         })?;
         let side = Sidecar {
@@ -210,8 +211,7 @@ fn rows_to_targets(
 ) -> Result<()> {
     let rows: Vec<Vec<f32>> = logits.to_dtype(DType::F32)?.to_vec2()?;
     for (row, label) in rows.iter().zip(next) {
-        let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let lse = m + row.iter().map(|&x| (x - m).exp()).sum::<f32>().ln();
+        let lse = logsumexp(row);
         nll.push(label.map_or(0.0, |l| lse - row[l as usize]));
         if k == 0 {
             continue;
