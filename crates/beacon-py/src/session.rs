@@ -80,16 +80,21 @@ fn last_row(t: &Tensor) -> Result<Tensor, Fail> {
     })
 }
 
+/// Whether adapt-N has yet to choose its ratio (from the length of the feed that opens the first window).
+fn adapt_pending(s: &Session) -> bool {
+    matches!(s.chooser.mix, RatioMix::Adapt(_))
+        && s.chooser.cached.is_none()
+        && s.chooser.candidates.len() > 1
+}
+
 /// How many of `remaining` tokens the next piece of an interruptible feed takes: always a prefix the
 /// engine would have stepped through on its own, so the result equals one feed of everything.
 fn piece_len(s: &Session, remaining: usize) -> usize {
     let chunk = s.prefill_chunk.max(1);
     let n = match s.mode {
         Mode::Beacon => {
-            let adapt_pending =
-                matches!(s.beacon.ratio_mix, RatioMix::Adapt(_)) && s.chooser.cached.is_none();
-            if adapt_pending {
-                // adapt-N chooses its ratio from the length of the feed that opens the first window.
+            if adapt_pending(s) {
+                // Not reached after `feed_pieces` made the choice; one piece is always right.
                 remaining
             } else {
                 s.beacon.window.saturating_sub(s.layout.window_raw).max(1)
@@ -136,6 +141,10 @@ fn feed_pieces(
         _ => (tokens, want),
     };
     let total = tokens.len();
+    if matches!(s.mode, Mode::Beacon) && s.layout.ratio.is_none() && adapt_pending(s) {
+        // The choice one feed of everything would make (the engine then reuses the cached value).
+        s.chooser.next_window(s.tokens.len() + total, None);
+    }
     let mut rows = Vec::new();
     let mut done = 0;
     st.logits = None;
@@ -280,6 +289,35 @@ fn run_generation(
         return Err(Fail::Msg(Kind::Other, "interrupted".into()));
     }
     Ok(g.text)
+}
+
+/// The fields (and their order) of `beacon run --stats-json`.
+#[derive(serde::Serialize)]
+struct RunStats {
+    mode: String,
+    ratio: String,
+    window: usize,
+    input_tokens: usize,
+    windows: usize,
+    memory_entries: MemoryEntries,
+    kv_dtype: String,
+    kv_bytes: usize,
+    kv_bytes_full: usize,
+    prefill_seconds: f64,
+    prefill_tokens_per_second: f64,
+    decode_tokens: usize,
+    decode_seconds: f64,
+    decode_tokens_per_second: f64,
+    peak_rss_bytes: u64,
+    /// `None` before the first generation.
+    finish: Option<String>,
+}
+
+#[derive(serde::Serialize)]
+struct MemoryEntries {
+    sink: usize,
+    beacon: usize,
+    raw: usize,
 }
 
 /// `beacon run`'s ratio label.
@@ -527,25 +565,30 @@ impl NativeSession {
             ),
             None => (0, 0.0, None),
         };
-        let v = serde_json::json!({
-            "mode": s.mode.name(),
-            "ratio": ratio_label(s),
-            "window": s.beacon.window,
-            "input_tokens": st.input_tokens,
-            "windows": s.stats.windows_closed + usize::from(l.window_raw > 0),
-            "memory_entries": {"sink": l.sink, "beacon": l.beacons, "raw": l.window_flags.len()},
-            "kv_dtype": s.kv_dtype().as_str(),
-            "kv_bytes": s.stats.peak_kv_bytes,
-            "kv_bytes_full": s.kv_bytes_full(),
-            "prefill_seconds": st.prefill_seconds,
-            "prefill_tokens_per_second": st.prefill_tokens as f64 / st.prefill_seconds.max(1e-9),
-            "decode_tokens": dt,
-            "decode_seconds": ds,
-            "decode_tokens_per_second": dt as f64 / ds.max(1e-9),
-            "peak_rss_bytes": beacon::metrics::peak_rss_bytes(),
-            "finish": finish,
-        });
-        Ok(v.to_string())
+        let v = RunStats {
+            mode: s.mode.name().into(),
+            ratio: ratio_label(s),
+            window: s.beacon.window,
+            input_tokens: st.input_tokens,
+            windows: s.stats.windows_closed + usize::from(l.window_raw > 0),
+            memory_entries: MemoryEntries {
+                sink: l.sink,
+                beacon: l.beacons,
+                raw: l.window_flags.len(),
+            },
+            kv_dtype: s.kv_dtype().as_str().into(),
+            kv_bytes: s.stats.peak_kv_bytes,
+            kv_bytes_full: s.kv_bytes_full(),
+            prefill_seconds: st.prefill_seconds,
+            prefill_tokens_per_second: st.prefill_tokens as f64 / st.prefill_seconds.max(1e-9),
+            decode_tokens: dt,
+            decode_seconds: ds,
+            decode_tokens_per_second: dt as f64 / ds.max(1e-9),
+            peak_rss_bytes: beacon::metrics::peak_rss_bytes(),
+            finish,
+        };
+        let v = serde_json::to_string(&v).map_err(|e| Fail::Any(e.into()).into_py(py))?;
+        Ok(v)
     }
 
     /// Every token the memory has read (prompt, fed text and the answers read back).
