@@ -99,3 +99,23 @@ def test_cli_and_python_agree_on_bad_flags(default_model):
         pytest.skip(f"{exe} not built")
     r = subprocess.run([str(exe), "run", "-p", "hi", "--ratio", "sometimes", "-n", "1"], capture_output=True, text=True)
     assert r.returncode != 0 and str(e.value) in r.stderr, r.stderr
+
+
+def test_train_wrapper_and_its_weights(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    text = BOOK.read_text(encoding="utf-8")
+    (data / "a.txt").write_text(text[:6000], encoding="utf-8")
+    (data / "b.txt").write_text(text[6000:9000], encoding="utf-8")
+    r = beacon.train(data=[data], heldout=["b"], out=tmp_path / "run", steps=1, seq_len=128, window=64,
+                     eval_every=1, eval_samples=1, threads=1)
+    assert os.path.exists(r["beacon"]) and os.path.exists(r["beacon_config"])
+    assert any("loss" in m for m in r["metrics"]) and any("heldout_loss" in m for m in r["metrics"])
+    m = beacon.Model.load(beacon=r["beacon"], beacon_config=r["beacon_config"])
+    assert m.beacon_source == r["beacon"] and m.beacon_config["window"] == 64
+    with pytest.raises(ValueError, match="--no-such-flag"):
+        beacon.train(no_such_flag=True)
+    # Python's own Ctrl-C handling is back after the trainer's handler.
+    _interrupt_after(0.2)
+    with pytest.raises(KeyboardInterrupt):
+        time.sleep(5)
