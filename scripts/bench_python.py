@@ -81,10 +81,16 @@ def main() -> int:
                 flush=True,
             )
         rows.append(pair)
-    for key, idx in (("engine (read + decode)", 0), ("process wall", 1)):
-        ratios = [r["py"][idx] / r["cli"][idx] for r in rows]
-        cli = statistics.median(r["cli"][idx] for r in rows)
-        py = statistics.median(r["py"][idx] for r in rows)
+    measures = {
+        "read (prefill_seconds)": lambda x: x[2]["prefill_seconds"],
+        "decode (decode_seconds)": lambda x: x[2]["decode_seconds"],
+        "engine (read + decode)": lambda x: x[0],
+        "process wall": lambda x: x[1],
+    }
+    for key, f in measures.items():
+        ratios = [f(r["py"]) / f(r["cli"]) for r in rows]
+        cli = statistics.median(f(r["cli"]) for r in rows)
+        py = statistics.median(f(r["py"]) for r in rows)
         print(
             f"{key}: median CLI {cli:.2f}s, Python {py:.2f}s; Python/CLI per pair: min {min(ratios):.3f}, "
             f"median {statistics.median(ratios):.3f}, max {max(ratios):.3f}"

@@ -126,6 +126,9 @@ fn feed_pieces(
     want: Want,
     keep_going: &mut dyn FnMut() -> bool,
 ) -> Result<Option<Tensor>, Fail> {
+    if tokens.is_empty() {
+        return Ok(None);
+    }
     let model = &shared.loaded.model;
     let s = &mut st.session;
     // truncate reads only the last `keep` tokens of its first feed: cut here, as the engine would.
@@ -411,8 +414,14 @@ impl NativeSession {
         tokens: Vec<u32>,
         logits_from: Option<usize>,
     ) -> PyResult<Option<(Bound<'py, PyByteArray>, Vec<usize>)>> {
-        let want = want_of(logits_from);
         let n = tokens.len();
+        // Rows from past the end: none, but the next-token logits are still kept.
+        let none_wanted = matches!(logits_from, Some(i) if i >= n);
+        let want = if none_wanted {
+            Want::Last
+        } else {
+            want_of(logits_from)
+        };
         let out = self.with_state(py, move |shared, st, keep_going| {
             let t0 = Instant::now();
             let r = feed_with_pending(shared, st, &tokens, want, keep_going);
@@ -422,9 +431,12 @@ impl NativeSession {
             st.input_tokens += n;
             r
         })?;
+        let vocab = self.shared.loaded.model.cfg.vocab_size;
         match (logits_from, out) {
+            (Some(_), _) if none_wanted => Ok(Some((PyByteArray::new(py, &[]), vec![0, vocab]))),
             (Some(_), Some(t)) => Ok(Some(to_buffer(py, &t)?)),
-            _ => Ok(None),
+            (Some(_), None) => Ok(Some((PyByteArray::new(py, &[]), vec![0, vocab]))),
+            (None, _) => Ok(None),
         }
     }
 

@@ -159,3 +159,17 @@ def test_eval_ppl_wrapper(tiny, tmp_path):
     assert (tmp_path / "res" / "ppl.json").exists()
     with pytest.raises(ValueError, match="--no-such-flag"):
         beacon.eval.ppl(no_such_flag=1)
+
+
+def test_edge_feeds(tiny, ids):
+    s = tiny.session(ratio=2, window=32)
+    s.feed(ids[:20])
+    before = s.logits()
+    assert s.feed([]) is None
+    np.testing.assert_array_equal(s.logits(), before)  # an empty feed changes nothing
+    rows = s.feed(ids[20:30], logits=10)  # rows from past the end: none, next-token logits kept
+    assert rows.shape == (0, 256)
+    assert s.logits().shape == (256,)
+    rows = s.feed(np.array(ids[30:40]), logits="all")  # NumPy ids
+    assert rows.shape == (10, 256)
+    np.testing.assert_array_equal(rows[-1], s.logits())

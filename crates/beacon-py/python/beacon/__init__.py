@@ -469,7 +469,10 @@ class Session:
         self._native.reset()
 
     def __repr__(self) -> str:
-        st = self.stats()
+        try:
+            st = self.stats()
+        except BeaconError:
+            return "<beacon.Session (busy: streaming)>"
         m = st["memory_entries"]
         return (
             f"<beacon.Session mode={st['mode']} ratio={st['ratio']} tokens={st['input_tokens']} "
