@@ -37,6 +37,25 @@ pub fn inspect(args: ModelArgs) -> Result<()> {
         b.attn
     );
     println!("beacon weights {:?}", loaded.beacon_source);
+    let p = &loaded.plan;
+    let g = |b: u64| format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64);
+    println!(
+        "memory plan    prefill-weights {}  weights {}  prefill copies {}  temporary {}  K/V {} ({})  scratch ~{}  total {} of {} available ({})",
+        p.prefill.name(),
+        g(p.weights),
+        g(p.copies),
+        g(p.temporary),
+        g(p.kv),
+        p.kv_label,
+        g(p.scratch),
+        g(p.total()),
+        g(p.available.bytes),
+        p.available.source
+    );
+    for (choice, need) in &p.alternatives {
+        println!("               {:<10} would need {}", choice.name(), g(*need));
+    }
+    println!("bf16 kernel    {}", beacon::model::bf16_kernel_name());
     println!("fingerprint    {}", loaded.fingerprint);
     println!(
         "K/V per token  {} bytes (all layers, f32 K+V)",

@@ -1,6 +1,6 @@
 //! `beacon run`: read a (long) input, compress it progressively, answer, report what it cost.
 
-use crate::common::{load_model, EngineArgs, ModelArgs};
+use crate::common::{EngineArgs, ModelArgs};
 use anyhow::{Context, Result};
 use beacon::cli_args::PenaltyArgs;
 use beacon::engine::{Mode, Session};
@@ -144,8 +144,35 @@ fn read_input(args: &RunArgs, tok: &beacon::tokenizer::Tokenizer) -> Result<Vec<
     })
 }
 
+/// Tokens the run will hold at most, estimated before the tokenizer is loaded (≥ 1 token per 3 bytes
+/// of text), for the memory plan.
+fn planned_tokens(args: &RunArgs) -> usize {
+    let file = args
+        .file
+        .as_ref()
+        .and_then(|f| std::fs::metadata(f).ok())
+        .map(|m| m.len() as usize / 3)
+        .unwrap_or(0);
+    let file = if args.max_file_tokens > 0 {
+        file.min(args.max_file_tokens)
+    } else {
+        file
+    };
+    file + args.prompt.as_ref().map_or(0, |p| p.len() / 3 + 1) + args.max_tokens + 64
+}
+
 pub fn run(args: RunArgs) -> Result<()> {
-    let loaded = load_model(&args.model)?;
+    let kv = args.engine.kv_needs(planned_tokens(&args));
+    let loaded = args.model.load_for(Some(kv)).with_context(|| {
+        format!(
+            "loading model {}",
+            args.model
+                .model
+                .as_ref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_else(|| "(default)".into())
+        )
+    })?;
     let tok = loaded
         .tokenizer
         .as_ref()

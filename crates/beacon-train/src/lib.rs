@@ -237,9 +237,10 @@ pub fn run(args: TrainArgs) -> Result<()> {
     };
     // Train from the backbone's initialisation unless resuming (the checkpoint then restores the values).
     let opts = LoadOptions {
-        dtype: DType::F32,
+        dtype: Some(DType::F32),
         untrained_beacons: true,
-        dense_prefill: true,
+        // Training multiplies whole samples through the frozen backbone: dense copies, always.
+        prefill_weights: Some(beacon::memory_plan::PrefillWeights::Dense),
         ..Default::default()
     };
     let mut loaded =

@@ -5,6 +5,7 @@
 use crate::error::{BeaconError, Result};
 use crate::generate::{DryParams, SamplingParams};
 use crate::loader::{BeaconSource, LoadOptions, Loaded};
+use crate::memory_plan::{KvNeeds, PrefillWeights};
 use crate::options::EngineOptions;
 use std::path::PathBuf;
 
@@ -24,9 +25,18 @@ pub struct ModelArgs {
     /// Ignore trained beacon weights; initialise them from the backbone (SPEC §1.3).
     #[arg(long)]
     pub untrained: bool,
-    /// Compute dtype for Hugging Face weights: f32 or bf16.
-    #[arg(long, default_value = "f32")]
+    /// How a Hugging Face checkpoint's matrices are held: f32, bf16 (as stored by most; products
+    /// still accumulate in f32), or auto (f32 when it fits the memory plan, else bf16).
+    #[arg(long, default_value = "auto")]
     pub dtype: String,
+    /// How quantized (GGUF) matrices are held for prefill: dense (f32 copies, fastest, 4 bytes per
+    /// weight), bf16 (copies at 2 bytes), scratch (no copy: each matrix dequantized when a chunk
+    /// needs it), quantized (no copy, quantized dot products), or auto (the first that fits).
+    #[arg(long, default_value = "auto")]
+    pub prefill_weights: String,
+    /// Use at most this much memory (e.g. 8G, 512M); default: what the machine has free.
+    #[arg(long)]
+    pub memory_limit: Option<String>,
 }
 
 impl Default for ModelArgs {
@@ -37,7 +47,9 @@ impl Default for ModelArgs {
             beacon_weights: None,
             beacon_config: None,
             untrained: false,
-            dtype: "f32".into(),
+            dtype: "auto".into(),
+            prefill_weights: "auto".into(),
+            memory_limit: None,
         }
     }
 }
@@ -45,11 +57,12 @@ impl Default for ModelArgs {
 impl ModelArgs {
     pub fn load_options(&self) -> Result<LoadOptions> {
         let dtype = match self.dtype.as_str() {
-            "f32" => candle_core::DType::F32,
-            "bf16" => candle_core::DType::BF16,
+            "auto" => None,
+            "f32" => Some(candle_core::DType::F32),
+            "bf16" => Some(candle_core::DType::BF16),
             other => {
                 return Err(BeaconError::invalid(format!(
-                    "--dtype: expected f32 or bf16, found {other}"
+                    "--dtype: expected auto, f32 or bf16, found {other}"
                 )))
             }
         };
@@ -58,14 +71,28 @@ impl ModelArgs {
             beacon_weights: self.beacon_weights.clone(),
             beacon_config: self.beacon_config.clone(),
             untrained_beacons: self.untrained,
-            ..Default::default()
+            prefill_weights: PrefillWeights::parse(&self.prefill_weights)?,
+            memory_limit: self.memory_limit.as_deref().map(parse_bytes).transpose()?,
+            kv: None,
         })
+    }
+
+    /// Load for a session that will hold `kv` at its peak (the memory plan counts it).
+    pub fn load_for(&self, kv: Option<KvNeeds>) -> Result<Loaded> {
+        let mut opts = self.load_options()?;
+        opts.kv = kv;
+        self.load_with(&opts)
     }
 
     /// Load the model (the default one with its shipped beacons when `--model` is absent); warns
     /// when the beacons had to be initialised from the backbone without being asked to.
     pub fn load(&self) -> Result<Loaded> {
-        let loaded = crate::loader::load_model(self.model.as_deref(), &self.load_options()?)?;
+        self.load_with(&self.load_options()?)
+    }
+
+    fn load_with(&self, opts: &LoadOptions) -> Result<Loaded> {
+        let loaded = crate::loader::load_model(self.model.as_deref(), opts)?;
+        eprintln!("{}", loaded.plan.line());
         if loaded.beacon_source == BeaconSource::Initialised && !self.untrained {
             tracing::warn!(
                 "no beacon weights found for {}: beacons are initialised from the backbone \
@@ -122,6 +149,39 @@ impl Default for EngineArgs {
 }
 
 impl EngineArgs {
+    /// The K/V these flags will hold at their peak after `tokens` tokens, for the memory plan, before
+    /// the model (and so its beacon settings) is known: unknown settings take their costliest
+    /// common value (window 2048, ratio 2, native context 8192).
+    pub fn kv_needs(&self, tokens: usize) -> KvNeeds {
+        let window = self.window.unwrap_or(2048);
+        let sink = self.sink.unwrap_or(4);
+        let keep = self.keep.unwrap_or(8192);
+        let ratio = self
+            .ratio
+            .as_deref()
+            .and_then(|r| r.trim().parse::<usize>().ok())
+            .unwrap_or(2);
+        let mode = self.mode.as_deref().unwrap_or("beacon");
+        let entries = match mode {
+            "full" => tokens,
+            "truncate" | "streaming" => tokens.min(keep + sink),
+            "window-only" => tokens.min(sink + window),
+            _ if ratio == 0 => tokens,
+            _ => tokens.min(sink + tokens / ratio + window),
+        };
+        let dtype_bytes = if self.kv_dtype.trim() == "f32" { 4 } else { 2 };
+        KvNeeds {
+            entries,
+            dtype_bytes,
+            label: format!(
+                "{mode}{} over ~{:.1}K tokens, {}",
+                if mode == "beacon" { format!(" ×{ratio}") } else { String::new() },
+                tokens as f64 / 1000.0,
+                self.kv_dtype.trim()
+            ),
+        }
+    }
+
     pub fn options(&self) -> EngineOptions {
         EngineOptions {
             mode: self.mode.clone(),
@@ -211,5 +271,59 @@ impl PenaltyArgs {
         };
         p.validate()?;
         Ok(p)
+    }
+}
+
+/// `8G`, `512M`, `1.5GiB`, `1000000` (bytes) → bytes.
+pub fn parse_bytes(s: &str) -> Result<u64> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: f64 = num.parse().map_err(|_| {
+        BeaconError::config("--memory-limit", "memory_limit", "a size such as 8G or 512M", s)
+    })?;
+    let mult = match unit.trim().to_ascii_uppercase().trim_end_matches("IB").trim_end_matches('B') {
+        "" => 1u64,
+        "K" => 1 << 10,
+        "M" => 1 << 20,
+        "G" => 1 << 30,
+        "T" => 1 << 40,
+        _ => {
+            return Err(BeaconError::config(
+                "--memory-limit",
+                "memory_limit",
+                "a size such as 8G or 512M",
+                s,
+            ))
+        }
+    };
+    Ok((n * mult as f64) as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse() {
+        assert_eq!(parse_bytes("8G").unwrap(), 8 << 30);
+        assert_eq!(parse_bytes("512MiB").unwrap(), 512 << 20);
+        assert_eq!(parse_bytes("1.5G").unwrap(), 3 << 29);
+        assert_eq!(parse_bytes("1000").unwrap(), 1000);
+        assert!(parse_bytes("lots").is_err());
+        assert!(parse_bytes("8Q").is_err());
+    }
+
+    #[test]
+    fn kv_needs_follow_the_mode() {
+        let mut e = EngineArgs::default();
+        e.ratio = Some("8".into());
+        e.window = Some(512);
+        e.sink = Some(1);
+        assert_eq!(e.kv_needs(8192).entries, 1 + 1024 + 512);
+        e.mode = Some("full".into());
+        assert_eq!(e.kv_needs(8192).entries, 8192);
     }
 }

@@ -30,6 +30,9 @@ pub enum BeaconError {
     },
     #[error("{0}")]
     Invalid(String),
+    /// The memory plan does not fit (see `memory_plan`): raised before any weight is read.
+    #[error("memory plan: {0}")]
+    Memory(String),
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
 }

@@ -7,6 +7,7 @@
 //! back through the same session.
 
 pub mod attention;
+mod bf16;
 #[cfg(feature = "cli")]
 pub mod cli_args;
 pub mod config;
@@ -17,6 +18,7 @@ pub mod error;
 pub mod fetch;
 pub mod generate;
 pub mod loader;
+pub mod memory_plan;
 pub mod metrics;
 pub mod model;
 pub mod options;

@@ -4,10 +4,10 @@
 
 use crate::config::{Arch, BeaconConfig, BeaconKeys, BeaconParams, HfConfig, ModelConfig};
 use crate::error::{BeaconError, Result};
+use crate::memory_plan::{self, Available, Checkpoint, KvNeeds, MemoryPlan, PrefillWeights, Shapes, StoredTensor};
 use crate::model::{Attention, BeaconProjections, Embedding, Layer, Linear, Mlp, Model, Weight};
 use crate::tokenizer::Tokenizer;
 use candle_core::quantized::{gguf_file, QTensor};
-use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Tensor};
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
@@ -16,14 +16,22 @@ use std::path::{Path, PathBuf};
 /// How to load.
 #[derive(Debug, Clone)]
 pub struct LoadOptions {
-    /// Compute dtype for dense weights and activations (f32 or bf16).
-    pub dtype: DType,
+    /// How a Hugging Face checkpoint's matrices are held: f32 (widened) or bf16 (as most are stored;
+    /// products accumulate in f32). Activations are f32 either way. `None`: f32 when the memory plan
+    /// fits it, else bf16.
+    pub dtype: Option<DType>,
     /// Beacon weights file; default: `beacon.safetensors` beside the model.
     pub beacon_weights: Option<PathBuf>,
     /// Beacon settings file; default: `beacon_config.json` beside the model.
     pub beacon_config: Option<PathBuf>,
-    /// Keep dense copies of quantized matrices for fast prefill (more RAM).
-    pub dense_prefill: bool,
+    /// How quantized matrices are held for prefill; `None`: the largest choice that fits
+    /// ([`crate::memory_plan`]).
+    pub prefill_weights: Option<PrefillWeights>,
+    /// Use at most this many bytes (besides what the machine reports).
+    pub memory_limit: Option<u64>,
+    /// The K/V the caller will hold at its peak; `None`: full attention over the native window
+    /// (capped at 8K entries) in f16.
+    pub kv: Option<KvNeeds>,
     /// Use beacon weights initialised from the backbone even if trained ones exist.
     pub untrained_beacons: bool,
 }
@@ -31,12 +39,60 @@ pub struct LoadOptions {
 impl Default for LoadOptions {
     fn default() -> Self {
         LoadOptions {
-            dtype: DType::F32,
+            dtype: None,
             beacon_weights: None,
             beacon_config: None,
-            dense_prefill: true,
+            prefill_weights: None,
+            memory_limit: None,
+            kv: None,
             untrained_beacons: false,
         }
+    }
+}
+
+impl LoadOptions {
+    /// The memory plan for a checkpoint of these shapes (see [`crate::memory_plan::plan`]).
+    fn plan(&self, checkpoint: &Checkpoint, cfg: &ModelConfig) -> Result<MemoryPlan> {
+        let kv = self.kv.clone().unwrap_or_else(|| KvNeeds {
+            entries: cfg.max_position_embeddings.min(8192),
+            dtype_bytes: 2,
+            label: "full attention over the native window, f16".into(),
+        });
+        let shapes = Shapes {
+            layers: cfg.num_layers,
+            hidden: cfg.hidden_size,
+            kv_dim: cfg.kv_dim(),
+            ffn: cfg.intermediate_size,
+            vocab: cfg.vocab_size,
+            heads: cfg.num_heads,
+        };
+        let requested = match (checkpoint, self.dtype) {
+            (Checkpoint::Hf { .. }, Some(DType::F32)) => Some(PrefillWeights::Dense),
+            (Checkpoint::Hf { .. }, Some(DType::BF16)) => Some(PrefillWeights::Bf16),
+            (Checkpoint::Hf { .. }, Some(other)) => {
+                return Err(BeaconError::invalid(format!(
+                    "--dtype: expected f32 or bf16, found {other:?}"
+                )))
+            }
+            _ => self.prefill_weights,
+        };
+        if let (Checkpoint::Hf { .. }, Some(d), Some(p)) = (checkpoint, self.dtype, self.prefill_weights) {
+            if requested != Some(p) {
+                return Err(BeaconError::invalid(format!(
+                    "--dtype {d:?} and --prefill-weights {} disagree (a Hugging Face checkpoint's \
+                     matrices are held one way for both)",
+                    p.name()
+                )));
+            }
+        }
+        memory_plan::plan(
+            checkpoint,
+            shapes,
+            &kv,
+            Available::probe(self.memory_limit),
+            requested,
+            512,
+        )
     }
 }
 
@@ -59,6 +115,8 @@ pub struct Loaded {
     /// Identifies backbone + beacon weights (for saved contexts): hash of file sizes/names and beacon tensors.
     pub fingerprint: String,
     pub path: PathBuf,
+    /// How the weights are held and what that costs (printed by the front ends).
+    pub plan: MemoryPlan,
 }
 
 /// A named tensor source (safetensors files or a GGUF).
@@ -68,37 +126,114 @@ trait Tensors {
     fn get_dense(&self, name: &str, dtype: DType) -> Result<Option<Tensor>>;
 }
 
+/// Safetensors files read tensor by tensor (positioned reads into the tensor's own buffer): no mapping
+/// stays resident beside the loaded weights, so peak memory is what is kept plus one tensor, shard after
+/// shard (a mapped 15 GB checkpoint would count its touched pages on top of the copies).
 struct SafeFiles {
     label: String,
-    st: MmapedSafetensors,
+    files: Vec<(PathBuf, std::fs::File)>,
+    /// name → (file index, dtype, dims, absolute byte range)
+    index: HashMap<String, (usize, DType, Vec<usize>, std::ops::Range<u64>)>,
     names: Vec<String>,
+}
+
+/// One safetensors header: (name, dtype, dims, byte range relative to the data section), data start.
+fn safetensors_header(path: &Path, f: &mut std::fs::File) -> Result<(Vec<(String, DType, Vec<usize>, std::ops::Range<u64>)>, u64)> {
+    use std::io::Read;
+    let file = path.display().to_string();
+    let parse = |message: String| BeaconError::Parse {
+        path: file.clone(),
+        message,
+    };
+    let mut len = [0u8; 8];
+    f.read_exact(&mut len).map_err(|e| BeaconError::io(path, e))?;
+    let n = u64::from_le_bytes(len);
+    let size = f.metadata().map_err(|e| BeaconError::io(path, e))?.len();
+    if n > 100 << 20 || 8 + n > size {
+        return Err(parse(format!("header length {n} does not fit a file of {size} bytes")));
+    }
+    let mut header = vec![0u8; n as usize];
+    f.read_exact(&mut header).map_err(|e| BeaconError::io(path, e))?;
+    let v: serde_json::Value =
+        serde_json::from_slice(&header).map_err(|e| parse(format!("header: {e}")))?;
+    let obj = v.as_object().ok_or_else(|| parse("header is not an object".into()))?;
+    let data_start = 8 + n;
+    let mut out = Vec::new();
+    for (name, info) in obj {
+        if name == "__metadata__" {
+            continue;
+        }
+        let dtype = match info.get("dtype").and_then(|d| d.as_str()) {
+            Some("F32") => DType::F32,
+            Some("F16") => DType::F16,
+            Some("BF16") => DType::BF16,
+            Some("F64") => DType::F64,
+            Some("I64") => DType::I64,
+            Some("U8") => DType::U8,
+            Some("U32") => DType::U32,
+            other => return Err(parse(format!("tensor `{name}`: unsupported dtype {other:?}"))),
+        };
+        let dims: Vec<usize> = info
+            .get("shape")
+            .and_then(|s| s.as_array())
+            .map(|a| a.iter().filter_map(|d| d.as_u64().map(|d| d as usize)).collect())
+            .ok_or_else(|| parse(format!("tensor `{name}`: no shape")))?;
+        let offs: Vec<u64> = info
+            .get("data_offsets")
+            .and_then(|s| s.as_array())
+            .map(|a| a.iter().filter_map(|d| d.as_u64()).collect())
+            .unwrap_or_default();
+        let want = dims.iter().product::<usize>() as u64 * dtype.size_in_bytes() as u64;
+        if offs.len() != 2 || offs[1] < offs[0] || offs[1] - offs[0] != want || data_start + offs[1] > size {
+            return Err(parse(format!(
+                "tensor `{name}`: data_offsets {offs:?} do not hold {dims:?} {dtype:?} inside the file"
+            )));
+        }
+        out.push((name.clone(), dtype, dims, data_start + offs[0]..data_start + offs[1]));
+    }
+    Ok((out, data_start))
 }
 
 impl SafeFiles {
     fn open(paths: &[PathBuf]) -> Result<Self> {
-        for p in paths {
-            if !p.exists() {
-                return Err(BeaconError::io(
-                    p,
-                    std::io::Error::new(std::io::ErrorKind::NotFound, "file not found"),
-                ));
+        let mut files = Vec::new();
+        let mut index = HashMap::new();
+        let mut names = Vec::new();
+        for (i, p) in paths.iter().enumerate() {
+            let mut f = std::fs::File::open(p).map_err(|e| BeaconError::io(p, e))?;
+            let (tensors, _) = safetensors_header(p, &mut f)?;
+            for (name, dtype, dims, range) in tensors {
+                names.push(name.clone());
+                index.insert(name, (i, dtype, dims, range));
             }
+            files.push((p.clone(), f));
         }
-        // SAFETY: the files are mapped read-only and not modified while the model is loaded.
-        let st = unsafe { MmapedSafetensors::multi(paths) }.map_err(|e| BeaconError::Parse {
-            path: paths
-                .iter()
-                .map(|p| p.display().to_string())
-                .collect::<Vec<_>>()
-                .join(", "),
-            message: e.to_string(),
-        })?;
-        let names = st.tensors().into_iter().map(|(n, _)| n).collect();
         let label = match paths {
             [one] => one.display().to_string(),
             many => format!("{} (+{} shards)", many[0].display(), many.len() - 1),
         };
-        Ok(SafeFiles { label, st, names })
+        Ok(SafeFiles {
+            label,
+            files,
+            index,
+            names,
+        })
+    }
+
+    /// Every tensor's header entry, for the memory plan.
+    fn stored(&self) -> Vec<StoredTensor> {
+        let mut v: Vec<StoredTensor> = self
+            .index
+            .iter()
+            .map(|(name, (_, _, dims, range))| StoredTensor {
+                name: name.clone(),
+                dims: dims.clone(),
+                bytes: range.end - range.start,
+                is_matrix: dims.len() == 2 && name.ends_with("proj.weight") || name == "lm_head.weight",
+            })
+            .collect();
+        v.sort_by(|a, b| a.name.cmp(&b.name));
+        v
     }
 }
 
@@ -110,10 +245,17 @@ impl Tensors for SafeFiles {
         self.names.clone()
     }
     fn get_dense(&self, name: &str, dtype: DType) -> Result<Option<Tensor>> {
-        if !self.names.iter().any(|n| n == name) {
+        use std::os::unix::fs::FileExt;
+        let Some((i, stored, dims, range)) = self.index.get(name) else {
             return Ok(None);
-        }
-        Ok(Some(self.st.load(name, &Device::Cpu)?.to_dtype(dtype)?))
+        };
+        let (path, f) = &self.files[*i];
+        let mut bytes = vec![0u8; (range.end - range.start) as usize];
+        f.read_exact_at(&mut bytes, range.start)
+            .map_err(|e| BeaconError::io(path, e))?;
+        let t = Tensor::from_raw_buffer(&bytes, *stored, dims, &Device::Cpu)?;
+        drop(bytes);
+        Ok(Some(if *stored == dtype { t } else { t.to_dtype(dtype)? }))
     }
 }
 
@@ -152,7 +294,7 @@ fn dense_linear(
     let b = if bias {
         let bname = format!("{prefix}.bias");
         Some(require(
-            src.get_dense(&bname, dtype)?,
+            src.get_dense(&bname, DType::F32)?,
             &file,
             &bname,
             &[out],
@@ -287,7 +429,12 @@ fn load_hf_dir(dir: &Path, opts: &LoadOptions) -> Result<Loaded> {
     let mut beacon = hf.beacon_config(&source)?;
     let files = hf_weight_files(dir)?;
     let st = SafeFiles::open(&files)?;
-    let dtype = opts.dtype;
+    let plan = opts.plan(&Checkpoint::Hf { tensors: st.stored() }, &cfg)?;
+    // Matrices (incl. embedding and LM head) as the plan holds them; norms, biases and activations f32.
+    let dtype = match plan.prefill {
+        PrefillWeights::Dense => DType::F32,
+        _ => DType::BF16,
+    };
     let (h, q, kv, ff) = (
         cfg.hidden_size,
         cfg.q_dim(),
@@ -306,7 +453,7 @@ fn load_hf_dir(dir: &Path, opts: &LoadOptions) -> Result<Loaded> {
         let p = format!("model.layers.{i}");
         let norm = |n: &str| -> Result<Tensor> {
             let name = format!("{p}.{n}.weight");
-            require(st.get_dense(&name, dtype)?, &file, &name, &[h])
+            require(st.get_dense(&name, DType::F32)?, &file, &name, &[h])
         };
         let attn = Attention {
             q_proj: dense_linear(
@@ -348,7 +495,7 @@ fn load_hf_dir(dir: &Path, opts: &LoadOptions) -> Result<Loaded> {
         });
     }
     let norm = require(
-        st.get_dense("model.norm.weight", dtype)?,
+        st.get_dense("model.norm.weight", DType::F32)?,
         &file,
         "model.norm.weight",
         &[h],
@@ -372,10 +519,10 @@ fn load_hf_dir(dir: &Path, opts: &LoadOptions) -> Result<Loaded> {
             })
         }
     };
-    let beacon_embed_placeholder = Tensor::zeros((1, h), dtype, &Device::Cpu)?;
+    let beacon_embed_placeholder = Tensor::zeros((1, h), DType::F32, &Device::Cpu)?;
     let mut model = Model::new(
         cfg,
-        dtype,
+        DType::F32,
         Embedding::Dense(embed),
         beacon_embed_placeholder,
         layers,
@@ -406,6 +553,7 @@ fn load_hf_dir(dir: &Path, opts: &LoadOptions) -> Result<Loaded> {
         beacon_source,
         fingerprint,
         path: dir.to_path_buf(),
+        plan,
     })
 }
 
@@ -468,11 +616,15 @@ pub fn load_beacon_weights(model: &mut Model, path: &Path, params: BeaconParams)
 /// Read `model.beacon_embed_tokens.weight` and `model.layers.{i}.self_attn.beacon_{q,k,v,o}_proj.*`.
 fn attach_beacons(model: &mut Model, src: &dyn Tensors, params: BeaconParams) -> Result<()> {
     let cfg = model.cfg.clone();
-    let dtype = model.dtype;
+    // Beacon projections are held like the backbone's dense matrices (bf16 for a bf16 checkpoint).
+    let dtype = match model.layers.first().map(|l| &l.attn.q_proj.weight) {
+        Some(Weight::Dense(w)) if w.dtype() == DType::BF16 => DType::BF16,
+        _ => model.dtype,
+    };
     let file = src.file();
     let (h, q, kv) = (cfg.hidden_size, cfg.q_dim(), cfg.kv_dim());
     model.beacon_embed = require(
-        src.get_dense("model.beacon_embed_tokens.weight", dtype)?,
+        src.get_dense("model.beacon_embed_tokens.weight", model.dtype)?,
         &file,
         "model.beacon_embed_tokens.weight",
         &[1, h],
@@ -632,6 +784,22 @@ fn load_gguf(path: &Path, opts: &LoadOptions) -> Result<Loaded> {
         eos_token_ids: tok_ids("tokenizer.ggml.eos_token_id").into_iter().collect(),
     };
     let dtype = DType::F32; // quantized matmuls take f32 activations
+    let stored: Vec<StoredTensor> = content
+        .tensor_infos
+        .iter()
+        .map(|(name, info)| {
+            let dims = info.shape.dims().to_vec();
+            let elems: usize = dims.iter().product();
+            let bytes = elems / info.ggml_dtype.block_size() * info.ggml_dtype.type_size();
+            StoredTensor {
+                is_matrix: dims.len() == 2 && name != "token_embd.weight" || name == "output.weight",
+                name: name.clone(),
+                dims,
+                bytes: bytes as u64,
+            }
+        })
+        .collect();
+    let plan = opts.plan(&Checkpoint::Gguf { tensors: stored }, &cfg)?;
     let mut get_q = |name: &str, shape: &[usize]| -> Result<candle_core::quantized::QTensor> {
         let t = content
             .tensor(&mut reader, name, &Device::Cpu)
@@ -651,7 +819,7 @@ fn load_gguf(path: &Path, opts: &LoadOptions) -> Result<Loaded> {
         Ok(t)
     };
     let (q_dim, kv_dim, ff) = (cfg.q_dim(), cfg.kv_dim(), cfg.intermediate_size);
-    let dense_prefill = opts.dense_prefill;
+    let prefill = plan.prefill;
     let mut layers = Vec::with_capacity(cfg.num_layers);
     for i in 0..cfg.num_layers {
         let p = format!("blk.{i}");
@@ -663,7 +831,7 @@ fn load_gguf(path: &Path, opts: &LoadOptions) -> Result<Loaded> {
                 None
             };
             Ok(Linear {
-                weight: decode_friendly(w, dense_prefill)?,
+                weight: decode_friendly(w, prefill)?,
                 bias: b,
             })
         };
@@ -700,12 +868,16 @@ fn load_gguf(path: &Path, opts: &LoadOptions) -> Result<Loaded> {
                 q: std::sync::Arc::new(qm),
                 qtensor: embd.clone(),
                 dense: None,
+                scratch: false,
             },
             bias: None,
         }
     } else {
         Linear {
-            weight: Weight::quantized(get_q("output.weight", &[vocab, hidden])?, false)?,
+            weight: Weight::quantized(
+                get_q("output.weight", &[vocab, hidden])?,
+                PrefillWeights::Quantized,
+            )?,
             bias: None,
         }
     };
@@ -741,6 +913,7 @@ fn load_gguf(path: &Path, opts: &LoadOptions) -> Result<Loaded> {
         beacon_source,
         fingerprint,
         path: path.to_path_buf(),
+        plan,
     })
 }
 
@@ -748,18 +921,24 @@ fn load_gguf(path: &Path, opts: &LoadOptions) -> Result<Loaded> {
 /// code that makes single-row decode ~10× slower. Such matrices are re-quantized to Q8_0 for the decode
 /// path (finer than the source, so the error added is a fraction of one source step), while the dense
 /// prefill copy keeps the exact source values. Q4_1 stays as it is: [`crate::q4_1`] reads it directly.
-fn decode_friendly(w: QTensor, keep_dense: bool) -> Result<Weight> {
+fn decode_friendly(w: QTensor, prefill: PrefillWeights) -> Result<Weight> {
     use candle_core::quantized::GgmlDType;
     if !matches!(w.dtype(), GgmlDType::Q5_0 | GgmlDType::Q5_1) {
-        return Weight::quantized(w, keep_dense);
+        return Weight::quantized(w, prefill);
     }
     let dense = w.dequantize(&Device::Cpu)?;
     let q8 = std::sync::Arc::new(QTensor::quantize(&dense, GgmlDType::Q8_0)?);
     let q = std::sync::Arc::new(candle_core::quantized::QMatMul::from_arc(q8.clone())?);
+    let dense = match prefill {
+        PrefillWeights::Dense => Some(dense),
+        PrefillWeights::Bf16 => Some(dense.to_dtype(DType::BF16)?),
+        PrefillWeights::Scratch | PrefillWeights::Quantized => None,
+    };
     Ok(Weight::Quantized {
         q,
         qtensor: q8,
-        dense: keep_dense.then_some(dense),
+        dense,
+        scratch: prefill == PrefillWeights::Scratch,
     })
 }
 

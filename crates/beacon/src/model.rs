@@ -9,9 +9,11 @@
 //! (norms, MLP, lm_head, RoPE) is shared with the backbone.
 
 use crate::attention::{fused_attention, AttnMask};
+use crate::bf16;
 use crate::config::ModelConfig;
 use crate::cpu_attention;
 use crate::error::Result;
+use crate::memory_plan::PrefillWeights;
 use crate::q4_1;
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor, D};
@@ -27,8 +29,11 @@ pub enum Weight {
     Quantized {
         q: Arc<QMatMul>,
         qtensor: Arc<QTensor>,
-        /// Dequantized `[out, in]`, used for chunks of at least [`DENSE_MIN_ROWS`] rows.
+        /// Dequantized `[out, in]` (f32 or bf16), used for chunks of at least [`DENSE_MIN_ROWS`] rows.
         dense: Option<Tensor>,
+        /// Without a dense copy, dequantize into a temporary f32 matrix for such chunks (instead of
+        /// running the quantized dot products row by row).
+        scratch: bool,
     },
     /// Low-rank beacon projection: `base + a·b` (a `[out, r]`, b `[r, in]`), our training extension.
     LowRank {
@@ -42,15 +47,21 @@ pub enum Weight {
 pub const DENSE_MIN_ROWS: usize = 8;
 
 impl Weight {
-    pub fn quantized(qtensor: QTensor, keep_dense: bool) -> Result<Self> {
-        let dense = if keep_dense {
-            Some(qtensor.dequantize(&Device::Cpu)?)
-        } else {
-            None
+    /// A quantized matrix held for prefill as the memory plan chose.
+    pub fn quantized(qtensor: QTensor, prefill: PrefillWeights) -> Result<Self> {
+        let dense = match prefill {
+            PrefillWeights::Dense => Some(qtensor.dequantize(&Device::Cpu)?),
+            PrefillWeights::Bf16 => Some(qtensor.dequantize(&Device::Cpu)?.to_dtype(DType::BF16)?),
+            PrefillWeights::Scratch | PrefillWeights::Quantized => None,
         };
         let qtensor = Arc::new(qtensor);
         let q = Arc::new(QMatMul::from_arc(qtensor.clone())?);
-        Ok(Weight::Quantized { q, qtensor, dense })
+        Ok(Weight::Quantized {
+            q,
+            qtensor,
+            dense,
+            scratch: prefill == PrefillWeights::Scratch,
+        })
     }
 
     /// `[out, in]`
@@ -65,9 +76,9 @@ impl Weight {
     /// A dense `[out, in]` f32 copy (for initialising beacon weights from the backbone).
     pub fn to_dense(&self) -> Result<Tensor> {
         Ok(match self {
-            Weight::Dense(t) => t.clone(),
+            Weight::Dense(t) => t.to_dtype(DType::F32)?,
             Weight::Quantized { qtensor, dense, .. } => match dense {
-                Some(d) => d.clone(),
+                Some(d) => d.to_dtype(DType::F32)?,
                 None => qtensor.dequantize(&Device::Cpu)?,
             },
             Weight::LowRank { base, a, b } => (base.to_dense()? + a.matmul(b)?)?,
@@ -83,15 +94,23 @@ impl Weight {
         let training = x.track_op();
         Ok(match self {
             Weight::Dense(w) if training && !w.track_op() => frozen_matmul(x, w)?,
-            Weight::Dense(w) => x.matmul(&w.t()?)?,
+            Weight::Dense(w) => dense_forward(w, x)?,
             Weight::Quantized { qtensor, dense, .. } if training => match dense {
                 Some(w) => frozen_matmul(x, w)?,
                 None => frozen_matmul(x, &qtensor.dequantize(&Device::Cpu)?.to_dtype(x.dtype())?)?,
             },
-            Weight::Quantized { q, qtensor, dense } => {
+            Weight::Quantized {
+                q,
+                qtensor,
+                dense,
+                scratch,
+            } => {
                 let rows = x.dim(0)?;
                 match dense {
-                    Some(w) if rows >= DENSE_MIN_ROWS => x.matmul(&w.t()?)?,
+                    Some(w) if rows >= DENSE_MIN_ROWS => dense_forward(w, x)?,
+                    None if *scratch && rows >= DENSE_MIN_ROWS => {
+                        x.matmul(&qtensor.dequantize(&Device::Cpu)?.t()?)?
+                    }
                     _ if qtensor.dtype() == GgmlDType::Q4_1 => q4_1::forward(qtensor, x)?,
                     _ => q.forward(x)?,
                 }
@@ -101,6 +120,24 @@ impl Weight {
             }
         })
     }
+}
+
+/// Which bf16 dot product this CPU runs (AVX-512 BF16 or the portable widening loop).
+pub fn bf16_kernel_name() -> &'static str {
+    bf16::kernel_name()
+}
+
+/// `x Wᵀ` for a dense weight: bf16 weights with f32 activations go through [`bf16`]'s kernel for few
+/// rows (decode) and through a temporary f32 widening of the matrix for many (prefill).
+fn dense_forward(w: &Tensor, x: &Tensor) -> Result<Tensor> {
+    if w.dtype() == DType::BF16 && x.dtype() == DType::F32 {
+        return if x.dim(0)? <= bf16::MAX_ROWS {
+            bf16::forward(w, x)
+        } else {
+            Ok(x.matmul(&w.to_dtype(DType::F32)?.t()?)?)
+        };
+    }
+    Ok(x.matmul(&w.t()?)?)
 }
 
 /// `x Wᵀ` for a frozen weight W `[out, in]`, as a custom op whose backward returns only `grad · W`.
@@ -183,7 +220,8 @@ pub enum Embedding {
 impl Embedding {
     pub fn lookup(&self, ids: &Tensor) -> Result<Tensor> {
         Ok(match self {
-            Embedding::Dense(t) => t.embedding(ids)?,
+            // bf16 tables (Hugging Face checkpoints kept as stored) give f32 rows like the rest.
+            Embedding::Dense(t) => t.embedding(ids)?.to_dtype(DType::F32)?,
             Embedding::Quantized(q) => q.embedding(ids)?,
         })
     }

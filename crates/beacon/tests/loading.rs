@@ -89,7 +89,7 @@ fn bf16_tracks_f32() {
     let b = logits(
         &tiny("qwen2-tiny"),
         &LoadOptions {
-            dtype: DType::BF16,
+            dtype: Some(DType::BF16),
             ..Default::default()
         },
     );
