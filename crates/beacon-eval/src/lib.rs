@@ -55,7 +55,7 @@ pub fn command_line() -> String {
 }
 
 /// Arguments joined into one shell line, single-quoting those with spaces or quotes.
-pub(crate) fn shell_join(args: &[String]) -> String {
+pub fn shell_join(args: &[String]) -> String {
     args.iter()
         .map(|a| {
             if a.chars()

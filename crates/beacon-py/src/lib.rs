@@ -26,9 +26,10 @@ pub struct Shared {
 
 impl Shared {
     pub fn tokenizer(&self) -> Result<&beacon::tokenizer::Tokenizer, Fail> {
-        self.loaded.tokenizer.as_ref().ok_or_else(|| {
-            value("this model has no tokenizer (tokenizer.json or GGUF metadata)")
-        })
+        self.loaded
+            .tokenizer
+            .as_ref()
+            .ok_or_else(|| value("this model has no tokenizer (tokenizer.json or GGUF metadata)"))
     }
 
     /// End-of-sequence ids: the tokenizer's and the config's, as `beacon run` stops on.
@@ -52,10 +53,13 @@ pub struct NativeModel {
     pub shared: Arc<Shared>,
 }
 
-/// Load a model as `beacon run -m PATH --beacon … --beacon-config … --dtype …` does (the default model,
-/// fetched on first use, when `path` is None). Returns the model and a warning to show, if any.
+/// Load a model as `beacon run -m PATH --beacon … --beacon-config … --dtype … --prefill-weights …
+/// --memory-limit …` does (the default model, fetched on first use, when `path` is None). Returns the
+/// model and a warning to show, if any.
 #[pyfunction]
-#[pyo3(signature = (path=None, beacon=None, beacon_config=None, dtype="f32".to_string(), untrained=false))]
+#[pyo3(signature = (path=None, beacon=None, beacon_config=None, dtype="auto".to_string(),
+    untrained=false, prefill_weights="auto".to_string(), memory_limit=None))]
+#[allow(clippy::too_many_arguments)]
 fn load_model(
     py: Python<'_>,
     path: Option<PathBuf>,
@@ -63,6 +67,8 @@ fn load_model(
     beacon_config: Option<PathBuf>,
     dtype: String,
     untrained: bool,
+    prefill_weights: String,
+    memory_limit: Option<String>,
 ) -> PyResult<(NativeModel, Option<String>)> {
     let args = ModelArgs {
         model: path,
@@ -70,7 +76,8 @@ fn load_model(
         beacon_config,
         untrained,
         dtype,
-        ..ModelArgs::default()
+        prefill_weights,
+        memory_limit,
     };
     let loaded = py
         .detach(|| guard(|| Ok(args.load()?)))
@@ -183,7 +190,6 @@ impl NativeModel {
             keep,
             ratio_seed,
             kv_dtype,
-            ..EngineArgs::default()
         };
         let l = &self.shared.loaded;
         let s = guard(|| Ok(args.options().session(&l.model, &l.beacon)?))

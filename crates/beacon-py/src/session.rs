@@ -399,8 +399,7 @@ fn to_buffer<'py>(py: Python<'py>, t: &Tensor) -> PyResult<(Bound<'py, PyByteArr
     };
     let (v, shape) = conv().map_err(|f| f.into_py(py))?;
     // SAFETY: f32 has no padding; the slice covers exactly the vector's bytes.
-    let bytes =
-        unsafe { std::slice::from_raw_parts(v.as_ptr() as *const u8, v.len() * 4) };
+    let bytes = unsafe { std::slice::from_raw_parts(v.as_ptr() as *const u8, v.len() * 4) };
     Ok((PyByteArray::new(py, bytes), shape))
 }
 
@@ -504,9 +503,7 @@ impl NativeSession {
             dry: penalties.dry_params(dry),
             seed,
         };
-        sampling
-            .validate()
-            .map_err(|e| Fail::from(e).into_py(py))?;
+        sampling.validate().map_err(|e| Fail::from(e).into_py(py))?;
         let args = GenArgs {
             prompt,
             opts: GenerateOptions {
@@ -554,7 +551,12 @@ impl NativeSession {
                 };
                 let _ = tx.send(Msg::Done(r));
             })
-            .map_err(|e| PyErr::from(Fail::Msg(Kind::Other, format!("cannot start a thread: {e}"))))?;
+            .map_err(|e| {
+                PyErr::from(Fail::Msg(
+                    Kind::Other,
+                    format!("cannot start a thread: {e}"),
+                ))
+            })?;
         let ts = TokenStream {
             rx: Mutex::new(Some(rx)),
             cancel,
@@ -718,7 +720,12 @@ impl TokenStream {
 impl Drop for TokenStream {
     fn drop(&mut self) {
         self.cancel.store(true, Ordering::SeqCst);
-        if let Some(h) = self.handle.get_mut().unwrap_or_else(|e| e.into_inner()).take() {
+        if let Some(h) = self
+            .handle
+            .get_mut()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+        {
             // The thread never takes the GIL: joining while holding it cannot deadlock.
             let _ = h.join();
         }

@@ -74,22 +74,9 @@ pub fn eval_ppl(py: Python<'_>, args: Vec<String>) -> PyResult<String> {
     let beacon_eval::EvalCommand::Ppl(a) = cli.cmd else {
         return Err(Fail::Msg(crate::errors::Kind::Other, "not a ppl command".into()).into_py(py));
     };
-    let command = format!("beacon eval ppl {}", shell_join(&args));
+    let command = format!("beacon eval ppl {}", beacon_eval::shell_join(&args));
     let records = py
         .detach(|| guard(|| Ok(beacon_eval::ppl::run(&a, &command)?)))
         .map_err(|f| f.into_py(py))?;
     serde_json::to_string(&records).map_err(|e| Fail::Any(e.into()).into_py(py))
-}
-
-fn shell_join(args: &[String]) -> String {
-    args.iter()
-        .map(|a| {
-            if a.chars().any(|c| c.is_whitespace() || c == '\'' || c == '"') {
-                format!("'{a}'")
-            } else {
-                a.clone()
-            }
-        })
-        .collect::<Vec<_>>()
-        .join(" ")
 }

