@@ -137,7 +137,8 @@ class Model:
             BeaconValueError: an unknown dtype, a file that does not parse, inconsistent settings.
         """
         if kv_dtype not in ("f16", "f32", "bf16"):
-            raise BeaconValueError(f"kv_dtype: expected f16, f32 or bf16, found {kv_dtype!r}")
+            # The engine's message for the same flag (sessions are made later).
+            raise BeaconValueError(f"--kv-dtype: `kv_dtype`: expected f16, f32 or bf16, found {kv_dtype}")
         native, warning = _beacon.load_model(
             _path(path, "path"),
             _path(beacon, "beacon"),
@@ -257,7 +258,7 @@ class Model:
             ratio_seed: seed of random ratio draws.
             kv_dtype: K/V cache dtype (default: the model's, ``f16`` unless loaded otherwise).
         """
-        if mode not in _MODES:
+        if not isinstance(mode, str):
             raise BeaconValueError(f"mode: expected one of {', '.join(_MODES)}, found {mode!r}")
         if ratio is not None and (isinstance(ratio, bool) or not isinstance(ratio, (int, str, np.integer))):
             raise BeaconValueError(f"ratio: expected an integer or a string such as 'adapt', found {ratio!r}")
