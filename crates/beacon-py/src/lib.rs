@@ -79,8 +79,14 @@ fn load_model(
         prefill_weights,
         memory_limit,
     };
+    // As `ModelArgs::load`, without printing the memory plan (`Model.memory_plan` has it).
     let loaded = py
-        .detach(|| guard(|| Ok(args.load()?)))
+        .detach(|| {
+            guard(|| {
+                let opts = args.load_options()?;
+                Ok(beacon::loader::load_model(args.model.as_deref(), &opts)?)
+            })
+        })
         .map_err(|f| f.into_py(py))?;
     let warning = (loaded.beacon_source == BeaconSource::Initialised && !untrained).then(|| {
         format!(
@@ -115,6 +121,7 @@ impl NativeModel {
             "config": l.model.cfg,
             "beacon": l.beacon,
             "eos_ids": self.shared.eos_ids(),
+            "memory_plan": l.plan.line(),
         });
         Ok(v.to_string())
     }
@@ -212,7 +219,7 @@ impl NativeModel {
                 })
             })
             .map_err(|f| f.into_py(py))?;
-        Ok(NativeSession::restored(shared.clone(), ctx))
+        Ok(NativeSession::restored(shared, ctx))
     }
 }
 

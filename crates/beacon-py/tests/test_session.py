@@ -30,6 +30,7 @@ def test_model_facts(tiny):
     assert not tiny.has_tokenizer
     assert len(tiny.fingerprint) > 8
     assert "qwen2" in repr(tiny)
+    assert tiny.memory_plan
 
 
 def test_saved_context_round_trip(tiny, ids, tmp_path):

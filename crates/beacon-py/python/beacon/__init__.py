@@ -179,6 +179,11 @@ class Model:
         return self._info["beacon_source"]
 
     @property
+    def memory_plan(self) -> str:
+        """How the weights are held and what the load expected to use (``beacon run`` prints it)."""
+        return self._info["memory_plan"]
+
+    @property
     def vocab_size(self) -> int:
         return int(self._info["config"]["vocab_size"])
 
