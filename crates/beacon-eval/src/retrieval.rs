@@ -482,6 +482,8 @@ pub fn run(args: &RetrievalArgs, command: &str) -> Result<Vec<CaseRecord>> {
     let t_start = std::time::Instant::now();
     let (mut ev, specs) =
         harness::load_with_modes(&args.common, &args.modes, &harness::DEFAULT_MODES)?;
+    // truncate@xr / streaming@xr at beacon ×r's measured peak K/V, as in ppl and needle.
+    let specs = harness::with_equal_memory(specs, args.modes.equal_memory, true)?;
     ev.sampling = args.penalties.greedy(false)?;
     let quick = args.common.quick;
     let tok = ev.tok();

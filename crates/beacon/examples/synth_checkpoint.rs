@@ -198,7 +198,18 @@ fn write_hf(out: &Path, layers: usize, tokenizer: &beacon::tokenizer::Tokenizer)
     let index = serde_json::json!({"metadata": {"total_size": total}, "weight_map": weight_map});
     std::fs::write(out.join("model.safetensors.index.json"), serde_json::to_vec_pretty(&index)?)?;
     std::fs::write(out.join("config.json"), serde_json::to_vec_pretty(&config_json(layers))?)?;
-    tokenizer.save_json(&out.join("tokenizer.json"))?;
+    // The default model's tokenizer, its vocabulary padded to the model's with unused entries (a
+    // random model samples any id).
+    let tok_path = out.join("tokenizer.json");
+    tokenizer.save_json(&tok_path)?;
+    let mut tok: serde_json::Value = serde_json::from_slice(&std::fs::read(&tok_path)?)?;
+    let vocab = tok["model"]["vocab"]
+        .as_object_mut()
+        .ok_or("tokenizer.json: no model.vocab")?;
+    for i in vocab.len()..VOCAB {
+        vocab.insert(format!("<|synthetic_{i}|>"), i.into());
+    }
+    std::fs::write(&tok_path, serde_json::to_vec(&tok)?)?;
     Ok(())
 }
 

@@ -90,7 +90,7 @@ fn matmul_with(dot: Dot, w: &[bf16], out: usize, inner: usize, x: &[f32], y: &mu
     // let an idle thread take most of the work when the other core is busy.
     const GROUP: usize = 8;
     let groups = out.div_ceil(GROUP);
-    candle_core::utils::barrier_pool().execute_chunked(groups, |range| {
+    crate::threads::for_chunks(groups, |range| {
         for g in range {
             for o in g * GROUP..((g + 1) * GROUP).min(out) {
                 let wr = &w[o * inner..(o + 1) * inner];

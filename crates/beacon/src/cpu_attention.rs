@@ -286,7 +286,7 @@ fn attend_tiled(
     // pool's spinning workers for the same cores.
     let slots: Vec<std::sync::OnceLock<Partial>> =
         tasks.iter().map(|_| std::sync::OnceLock::new()).collect();
-    candle_core::utils::barrier_pool().execute_chunked(tasks.len(), |range| {
+    crate::threads::for_chunks(tasks.len(), |range| {
         for i in range {
             let (h, start, part) = tasks[i];
             let _ = slots[i].set(job.run(h, start, part, parts));

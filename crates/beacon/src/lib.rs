@@ -25,6 +25,7 @@ pub mod options;
 mod q4_1;
 pub mod schedule;
 pub mod testing;
+pub mod threads;
 pub mod tokenizer;
 pub mod util;
 

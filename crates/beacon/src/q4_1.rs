@@ -110,7 +110,7 @@ impl<'a> Q4_1Matrix<'a> {
         // Items are groups of output rows; every (r, o) of y is written by exactly one item.
         const GROUP: usize = 8;
         let groups = self.out.div_ceil(GROUP);
-        candle_core::utils::barrier_pool().execute_chunked(groups, |range| {
+        crate::threads::for_chunks(groups, |range| {
             for g in range {
                 for o in g * GROUP..((g + 1) * GROUP).min(self.out) {
                     let w = self.row(o);
