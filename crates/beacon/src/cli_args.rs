@@ -175,7 +175,11 @@ impl EngineArgs {
             dtype_bytes,
             label: format!(
                 "{mode}{} over ~{:.1}K tokens, {}",
-                if mode == "beacon" { format!(" ×{ratio}") } else { String::new() },
+                match (mode, &self.ratio) {
+                    ("beacon", Some(_)) => format!(" ×{ratio}"),
+                    ("beacon", None) => " (model's ratios; ×2 assumed)".into(),
+                    _ => String::new(),
+                },
                 tokens as f64 / 1000.0,
                 self.kv_dtype.trim()
             ),

@@ -24,6 +24,7 @@ pub mod model;
 pub mod options;
 mod q4_1;
 pub mod schedule;
+mod stored_quant;
 pub mod testing;
 pub mod threads;
 pub mod tokenizer;

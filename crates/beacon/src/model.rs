@@ -15,6 +15,7 @@ use crate::cpu_attention;
 use crate::error::Result;
 use crate::memory_plan::PrefillWeights;
 use crate::q4_1;
+use crate::stored_quant;
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor, D};
 use std::sync::Arc;
@@ -112,6 +113,10 @@ impl Weight {
                         x.matmul(&qtensor.dequantize(&Device::Cpu)?.t()?)?
                     }
                     _ if qtensor.dtype() == GgmlDType::Q4_1 => q4_1::forward(qtensor, x)?,
+                    // Not `QMatMul`: it keeps a repacked copy of K-quant matrices beside the stored one.
+                    _ if stored_quant::supports(qtensor.dtype()) => {
+                        stored_quant::forward(qtensor, x)?
+                    }
                     _ => q.forward(x)?,
                 }
             }
