@@ -15,8 +15,13 @@ use candle_core::quantized::k_quants::{
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
 
-/// Whether [`forward`] handles this type.
+/// Whether [`forward`] handles this type. `BEACON_CANDLE_QMATMUL=1` sends every type to candle's
+/// `QMatMul` instead (its repacked kernels, for side-by-side measurements).
 pub fn supports(dtype: GgmlDType) -> bool {
+    static CANDLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    if *CANDLE.get_or_init(|| std::env::var("BEACON_CANDLE_QMATMUL").is_ok_and(|v| v == "1")) {
+        return false;
+    }
     matches!(
         dtype,
         GgmlDType::Q4_0
