@@ -53,7 +53,11 @@ pub fn inspect(args: ModelArgs) -> Result<()> {
         p.available.source
     );
     for (choice, need) in &p.alternatives {
-        println!("               {:<10} would need {}", choice.name(), g(*need));
+        println!(
+            "               {:<10} would need {}",
+            choice.name(),
+            g(*need)
+        );
     }
     println!("bf16 kernel    {}", beacon::model::bf16_kernel_name());
     println!("fingerprint    {}", loaded.fingerprint);

@@ -60,7 +60,11 @@ struct Spec {
 fn hf_specs(layers: usize) -> Vec<Spec> {
     let (q, kv) = (HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM);
     let w = |name: String, dims: Vec<usize>| Spec {
-        scale: Some(if dims.len() == 2 { (3.0 / dims[1] as f32).sqrt() } else { 0.02 }),
+        scale: Some(if dims.len() == 2 {
+            (3.0 / dims[1] as f32).sqrt()
+        } else {
+            0.02
+        }),
         name,
         dims,
     };
@@ -79,7 +83,10 @@ fn hf_specs(layers: usize) -> Vec<Spec> {
         v.push(ones(format!("{p}.post_attention_layernorm.weight")));
         for prefix in ["", "beacon_"] {
             for (n, out) in [("q_proj", q), ("k_proj", kv), ("v_proj", kv)] {
-                v.push(w(format!("{p}.self_attn.{prefix}{n}.weight"), vec![out, HIDDEN]));
+                v.push(w(
+                    format!("{p}.self_attn.{prefix}{n}.weight"),
+                    vec![out, HIDDEN],
+                ));
                 v.push(w(format!("{p}.self_attn.{prefix}{n}.bias"), vec![out]));
             }
         }
@@ -193,11 +200,20 @@ fn write_hf(out: &Path, layers: usize, tokenizer: &beacon::tokenizer::Tokenizer)
         drop(w);
         std::fs::rename(&tmp, out.join(&file))?;
         total += offset;
-        eprintln!("wrote {file} ({:.2} GiB)", offset as f64 / (1u64 << 30) as f64);
+        eprintln!(
+            "wrote {file} ({:.2} GiB)",
+            offset as f64 / (1u64 << 30) as f64
+        );
     }
     let index = serde_json::json!({"metadata": {"total_size": total}, "weight_map": weight_map});
-    std::fs::write(out.join("model.safetensors.index.json"), serde_json::to_vec_pretty(&index)?)?;
-    std::fs::write(out.join("config.json"), serde_json::to_vec_pretty(&config_json(layers))?)?;
+    std::fs::write(
+        out.join("model.safetensors.index.json"),
+        serde_json::to_vec_pretty(&index)?,
+    )?;
+    std::fs::write(
+        out.join("config.json"),
+        serde_json::to_vec_pretty(&config_json(layers))?,
+    )?;
     // The default model's tokenizer, its vocabulary padded to the model's with unused entries (a
     // random model samples any id).
     let tok_path = out.join("tokenizer.json");
@@ -221,7 +237,11 @@ fn more_bits(i: usize, n: usize) -> bool {
 fn random_q(dims: &[usize], dtype: GgmlDType, seed: u64) -> AnyResult<QTensor> {
     let mut rng = Rng(seed);
     let count: usize = dims.iter().product();
-    let scale = if dims.len() == 2 { (3.0 / dims[1] as f32).sqrt() } else { 0.02 };
+    let scale = if dims.len() == 2 {
+        (3.0 / dims[1] as f32).sqrt()
+    } else {
+        0.02
+    };
     let v: Vec<f32> = (0..count).map(|_| rng.uniform(scale)).collect();
     let t = Tensor::from_vec(v, dims, &Device::Cpu)?;
     Ok(QTensor::quantize(&t, dtype)?)
@@ -234,15 +254,33 @@ fn write_gguf(out: &Path, layers: usize, default_gguf: &Path) -> AnyResult<()> {
     let arch = "qwen2";
     let mut md: Vec<(String, Value)> = vec![
         ("general.architecture".into(), Value::String(arch.into())),
-        ("general.name".into(), Value::String("synthetic qwen2-7b-shaped (random weights)".into())),
+        (
+            "general.name".into(),
+            Value::String("synthetic qwen2-7b-shaped (random weights)".into()),
+        ),
         ("general.file_type".into(), Value::U32(15)), // MOSTLY_Q4_K_M
         (format!("{arch}.context_length"), Value::U32(32768)),
-        (format!("{arch}.embedding_length"), Value::U32(HIDDEN as u32)),
-        (format!("{arch}.feed_forward_length"), Value::U32(FFN as u32)),
+        (
+            format!("{arch}.embedding_length"),
+            Value::U32(HIDDEN as u32),
+        ),
+        (
+            format!("{arch}.feed_forward_length"),
+            Value::U32(FFN as u32),
+        ),
         (format!("{arch}.block_count"), Value::U32(layers as u32)),
-        (format!("{arch}.attention.head_count"), Value::U32(HEADS as u32)),
-        (format!("{arch}.attention.head_count_kv"), Value::U32(KV_HEADS as u32)),
-        (format!("{arch}.attention.layer_norm_rms_epsilon"), Value::F32(1e-6)),
+        (
+            format!("{arch}.attention.head_count"),
+            Value::U32(HEADS as u32),
+        ),
+        (
+            format!("{arch}.attention.head_count_kv"),
+            Value::U32(KV_HEADS as u32),
+        ),
+        (
+            format!("{arch}.attention.layer_norm_rms_epsilon"),
+            Value::F32(1e-6),
+        ),
         (format!("{arch}.rope.freq_base"), Value::F32(1_000_000.0)),
     ];
     // Tokenizer: the default model's, padded to the model's vocabulary with unused entries.
@@ -274,14 +312,22 @@ fn write_gguf(out: &Path, layers: usize, default_gguf: &Path) -> AnyResult<()> {
     // One random matrix per (shape, type), shared by every layer.
     let mut cache: HashMap<(Vec<usize>, GgmlDType), QTensor> = HashMap::new();
     let mut names: Vec<(String, Vec<usize>, GgmlDType)> = vec![
-        ("token_embd.weight".into(), vec![VOCAB, HIDDEN], GgmlDType::Q4K),
+        (
+            "token_embd.weight".into(),
+            vec![VOCAB, HIDDEN],
+            GgmlDType::Q4K,
+        ),
         ("output_norm.weight".into(), vec![HIDDEN], GgmlDType::F32),
         ("output.weight".into(), vec![VOCAB, HIDDEN], GgmlDType::Q6K),
     ];
     let (q, kv) = (HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM);
     for i in 0..layers {
         let p = format!("blk.{i}");
-        let big = if more_bits(i, layers) { GgmlDType::Q6K } else { GgmlDType::Q4K };
+        let big = if more_bits(i, layers) {
+            GgmlDType::Q6K
+        } else {
+            GgmlDType::Q4K
+        };
         for (n, dims, t) in [
             ("attn_norm.weight", vec![HIDDEN], GgmlDType::F32),
             ("ffn_norm.weight", vec![HIDDEN], GgmlDType::F32),
@@ -300,7 +346,7 @@ fn write_gguf(out: &Path, layers: usize, default_gguf: &Path) -> AnyResult<()> {
         }
     }
     for (k, (_, dims, t)) in names.iter().enumerate() {
-        if !cache.contains_key(&(dims.clone(), *t)) {
+        if let std::collections::hash_map::Entry::Vacant(slot) = cache.entry((dims.clone(), *t)) {
             eprintln!("quantizing a random {dims:?} matrix to {t:?}");
             let qt = if *t == GgmlDType::F32 && dims.len() == 1 {
                 // Norm weights 1, biases small.
@@ -309,7 +355,7 @@ fn write_gguf(out: &Path, layers: usize, default_gguf: &Path) -> AnyResult<()> {
             } else {
                 random_q(dims, *t, 100 + k as u64)?
             };
-            cache.insert((dims.clone(), *t), qt);
+            slot.insert(qt);
         }
     }
     let tensors: Vec<(&str, &QTensor)> = names
@@ -338,14 +384,25 @@ fn main() -> AnyResult<()> {
     };
     let default_gguf = beacon::fetch::default_model_path()?;
     std::fs::create_dir_all(&out)?;
-    let suffix = if layers == 28 { String::new() } else { format!("-{layers}l") };
+    let suffix = if layers == 28 {
+        String::new()
+    } else {
+        format!("-{layers}l")
+    };
     match what {
         "hf" => {
             let content = gguf_file::Content::read(&mut std::fs::File::open(&default_gguf)?)?;
-            let tok = beacon::tokenizer::Tokenizer::from_gguf(&content, &default_gguf.display().to_string())?;
+            let tok = beacon::tokenizer::Tokenizer::from_gguf(
+                &content,
+                &default_gguf.display().to_string(),
+            )?;
             write_hf(&out.join(format!("qwen2-7b-bf16{suffix}")), layers, &tok)
         }
-        "gguf" => write_gguf(&out.join(format!("qwen2-7b-q4_k_m{suffix}.gguf")), layers, &default_gguf),
+        "gguf" => write_gguf(
+            &out.join(format!("qwen2-7b-q4_k_m{suffix}.gguf")),
+            layers,
+            &default_gguf,
+        ),
         _ => Err(usage.into()),
     }
 }

@@ -38,7 +38,9 @@ pub fn forward(w: &Tensor, x: &Tensor) -> Result<Tensor> {
     let w = w.contiguous()?;
     let (storage, layout) = w.storage_and_layout();
     let candle_core::Storage::Cpu(cpu) = &*storage else {
-        return Err(BeaconError::invalid("bf16 kernel: weight is not on the CPU"));
+        return Err(BeaconError::invalid(
+            "bf16 kernel: weight is not on the CPU",
+        ));
     };
     let all: &[bf16] = cpu.as_slice::<bf16>()?;
     let (start, end) = layout
@@ -47,7 +49,10 @@ pub fn forward(w: &Tensor, x: &Tensor) -> Result<Tensor> {
     let wv = &all[start..end];
     let xv: Vec<f32> = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
     let mut y = vec![0f32; rows * out];
-    for (xs, ys) in xv.chunks(MAX_ROWS * inner).zip(y.chunks_mut(MAX_ROWS * out)) {
+    for (xs, ys) in xv
+        .chunks(MAX_ROWS * inner)
+        .zip(y.chunks_mut(MAX_ROWS * out))
+    {
         matmul(wv, out, inner, xs, ys);
     }
     Ok(Tensor::from_vec(y, (rows, out), &Device::Cpu)?)
@@ -64,8 +69,7 @@ enum Dot {
 fn select_dot() -> Dot {
     #[cfg(target_arch = "x86_64")]
     {
-        if std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512bf16")
-        {
+        if std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512bf16") {
             return Dot::Bf16Pairs(dot_avx512_entry);
         }
     }
@@ -135,6 +139,8 @@ fn dot_avx512_entry(w: &[bf16], x: &[bf16]) -> f32 {
 unsafe fn dot_avx512(w: &[bf16], x: &[bf16]) -> f32 {
     use std::arch::x86_64::*;
     debug_assert_eq!(w.len(), x.len());
+    // The loads give 32 bf16 values as integer lanes; `vdpbf16ps` takes the same bits as bf16 pairs.
+    let bh = |v: __m512i| std::mem::transmute::<__m512i, __m512bh>(v);
     let n = w.len();
     let (mut acc0, mut acc1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
     let mut i = 0;
@@ -144,14 +150,14 @@ unsafe fn dot_avx512(w: &[bf16], x: &[bf16]) -> f32 {
         let b0 = _mm512_loadu_epi16(x.as_ptr().add(i) as *const i16);
         let a1 = _mm512_loadu_epi16(w.as_ptr().add(i + 32) as *const i16);
         let b1 = _mm512_loadu_epi16(x.as_ptr().add(i + 32) as *const i16);
-        acc0 = _mm512_dpbf16_ps(acc0, std::mem::transmute(a0), std::mem::transmute(b0));
-        acc1 = _mm512_dpbf16_ps(acc1, std::mem::transmute(a1), std::mem::transmute(b1));
+        acc0 = _mm512_dpbf16_ps(acc0, bh(a0), bh(b0));
+        acc1 = _mm512_dpbf16_ps(acc1, bh(a1), bh(b1));
         i += 64;
     }
     while i + 32 <= n {
         let a = _mm512_loadu_epi16(w.as_ptr().add(i) as *const i16);
         let b = _mm512_loadu_epi16(x.as_ptr().add(i) as *const i16);
-        acc0 = _mm512_dpbf16_ps(acc0, std::mem::transmute(a), std::mem::transmute(b));
+        acc0 = _mm512_dpbf16_ps(acc0, bh(a), bh(b));
         i += 32;
     }
     let mut s = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));

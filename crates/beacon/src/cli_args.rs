@@ -286,9 +286,19 @@ pub fn parse_bytes(s: &str) -> Result<u64> {
         .unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
     let n: f64 = num.parse().map_err(|_| {
-        BeaconError::config("--memory-limit", "memory_limit", "a size such as 8G or 512M", s)
+        BeaconError::config(
+            "--memory-limit",
+            "memory_limit",
+            "a size such as 8G or 512M",
+            s,
+        )
     })?;
-    let mult = match unit.trim().to_ascii_uppercase().trim_end_matches("IB").trim_end_matches('B') {
+    let mult = match unit
+        .trim()
+        .to_ascii_uppercase()
+        .trim_end_matches("IB")
+        .trim_end_matches('B')
+    {
         "" => 1u64,
         "K" => 1 << 10,
         "M" => 1 << 20,
@@ -322,10 +332,12 @@ mod tests {
 
     #[test]
     fn kv_needs_follow_the_mode() {
-        let mut e = EngineArgs::default();
-        e.ratio = Some("8".into());
-        e.window = Some(512);
-        e.sink = Some(1);
+        let mut e = EngineArgs {
+            ratio: Some("8".into()),
+            window: Some(512),
+            sink: Some(1),
+            ..Default::default()
+        };
         assert_eq!(e.kv_needs(8192).entries, 1 + 1024 + 512);
         e.mode = Some("full".into());
         assert_eq!(e.kv_needs(8192).entries, 8192);

@@ -4,7 +4,9 @@
 
 use crate::config::{Arch, BeaconConfig, BeaconKeys, BeaconParams, HfConfig, ModelConfig};
 use crate::error::{BeaconError, Result};
-use crate::memory_plan::{self, Available, Checkpoint, KvNeeds, MemoryPlan, PrefillWeights, Shapes, StoredTensor};
+use crate::memory_plan::{
+    self, Available, Checkpoint, KvNeeds, MemoryPlan, PrefillWeights, Shapes, StoredTensor,
+};
 use crate::model::{Attention, BeaconProjections, Embedding, Layer, Linear, Mlp, Model, Weight};
 use crate::tokenizer::Tokenizer;
 use candle_core::quantized::{gguf_file, QTensor};
@@ -14,7 +16,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 /// How to load.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct LoadOptions {
     /// How a Hugging Face checkpoint's matrices are held: f32 (widened) or bf16 (as most are stored;
     /// products accumulate in f32). Activations are f32 either way. `None`: f32 when the memory plan
@@ -34,20 +36,6 @@ pub struct LoadOptions {
     pub kv: Option<KvNeeds>,
     /// Use beacon weights initialised from the backbone even if trained ones exist.
     pub untrained_beacons: bool,
-}
-
-impl Default for LoadOptions {
-    fn default() -> Self {
-        LoadOptions {
-            dtype: None,
-            beacon_weights: None,
-            beacon_config: None,
-            prefill_weights: None,
-            memory_limit: None,
-            kv: None,
-            untrained_beacons: false,
-        }
-    }
 }
 
 impl LoadOptions {
@@ -76,7 +64,9 @@ impl LoadOptions {
             }
             _ => self.prefill_weights,
         };
-        if let (Checkpoint::Hf { .. }, Some(d), Some(p)) = (checkpoint, self.dtype, self.prefill_weights) {
+        if let (Checkpoint::Hf { .. }, Some(d), Some(p)) =
+            (checkpoint, self.dtype, self.prefill_weights)
+        {
             if requested != Some(p) {
                 return Err(BeaconError::invalid(format!(
                     "--dtype {d:?} and --prefill-weights {} disagree (a Hugging Face checkpoint's \
@@ -137,8 +127,11 @@ struct SafeFiles {
     names: Vec<String>,
 }
 
-/// One safetensors header: (name, dtype, dims, byte range relative to the data section), data start.
-fn safetensors_header(path: &Path, f: &mut std::fs::File) -> Result<(Vec<(String, DType, Vec<usize>, std::ops::Range<u64>)>, u64)> {
+/// A tensor's header entry: name, dtype, dims, absolute byte range in the file.
+type HeaderEntry = (String, DType, Vec<usize>, std::ops::Range<u64>);
+
+/// One safetensors header's entries, and where the data section starts.
+fn safetensors_header(path: &Path, f: &mut std::fs::File) -> Result<(Vec<HeaderEntry>, u64)> {
     use std::io::Read;
     let file = path.display().to_string();
     let parse = |message: String| BeaconError::Parse {
@@ -146,17 +139,23 @@ fn safetensors_header(path: &Path, f: &mut std::fs::File) -> Result<(Vec<(String
         message,
     };
     let mut len = [0u8; 8];
-    f.read_exact(&mut len).map_err(|e| BeaconError::io(path, e))?;
+    f.read_exact(&mut len)
+        .map_err(|e| BeaconError::io(path, e))?;
     let n = u64::from_le_bytes(len);
     let size = f.metadata().map_err(|e| BeaconError::io(path, e))?.len();
     if n > 100 << 20 || 8 + n > size {
-        return Err(parse(format!("header length {n} does not fit a file of {size} bytes")));
+        return Err(parse(format!(
+            "header length {n} does not fit a file of {size} bytes"
+        )));
     }
     let mut header = vec![0u8; n as usize];
-    f.read_exact(&mut header).map_err(|e| BeaconError::io(path, e))?;
+    f.read_exact(&mut header)
+        .map_err(|e| BeaconError::io(path, e))?;
     let v: serde_json::Value =
         serde_json::from_slice(&header).map_err(|e| parse(format!("header: {e}")))?;
-    let obj = v.as_object().ok_or_else(|| parse("header is not an object".into()))?;
+    let obj = v
+        .as_object()
+        .ok_or_else(|| parse("header is not an object".into()))?;
     let data_start = 8 + n;
     let mut out = Vec::new();
     for (name, info) in obj {
@@ -171,12 +170,20 @@ fn safetensors_header(path: &Path, f: &mut std::fs::File) -> Result<(Vec<(String
             Some("I64") => DType::I64,
             Some("U8") => DType::U8,
             Some("U32") => DType::U32,
-            other => return Err(parse(format!("tensor `{name}`: unsupported dtype {other:?}"))),
+            other => {
+                return Err(parse(format!(
+                    "tensor `{name}`: unsupported dtype {other:?}"
+                )))
+            }
         };
         let dims: Vec<usize> = info
             .get("shape")
             .and_then(|s| s.as_array())
-            .map(|a| a.iter().filter_map(|d| d.as_u64().map(|d| d as usize)).collect())
+            .map(|a| {
+                a.iter()
+                    .filter_map(|d| d.as_u64().map(|d| d as usize))
+                    .collect()
+            })
             .ok_or_else(|| parse(format!("tensor `{name}`: no shape")))?;
         let offs: Vec<u64> = info
             .get("data_offsets")
@@ -184,12 +191,21 @@ fn safetensors_header(path: &Path, f: &mut std::fs::File) -> Result<(Vec<(String
             .map(|a| a.iter().filter_map(|d| d.as_u64()).collect())
             .unwrap_or_default();
         let want = dims.iter().product::<usize>() as u64 * dtype.size_in_bytes() as u64;
-        if offs.len() != 2 || offs[1] < offs[0] || offs[1] - offs[0] != want || data_start + offs[1] > size {
+        if offs.len() != 2
+            || offs[1] < offs[0]
+            || offs[1] - offs[0] != want
+            || data_start + offs[1] > size
+        {
             return Err(parse(format!(
                 "tensor `{name}`: data_offsets {offs:?} do not hold {dims:?} {dtype:?} inside the file"
             )));
         }
-        out.push((name.clone(), dtype, dims, data_start + offs[0]..data_start + offs[1]));
+        out.push((
+            name.clone(),
+            dtype,
+            dims,
+            data_start + offs[0]..data_start + offs[1],
+        ));
     }
     Ok((out, data_start))
 }
@@ -229,7 +245,8 @@ impl SafeFiles {
                 name: name.clone(),
                 dims: dims.clone(),
                 bytes: range.end - range.start,
-                is_matrix: dims.len() == 2 && name.ends_with("proj.weight") || name == "lm_head.weight",
+                is_matrix: dims.len() == 2 && name.ends_with("proj.weight")
+                    || name == "lm_head.weight",
             })
             .collect();
         v.sort_by(|a, b| a.name.cmp(&b.name));
@@ -255,7 +272,11 @@ impl Tensors for SafeFiles {
             .map_err(|e| BeaconError::io(path, e))?;
         let t = Tensor::from_raw_buffer(&bytes, *stored, dims, &Device::Cpu)?;
         drop(bytes);
-        Ok(Some(if *stored == dtype { t } else { t.to_dtype(dtype)? }))
+        Ok(Some(if *stored == dtype {
+            t
+        } else {
+            t.to_dtype(dtype)?
+        }))
     }
 }
 
@@ -429,7 +450,12 @@ fn load_hf_dir(dir: &Path, opts: &LoadOptions) -> Result<Loaded> {
     let mut beacon = hf.beacon_config(&source)?;
     let files = hf_weight_files(dir)?;
     let st = SafeFiles::open(&files)?;
-    let plan = opts.plan(&Checkpoint::Hf { tensors: st.stored() }, &cfg)?;
+    let plan = opts.plan(
+        &Checkpoint::Hf {
+            tensors: st.stored(),
+        },
+        &cfg,
+    )?;
     // Matrices (incl. embedding and LM head) as the plan holds them; norms, biases and activations f32.
     let dtype = match plan.prefill {
         PrefillWeights::Dense => DType::F32,
@@ -792,7 +818,8 @@ fn load_gguf(path: &Path, opts: &LoadOptions) -> Result<Loaded> {
             let elems: usize = dims.iter().product();
             let bytes = elems / info.ggml_dtype.block_size() * info.ggml_dtype.type_size();
             StoredTensor {
-                is_matrix: dims.len() == 2 && name != "token_embd.weight" || name == "output.weight",
+                is_matrix: dims.len() == 2 && name != "token_embd.weight"
+                    || name == "output.weight",
                 name: name.clone(),
                 dims,
                 bytes: bytes as u64,

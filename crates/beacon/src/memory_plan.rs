@@ -130,7 +130,10 @@ impl Available {
             }
         };
         consider(limit, "--memory-limit");
-        consider(meminfo_kib("MemAvailable").map(|k| k * 1024), "MemAvailable");
+        consider(
+            meminfo_kib("MemAvailable").map(|k| k * 1024),
+            "MemAvailable",
+        );
         let cg = |f: &str| -> Option<u64> {
             std::fs::read_to_string(format!("/sys/fs/cgroup/{f}"))
                 .ok()?
@@ -159,7 +162,9 @@ fn meminfo_kib(key: &str) -> Option<u64> {
 fn address_space_left() -> Option<u64> {
     // `ulimit -v` as /proc/self/limits shows it (no libc call needed), less VmSize.
     let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
-    let line = limits.lines().find(|l| l.starts_with("Max address space"))?;
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max address space"))?;
     let soft = line.split_whitespace().nth(3)?;
     let soft: u64 = soft.parse().ok()?; // "unlimited" does not parse: no limit
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
@@ -202,7 +207,11 @@ impl MemoryPlan {
         let g = |b: u64| format!("{:.2}", b as f64 / GIB);
         let mut parts = vec![format!("weights {} GiB", g(self.weights))];
         if self.copies > 0 {
-            parts.push(format!("{} prefill copies {} GiB", self.prefill.name(), g(self.copies)));
+            parts.push(format!(
+                "{} prefill copies {} GiB",
+                self.prefill.name(),
+                g(self.copies)
+            ));
         }
         if self.temporary > 0 {
             parts.push(format!("per-matrix temporary {} GiB", g(self.temporary)));
@@ -243,8 +252,10 @@ pub fn plan(
         ],
         Checkpoint::Hf { .. } => &[PrefillWeights::Dense, PrefillWeights::Bf16],
     };
-    if let (Checkpoint::Hf { .. }, Some(p @ (PrefillWeights::Scratch | PrefillWeights::Quantized))) =
-        (checkpoint, requested)
+    if let (
+        Checkpoint::Hf { .. },
+        Some(p @ (PrefillWeights::Scratch | PrefillWeights::Quantized)),
+    ) = (checkpoint, requested)
     {
         return Err(BeaconError::invalid(format!(
             "--prefill-weights {}: applies to quantized (GGUF) weights; a Hugging Face checkpoint \
@@ -252,19 +263,17 @@ pub fn plan(
             p.name()
         )));
     }
-    let kv_bytes = kv.entries as u64
-        * shapes.layers as u64
-        * shapes.kv_dim as u64
-        * 2
-        * kv.dtype_bytes as u64;
+    let kv_bytes =
+        kv.entries as u64 * shapes.layers as u64 * shapes.kv_dim as u64 * 2 * kv.dtype_bytes as u64;
     // One chunk's activations (residual, q/k/v, MLP gate/up) in f32, its attention scores over the
     // keys it sees, the logits of the scored rows, and ~256 MiB of runtime and tokenizer.
     let rows = chunk_rows as u64;
     let keys = (kv.entries as u64).min(rows * 4).max(rows);
-    let scratch = rows * (4 * shapes.hidden as u64 + 2 * shapes.kv_dim as u64 + 3 * shapes.ffn as u64) * 4
-        + rows * keys * shapes.heads as u64 * 4
-        + shapes.vocab as u64 * 4 * 8
-        + (256 << 20);
+    let scratch =
+        rows * (4 * shapes.hidden as u64 + 2 * shapes.kv_dim as u64 + 3 * shapes.ffn as u64) * 4
+            + rows * keys * shapes.heads as u64 * 4
+            + shapes.vocab as u64 * 4 * 8
+            + (256 << 20);
     let build = |p: PrefillWeights| -> MemoryPlan {
         let (weights, copies, temporary) = holdings(checkpoint, p);
         MemoryPlan {
@@ -317,7 +326,12 @@ fn holdings(checkpoint: &Checkpoint, p: PrefillWeights) -> (u64, u64, u64) {
             // Block matrices only: the tied LM head / embedding stays quantized.
             let block = |t: &&StoredTensor| t.is_matrix && t.name.starts_with("blk.");
             let elems: u64 = tensors.iter().filter(block).map(|t| t.elements()).sum();
-            let largest = tensors.iter().filter(block).map(|t| t.elements()).max().unwrap_or(0);
+            let largest = tensors
+                .iter()
+                .filter(block)
+                .map(|t| t.elements())
+                .max()
+                .unwrap_or(0);
             match p {
                 PrefillWeights::Dense => (stored, elems * 4, 0),
                 PrefillWeights::Bf16 => (stored, elems * 2, largest * 4),
@@ -327,7 +341,12 @@ fn holdings(checkpoint: &Checkpoint, p: PrefillWeights) -> (u64, u64, u64) {
         }
         Checkpoint::Hf { tensors } => {
             let elems: u64 = tensors.iter().map(|t| t.elements()).sum();
-            let largest = tensors.iter().filter(|t| t.is_matrix).map(|t| t.elements()).max().unwrap_or(0);
+            let largest = tensors
+                .iter()
+                .filter(|t| t.is_matrix)
+                .map(|t| t.elements())
+                .max()
+                .unwrap_or(0);
             match p {
                 PrefillWeights::Dense => (elems * 4, 0, 0),
                 _ => (elems * 2, 0, largest * 4),
@@ -336,7 +355,11 @@ fn holdings(checkpoint: &Checkpoint, p: PrefillWeights) -> (u64, u64, u64) {
     }
 }
 
-fn too_big(plan: &MemoryPlan, fitting: Option<(PrefillWeights, u64)>, requested: bool) -> BeaconError {
+fn too_big(
+    plan: &MemoryPlan,
+    fitting: Option<(PrefillWeights, u64)>,
+    requested: bool,
+) -> BeaconError {
     let g = |b: u64| format!("{:.2} GiB", b as f64 / GIB);
     let hint = match (requested, fitting) {
         (true, Some((p, need))) => format!(
@@ -439,29 +462,54 @@ mod tests {
         let p = plan(&c, s, &kv(1_500), avail(128), None, 512).unwrap();
         assert_eq!(p.prefill, PrefillWeights::Dense);
         // bf16 copies when asked for and they fit.
-        let p = plan(&c, s, &kv(1_500), avail(22), Some(PrefillWeights::Bf16), 512).unwrap();
+        let p = plan(
+            &c,
+            s,
+            &kv(1_500),
+            avail(22),
+            Some(PrefillWeights::Bf16),
+            512,
+        )
+        .unwrap();
         assert!(p.copies > 12 << 30 && p.total() < 18 << 30, "{}", p.line());
     }
 
     #[test]
     fn an_impossible_request_names_the_numbers_and_a_choice_that_fits() {
         let (c, s) = seven_b_gguf();
-        let e = plan(&c, s, &kv(1_500), avail(22), Some(PrefillWeights::Dense), 512)
-            .unwrap_err()
-            .to_string();
+        let e = plan(
+            &c,
+            s,
+            &kv(1_500),
+            avail(22),
+            Some(PrefillWeights::Dense),
+            512,
+        )
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("--prefill-weights dense needs"), "{e}");
-        assert!(e.contains("try --prefill-weights scratch (what auto picks), which needs"), "{e}");
+        assert!(
+            e.contains("try --prefill-weights scratch (what auto picks), which needs"),
+            "{e}"
+        );
         assert!(e.contains("22.00 GiB are available (test"), "{e}");
         // Nothing fits in 2 GiB: the message says what would help instead.
-        let e = plan(&c, s, &kv(1_500), avail(2), None, 512).unwrap_err().to_string();
-        assert!(e.contains("the smallest plan needs") && e.contains("more memory"), "{e}");
+        let e = plan(&c, s, &kv(1_500), avail(2), None, 512)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("the smallest plan needs") && e.contains("more memory"),
+            "{e}"
+        );
     }
 
     #[test]
     fn hf_bf16_when_f32_does_not_fit_and_kv_counted() {
         // The same tensors as the GGUF, stored in bf16.
         let (g, s) = seven_b_gguf();
-        let Checkpoint::Gguf { tensors } = g else { unreachable!() };
+        let Checkpoint::Gguf { tensors } = g else {
+            unreachable!()
+        };
         let ts = tensors
             .into_iter()
             .map(|x| t(&x.name, &x.dims, 2.0, x.is_matrix))
@@ -471,8 +519,24 @@ mod tests {
         assert_eq!(p.prefill, PrefillWeights::Bf16, "{}", p.line());
         // K/V: 8192 entries × 28 layers × 512 × (K and V) × 2 bytes = 448 MiB.
         assert_eq!(p.kv, 8192 * 28 * 512 * 2 * 2);
-        assert!(plan(&c, s, &kv(8192), avail(22), Some(PrefillWeights::Dense), 512).is_err());
-        assert!(plan(&c, s, &kv(8192), avail(64), Some(PrefillWeights::Quantized), 512).is_err());
+        assert!(plan(
+            &c,
+            s,
+            &kv(8192),
+            avail(22),
+            Some(PrefillWeights::Dense),
+            512
+        )
+        .is_err());
+        assert!(plan(
+            &c,
+            s,
+            &kv(8192),
+            avail(64),
+            Some(PrefillWeights::Quantized),
+            512
+        )
+        .is_err());
     }
 
     #[test]
@@ -485,7 +549,10 @@ mod tests {
     #[test]
     fn parse_names() {
         assert_eq!(PrefillWeights::parse("auto").unwrap(), None);
-        assert_eq!(PrefillWeights::parse("scratch").unwrap(), Some(PrefillWeights::Scratch));
+        assert_eq!(
+            PrefillWeights::parse("scratch").unwrap(),
+            Some(PrefillWeights::Scratch)
+        );
         assert!(PrefillWeights::parse("fast").is_err());
     }
 }

@@ -39,7 +39,9 @@ pub fn supports(dtype: GgmlDType) -> bool {
 /// The stored blocks of `w` as a slice of its block type.
 fn blocks<'a, T: GgmlType>(w: &QTensor, bytes: &'a [u8]) -> Result<&'a [T]> {
     let size = std::mem::size_of::<T>();
-    if bytes.len() % size != 0 || (bytes.as_ptr() as usize) % std::mem::align_of::<T>() != 0 {
+    if !bytes.len().is_multiple_of(size)
+        || !(bytes.as_ptr() as usize).is_multiple_of(std::mem::align_of::<T>())
+    {
         return Err(BeaconError::invalid(format!(
             "{:?} matrix {:?}: {} bytes are not whole aligned blocks of {size}",
             w.dtype(),

@@ -88,7 +88,11 @@ fn resample() {
             let free = cores - others.max(0.0);
             // Hysteresis: go single-threaded below threads − 0.6 free cores, back above − 0.3.
             let was = SPREAD.load(Ordering::Relaxed);
-            let spread = if was { free >= threads - 0.6 } else { free >= threads - 0.3 };
+            let spread = if was {
+                free >= threads - 0.6
+            } else {
+                free >= threads - 0.3
+            };
             if spread != was {
                 tracing::debug!("{others:.2} cores busy elsewhere: spread = {spread}");
             }

@@ -243,9 +243,9 @@ impl Tokenizer {
 
     /// Writes the tokenizer as a Hugging Face `tokenizer.json` (e.g. one built from GGUF metadata).
     pub fn save_json(&self, path: &Path) -> Result<()> {
-        self.special
-            .save(path, false)
-            .map_err(|e| BeaconError::invalid(format!("{}: cannot write tokenizer: {e}", path.display())))
+        self.special.save(path, false).map_err(|e| {
+            BeaconError::invalid(format!("{}: cannot write tokenizer: {e}", path.display()))
+        })
     }
 
     /// Loads a Hugging Face model directory (`tokenizer.json` [+ `tokenizer_config.json`]).

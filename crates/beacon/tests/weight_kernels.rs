@@ -13,7 +13,12 @@ fn rel_err(want: &Tensor, got: &Tensor) -> f32 {
     let g: Vec<f32> = got.flatten_all().unwrap().to_vec1().unwrap();
     assert_eq!(w.len(), g.len());
     let norm = w.iter().map(|v| v * v).sum::<f32>().sqrt();
-    let err = w.iter().zip(&g).map(|(a, b)| (a - b) * (a - b)).sum::<f32>().sqrt();
+    let err = w
+        .iter()
+        .zip(&g)
+        .map(|(a, b)| (a - b) * (a - b))
+        .sum::<f32>()
+        .sqrt();
     err / norm
 }
 
@@ -46,11 +51,8 @@ fn each_gguf_type_multiplies_like_its_dequantized_matrix() {
                 PrefillWeights::Scratch,
                 PrefillWeights::Quantized,
             ] {
-                let weight = Weight::quantized(
-                    QTensor::quantize(&w, *dtype).unwrap(),
-                    prefill,
-                )
-                .unwrap();
+                let weight =
+                    Weight::quantized(QTensor::quantize(&w, *dtype).unwrap(), prefill).unwrap();
                 let got = weight.forward(&x).unwrap();
                 assert_eq!(got.dims(), &[rows, out]);
                 let e = rel_err(&want, &got);
@@ -75,7 +77,11 @@ fn bf16_weights_with_f32_activations_track_f32() {
     let (out, inner) = (96, 3584 / 4);
     let w = random_tensor(&mut 3, (out, inner));
     let w16 = Weight::Dense(w.to_dtype(DType::BF16).unwrap());
-    let exact_of_rounded = w.to_dtype(DType::BF16).unwrap().to_dtype(DType::F32).unwrap();
+    let exact_of_rounded = w
+        .to_dtype(DType::BF16)
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap();
     for rows in [1, 5, DENSE_MIN_ROWS + 1, 40] {
         let x = random_tensor(&mut (9 + rows as u64), (rows, inner));
         let got = w16.forward(&x).unwrap();
