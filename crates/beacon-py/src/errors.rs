@@ -70,7 +70,7 @@ fn io_kind(e: &std::io::Error) -> Kind {
 
 fn beacon_kind(e: &BeaconError) -> Kind {
     match e {
-        BeaconError::Io { source, .. } => io_kind(source),
+        BeaconError::Io { error, .. } => io_kind(error),
         BeaconError::Parse { .. }
         | BeaconError::Config { .. }
         | BeaconError::MissingTensor { .. }

@@ -4,12 +4,10 @@ use std::path::Path;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BeaconError {
-    #[error("{path}: {source}")]
-    Io {
-        path: String,
-        #[source]
-        source: std::io::Error,
-    },
+    /// The message already ends with the I/O error's text, so it is not also chained as a source
+    /// (error chains would print it twice: "x.gguf: No such file…: No such file…").
+    #[error("{path}: {error}")]
+    Io { path: String, error: std::io::Error },
     #[error("{path}: cannot parse: {message}")]
     Parse { path: String, message: String },
     #[error("{source_name}: `{key}`: expected {expected}, found {found}")]
@@ -43,7 +41,7 @@ impl BeaconError {
     pub fn io(path: &Path, source: std::io::Error) -> Self {
         BeaconError::Io {
             path: path.display().to_string(),
-            source,
+            error: source,
         }
     }
     pub fn config(source: &str, key: &str, expected: &str, found: &str) -> Self {
