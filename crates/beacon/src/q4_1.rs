@@ -224,7 +224,7 @@ unsafe fn dot_avx2(w: &[u8], a: &[ActBlock]) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::random_tensor;
+    use crate::testing::{random_tensor, rel_l2_err};
 
     fn q4_1(out: usize, inner: usize, seed: u64) -> QTensor {
         let w = random_tensor(&mut seed.clone(), (out, inner));
@@ -305,27 +305,9 @@ mod tests {
         let w = q4_1(out, inner, 3);
         let x = random_tensor(&mut 4, (1, inner));
         let dense = w.dequantize(&Device::Cpu).unwrap();
-        let want: Vec<f32> = x
-            .matmul(&dense.t().unwrap())
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
-        let got: Vec<f32> = forward(&w, &x)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
-        let norm = want.iter().map(|v| v * v).sum::<f32>().sqrt();
-        let err = want
-            .iter()
-            .zip(&got)
-            .map(|(a, b)| (a - b) * (a - b))
-            .sum::<f32>()
-            .sqrt();
-        assert!(err / norm < 0.01, "relative error {}", err / norm);
+        let want = x.matmul(&dense.t().unwrap()).unwrap();
+        let err = rel_l2_err(&want, &forward(&w, &x).unwrap());
+        assert!(err < 0.01, "relative error {err}");
         // More rows than one group: each row as if it were alone.
         let xs = random_tensor(&mut 9, (19, inner));
         let all: Vec<f32> = forward(&w, &xs)

@@ -37,6 +37,21 @@ pub fn max_rel_diff(a: &Tensor, b: &Tensor) -> f32 {
     max_abs_diff(a, b) / max_abs(b).max(1e-12)
 }
 
+/// `‖want − got‖₂ / ‖want‖₂`: the relative error of a whole product, for kernels that round their inputs.
+pub fn rel_l2_err(want: &Tensor, got: &Tensor) -> f32 {
+    let w: Vec<f32> = want.flatten_all().expect("tensor").to_vec1().expect("f32");
+    let g: Vec<f32> = got.flatten_all().expect("tensor").to_vec1().expect("f32");
+    assert_eq!(w.len(), g.len(), "same shapes");
+    let norm = w.iter().map(|v| v * v).sum::<f32>().sqrt();
+    let err = w
+        .iter()
+        .zip(&g)
+        .map(|(a, b)| (a - b) * (a - b))
+        .sum::<f32>()
+        .sqrt();
+    err / norm
+}
+
 /// Token ids stored as an i64 tensor of any shape (the fixtures' format), flattened.
 pub fn token_ids(t: &Tensor) -> Vec<u32> {
     t.flatten_all()

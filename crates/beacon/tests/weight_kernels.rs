@@ -4,23 +4,9 @@
 
 use beacon::memory_plan::PrefillWeights;
 use beacon::model::{Weight, DENSE_MIN_ROWS};
-use beacon::testing::random_tensor;
+use beacon::testing::{random_tensor, rel_l2_err};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
-
-fn rel_err(want: &Tensor, got: &Tensor) -> f32 {
-    let w: Vec<f32> = want.flatten_all().unwrap().to_vec1().unwrap();
-    let g: Vec<f32> = got.flatten_all().unwrap().to_vec1().unwrap();
-    assert_eq!(w.len(), g.len());
-    let norm = w.iter().map(|v| v * v).sum::<f32>().sqrt();
-    let err = w
-        .iter()
-        .zip(&g)
-        .map(|(a, b)| (a - b) * (a - b))
-        .sum::<f32>()
-        .sqrt();
-    err / norm
-}
 
 /// (type, tolerance of the quantized product against the dequantized f32 product): the vec-dot
 /// kernels quantize the activations to 8 bits per block, ~0.5 % of the norm; a wrong block layout
@@ -55,7 +41,7 @@ fn each_gguf_type_multiplies_like_its_dequantized_matrix() {
                     Weight::quantized(QTensor::quantize(&w, *dtype).unwrap(), prefill).unwrap();
                 let got = weight.forward(&x).unwrap();
                 assert_eq!(got.dims(), &[rows, out]);
-                let e = rel_err(&want, &got);
+                let e = rel_l2_err(&want, &got);
                 // Chunks of many rows through a dense f32 copy or the scratch matrix are the exact
                 // product; a bf16 copy rounds the weights (8-bit mantissa).
                 let bound = match (rows >= DENSE_MIN_ROWS, prefill) {
@@ -87,7 +73,7 @@ fn bf16_weights_with_f32_activations_track_f32() {
         let got = w16.forward(&x).unwrap();
         assert_eq!(got.dtype(), DType::F32);
         let want = x.matmul(&exact_of_rounded.t().unwrap()).unwrap();
-        let e = rel_err(&want, &got);
+        let e = rel_l2_err(&want, &got);
         // Few rows: the AVX-512 BF16 kernel rounds the activations to bf16 too (~0.3 %); many rows:
         // the widened matrix gives the exact product of the stored weights.
         let bound = if rows <= 8 { 0.01 } else { 1e-5 };
