@@ -6,7 +6,7 @@ use beacon::memory_plan::PrefillWeights;
 use beacon::model::{Weight, DENSE_MIN_ROWS};
 use beacon::testing::{random_tensor, rel_l2_err};
 use candle_core::quantized::{GgmlDType, QTensor};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device};
 
 /// (type, tolerance of the quantized product against the dequantized f32 product): the vec-dot
 /// kernels quantize the activations to 8 bits per block, ~0.5 % of the norm; a wrong block layout
