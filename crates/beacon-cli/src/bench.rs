@@ -4,9 +4,9 @@
 
 use crate::common::{load_model, EngineArgs, ModelArgs};
 use anyhow::{Context, Result};
-use beacon::engine::Want;
 use beacon::generate::argmax;
 use beacon::metrics::peak_rss_bytes;
+use beacon::session::Want;
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 use std::time::Instant;
@@ -121,7 +121,7 @@ pub fn bench_one(args: BenchOneArgs) -> Result<()> {
         prefill_tokens_per_second: ids.len() as f64 / prefill,
         decode_tokens: args.decode,
         decode_tokens_per_second: args.decode as f64 / decode.max(1e-9),
-        kv_bytes: s.stats.peak_kv_bytes,
+        kv_bytes: s.stats().peak_kv_bytes,
         kv_bytes_full: s.kv_bytes_full(),
         peak_rss_bytes: peak_rss_bytes(),
     };

@@ -3,12 +3,10 @@
 use crate::common::{EngineArgs, ModelArgs};
 use anyhow::{Context, Result};
 use beacon::cli_args::PenaltyArgs;
-use beacon::engine::{Mode, Session};
 use beacon::generate::{generate, GenerateOptions, SamplingParams};
-use beacon::metrics::{human_bytes, peak_rss_bytes};
+use beacon::metrics::{human_bytes, RunStats};
 use beacon::tokenizer::ChatMessage;
 use indicatif::{ProgressBar, ProgressStyle};
-use serde::Serialize;
 use std::io::Write;
 use std::path::PathBuf;
 
@@ -57,54 +55,6 @@ pub struct RunArgs {
     /// Don't print the progress bar.
     #[arg(long)]
     pub quiet: bool,
-}
-
-/// What a run cost: the same fields for every mode, so comparisons are honest.
-#[derive(Debug, Serialize)]
-pub struct RunStats {
-    pub mode: String,
-    pub ratio: String,
-    pub window: usize,
-    pub input_tokens: usize,
-    pub windows: usize,
-    pub memory_entries: MemoryEntries,
-    /// Dtype of the cached K/V (both byte counts are in it).
-    pub kv_dtype: String,
-    pub kv_bytes: usize,
-    pub kv_bytes_full: usize,
-    pub prefill_seconds: f64,
-    pub prefill_tokens_per_second: f64,
-    pub decode_tokens: usize,
-    pub decode_seconds: f64,
-    pub decode_tokens_per_second: f64,
-    pub peak_rss_bytes: u64,
-    pub finish: String,
-}
-
-#[derive(Debug, Serialize)]
-pub struct MemoryEntries {
-    pub sink: usize,
-    pub beacon: usize,
-    pub raw: usize,
-}
-
-pub fn ratio_label(session: &Session) -> String {
-    match session.mode {
-        Mode::Beacon => {
-            let c = &session.beacon;
-            if c.ratios.len() == 1 {
-                c.ratios[0].to_string()
-            } else {
-                let chosen = session
-                    .chooser
-                    .cached
-                    .map(|r| format!(" (chose {r})"))
-                    .unwrap_or_default();
-                format!("{}{chosen}", c.ratio_mix.name())
-            }
-        }
-        _ => "-".into(),
-    }
 }
 
 /// File and prompt as token ids (in the chat template with `--chat`).
@@ -212,8 +162,8 @@ pub fn run(args: RunArgs) -> Result<()> {
             eprintln!(
                 "continuing from {} ({} tokens read earlier, {} memory entries)",
                 path.display(),
-                saved.session.tokens.len(),
-                saved.session.layout.context_len()
+                saved.session.tokens().len(),
+                saved.session.layout().context_len()
             );
             (saved.session, ids, saved.logits)
         }
@@ -222,7 +172,7 @@ pub fn run(args: RunArgs) -> Result<()> {
             (fresh, ids, None)
         }
     };
-    let input_tokens = session.tokens.len() + ids.len();
+    let input_tokens = session.tokens().len() + ids.len();
     let bar = if args.quiet {
         ProgressBar::hidden()
     } else {
@@ -276,29 +226,13 @@ pub fn run(args: RunArgs) -> Result<()> {
     )?;
     bar.finish_and_clear();
     println!();
-    let l = &session.layout;
-    let stats = RunStats {
-        mode: session.mode.name().into(),
-        ratio: ratio_label(&session),
-        window: session.beacon.window,
+    let stats = RunStats::of(
+        &session,
         input_tokens,
-        windows: session.stats.windows_closed + usize::from(l.window_raw > 0),
-        memory_entries: MemoryEntries {
-            sink: l.sink,
-            beacon: l.beacons,
-            raw: l.window_flags.len(),
-        },
-        kv_dtype: session.kv_dtype().as_str().into(),
-        kv_bytes: session.stats.peak_kv_bytes,
-        kv_bytes_full: session.kv_bytes_full(),
-        prefill_seconds: g.prefill_seconds,
-        prefill_tokens_per_second: ids.len() as f64 / g.prefill_seconds.max(1e-9),
-        decode_tokens: g.tokens.len(),
-        decode_seconds: g.decode_seconds,
-        decode_tokens_per_second: g.tokens.len() as f64 / g.decode_seconds.max(1e-9),
-        peak_rss_bytes: peak_rss_bytes(),
-        finish: format!("{:?}", g.finish).to_lowercase(),
-    };
+        (ids.len(), g.prefill_seconds),
+        (g.tokens.len(), g.decode_seconds),
+        Some(format!("{:?}", g.finish).to_lowercase()),
+    );
     eprintln!(
         "[{} ratio {}] {} tokens read in {:.2}s ({:.0} tok/s), {} generated at {:.1} tok/s (finish: {}) | {} K/V peak {} vs {} full ({:.1}x less) | memory sink {} + beacon {} + raw {} | peak RSS {}",
         stats.mode,
@@ -308,14 +242,14 @@ pub fn run(args: RunArgs) -> Result<()> {
         stats.prefill_tokens_per_second,
         stats.decode_tokens,
         stats.decode_tokens_per_second,
-        stats.finish,
+        stats.finish.as_deref().unwrap_or("-"),
         stats.kv_dtype,
         human_bytes(stats.kv_bytes as u64),
         human_bytes(stats.kv_bytes_full as u64),
         stats.kv_bytes_full as f64 / stats.kv_bytes.max(1) as f64,
-        l.sink,
-        l.beacons,
-        l.window_flags.len(),
+        stats.memory_entries.sink,
+        stats.memory_entries.beacon,
+        stats.memory_entries.raw,
         human_bytes(stats.peak_rss_bytes),
     );
     if let Some(p) = &args.stats_json {

@@ -3,7 +3,7 @@
 
 use crate::harness::{self, bar, fmt_len, md_table, CommonArgs, ModeArgs, Output};
 use anyhow::{Context, Result};
-use beacon::engine::{FeedOptions, Want};
+use beacon::session::{FeedOptions, Want};
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 
@@ -87,8 +87,8 @@ pub fn run(args: &EfficiencyArgs, command: &str) -> Result<Vec<EfficiencyRecord>
                 )?
                 .context("no logits")?;
             let prefill = t0.elapsed().as_secs_f64();
-            let kv_entries = s.layout.context_len();
-            let peak_kv_bytes = s.stats.peak_kv_bytes;
+            let kv_entries = s.layout().context_len();
+            let peak_kv_bytes = s.stats().peak_kv_bytes;
             let t1 = std::time::Instant::now();
             for _ in 0..args.decode {
                 let rows = harness::logit_rows(&logits)?;

@@ -4,9 +4,9 @@
 
 use anyhow::{bail, Context, Result};
 use beacon::cli_args::ModelArgs;
-use beacon::engine::{FeedOptions, Session, Want};
 use beacon::loader::BeaconSource;
 use beacon::options::EngineOptions;
+use beacon::session::{FeedOptions, Session, Want};
 use beacon::tokenizer::{ChatMessage, Tokenizer};
 use beacon::Loaded;
 use candle_core::{DType, Tensor};
@@ -203,7 +203,7 @@ impl ModeSpec {
             if keep <= 64 {
                 bail!("streaming needs --keep > 64 (got {keep})");
             }
-            s.prefill_chunk = s.prefill_chunk.min(keep / 2);
+            s.set_prefill_chunk(s.prefill_chunk().min(keep / 2));
         }
         Ok(s)
     }
@@ -348,7 +348,7 @@ impl MemoryBudgets {
     /// Note a finished run of `spec` (only beacon runs count).
     pub fn note(&mut self, spec: &ModeSpec, session: &Session) {
         if let (true, Some(r)) = (spec.mode == "beacon", &spec.ratio) {
-            let entries = session.stats.peak_kv_bytes / session.bytes_per_entry().max(1);
+            let entries = session.stats().peak_kv_bytes / session.bytes_per_entry().max(1);
             self.peaks.retain(|(q, _)| q != r);
             self.peaks.push((r.clone(), entries));
         }
@@ -453,6 +453,11 @@ pub struct Evaluator {
 }
 
 impl Evaluator {
+    /// The beacon window `spec` runs with (also window-only's): its own, else the model's.
+    pub fn beacon_window(&self, spec: &ModeSpec) -> usize {
+        spec.window.unwrap_or(self.loaded.beacon.window).max(1)
+    }
+
     pub fn load(c: &CommonArgs) -> Result<Self> {
         // The default model comes with the beacons (and settings) shipped for it.
         let loaded = c.model.load().with_context(|| match &c.model.model {
@@ -594,7 +599,7 @@ pub fn answer_greedy(
     let mut out = Vec::new();
     while out.len() < max_new {
         let mut rows = logit_rows(&logits)?;
-        let next = sampler.pick(rows.pop().context("empty logits")?, &session.tokens);
+        let next = sampler.pick(rows.pop().context("empty logits")?, session.tokens());
         if eos.contains(&next) {
             break;
         }
@@ -622,7 +627,7 @@ pub fn answer_greedy(
     Ok(Answer {
         text: text.trim().to_string(),
         prefill_seconds,
-        peak_kv_bytes: session.stats.peak_kv_bytes,
+        peak_kv_bytes: session.stats().peak_kv_bytes,
     })
 }
 

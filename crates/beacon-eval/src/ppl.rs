@@ -9,8 +9,8 @@ use crate::harness::{
     self, bar, fmt_len, logit_rows, md_table, CommonArgs, ModeArgs, ModeSpec, Output,
 };
 use anyhow::{bail, Context, Result};
-use beacon::engine::{FeedOptions, Session, Want};
 use beacon::model::Model;
+use beacon::session::{FeedOptions, Session, Want};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -67,6 +67,9 @@ pub struct PplRecord {
     /// Equal-memory baselines: K/V entries allowed (that beacon run's peak K/V bytes / bytes per entry).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memory_entries: Option<usize>,
+    /// Perplexity by position in the beacon window (see [`by_window_position`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub by_window_position: Option<Vec<PositionBucket>>,
 }
 
 /// −log softmax(logits)[target], in nats.
@@ -101,6 +104,22 @@ pub fn score_span(
     piece: usize,
     progress: &mut dyn FnMut(usize),
 ) -> Result<(f64, usize)> {
+    let per_token = score_span_tokens(model, session, context, span, piece, progress)?;
+    Ok((per_token.iter().map(|&(_, l)| l).sum(), per_token.len()))
+}
+
+/// `(index in the span, NLL in nats)` of every scored token, in order.
+pub type ScoredTokens = Vec<(usize, f64)>;
+
+/// [`score_span`] token by token.
+pub fn score_span_tokens(
+    model: &Model,
+    session: &mut Session,
+    context: &[u32],
+    span: &[u32],
+    piece: usize,
+    progress: &mut dyn FnMut(usize),
+) -> Result<ScoredTokens> {
     let piece = piece.max(1);
     let mut prev: Option<Vec<f32>> = None;
     let mut done = 0usize;
@@ -118,7 +137,8 @@ pub fn score_span(
         done = context.len();
         progress(done);
     }
-    let (mut nll, mut n) = (0.0f64, 0usize);
+    let mut scored = Vec::with_capacity(span.len());
+    let mut at = 0usize; // span index of chunk[0]
     for chunk in span.chunks(piece) {
         let l = session
             .feed(model, chunk, Want::From(0))?
@@ -132,18 +152,61 @@ pub fn score_span(
             );
         }
         if let Some(p) = prev.take() {
-            nll += nll_of(&p, chunk[0]);
-            n += 1;
+            scored.push((at, nll_of(&p, chunk[0])));
         }
         for (r, row) in rows.iter().enumerate().take(chunk.len() - 1) {
-            nll += nll_of(row, chunk[r + 1]);
-            n += 1;
+            scored.push((at + r + 1, nll_of(row, chunk[r + 1])));
         }
         prev = rows.into_iter().last();
+        at += chunk.len();
         done += chunk.len();
         progress(done);
     }
-    Ok((nll, n))
+    Ok(scored)
+}
+
+/// Where a scored token sits in its beacon window decides how much raw context it has in beacon
+/// mode (right after a window closes: only the memory). Bucket edges, in window positions.
+pub const WINDOW_POSITION_EDGES: [usize; 4] = [0, 8, 32, 128];
+
+/// Perplexity of the tokens whose position in the beacon window (counted from the start of the
+/// read, as beacon mode counts) falls in each bucket `[edge_i, edge_{i+1})` (the last up to the
+/// window), for any mode, so a beacon run and a baseline are compared token for token.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PositionBucket {
+    pub from: usize,
+    pub to: usize,
+    pub tokens: usize,
+    pub ppl: f64,
+}
+
+/// Bucket `(index in span, NLL)` pairs; `span_offset` = tokens read before the span.
+pub fn by_window_position(
+    scored: &[(usize, f64)],
+    span_offset: usize,
+    window: usize,
+) -> Vec<PositionBucket> {
+    let mut edges: Vec<usize> = WINDOW_POSITION_EDGES
+        .iter()
+        .copied()
+        .filter(|&e| e < window)
+        .collect();
+    edges.push(window);
+    edges
+        .windows(2)
+        .map(|e| {
+            let (n, sum) = scored
+                .iter()
+                .filter(|(i, _)| (e[0]..e[1]).contains(&((span_offset + i) % window)))
+                .fold((0usize, 0f64), |(n, s), (_, l)| (n + 1, s + l));
+            PositionBucket {
+                from: e[0],
+                to: e[1],
+                tokens: n,
+                ppl: perplexity(sum, n),
+            }
+        })
+        .collect()
 }
 
 /// The context a configuration reads before the span: truncate keeps only what fits `keep` together
@@ -178,8 +241,8 @@ pub fn rolling_keep(spec: &ModeSpec, scored: usize) -> Option<usize> {
 
 /// Score `all[span_start..]` in pieces of at most `piece` tokens (at most half of `keep`), each from a
 /// fresh session (`fresh`) that reads the `keep` tokens ending with the piece: the piece and what
-/// precedes it. Returns (NLL sum, tokens scored, largest peak K/V bytes, bytes per entry). The first
-/// token of `all` is never scored (nothing predicts it).
+/// precedes it. Returns ((index from `span_start`, NLL) of every scored token, largest peak K/V
+/// bytes, bytes per entry). The first token of `all` is never scored (nothing predicts it).
 pub fn score_span_rolling(
     model: &Model,
     fresh: &mut dyn FnMut() -> Result<Session>,
@@ -188,18 +251,18 @@ pub fn score_span_rolling(
     keep: usize,
     piece: usize,
     progress: &mut dyn FnMut(usize),
-) -> Result<(f64, usize, usize, usize)> {
+) -> Result<(ScoredTokens, usize, usize)> {
     if keep < 2 {
         bail!("truncation to {keep} tokens leaves nothing to predict from");
     }
     let piece = piece.min(keep / 2).max(1);
-    let (mut nll, mut n, mut peak, mut bpe) = (0.0f64, 0usize, 0usize, 0usize);
+    let (mut scored, mut peak, mut bpe) = (Vec::new(), 0usize, 0usize);
     let mut p = span_start;
     while p < all.len() {
         let end = (p + piece).min(all.len());
         let from = end.saturating_sub(keep);
         let mut session = fresh()?;
-        let (a, b) = score_span(
+        let piece_scored = score_span_tokens(
             model,
             &mut session,
             &all[from..p],
@@ -207,14 +270,17 @@ pub fn score_span_rolling(
             piece,
             &mut |_| {},
         )?;
-        nll += a;
-        n += b;
-        peak = peak.max(session.stats.peak_kv_bytes);
+        scored.extend(
+            piece_scored
+                .into_iter()
+                .map(|(i, l)| (p - span_start + i, l)),
+        );
+        peak = peak.max(session.stats().peak_kv_bytes);
         bpe = session.bytes_per_entry();
         p = end;
         progress(p - span_start);
     }
-    Ok((nll, n, peak, bpe))
+    Ok((scored, peak, bpe))
 }
 
 /// Whether the configuration behaves exactly as full attention for `total` tokens.
@@ -350,13 +416,13 @@ pub fn run(args: &PplArgs, command: &str) -> Result<Vec<PplRecord>> {
                     continue;
                 }
                 let t0 = std::time::Instant::now();
-                let (nll, n, peak_kv_bytes, bytes_per_entry) = match rolling_keep(spec, scored) {
+                let (per_token, peak_kv_bytes, bytes_per_entry) = match rolling_keep(spec, scored) {
                     // truncation under a budget smaller than what it must score: re-read per piece
                     Some(keep) => {
                         let read = &window[top - len..top];
                         let skipped = (len - scored) as u64;
                         let mut fresh = || spec.session(&ev, args.common.seed);
-                        let r = score_span_rolling(
+                        score_span_rolling(
                             model,
                             &mut fresh,
                             read,
@@ -364,22 +430,27 @@ pub fn run(args: &PplArgs, command: &str) -> Result<Vec<PplRecord>> {
                             keep,
                             args.piece,
                             &mut |d| pb.set_position(base + skipped + d as u64),
-                        )?;
-                        (r.0, r.1, r.2, r.3)
+                        )?
                     }
                     None => {
                         let ctx = context_for(spec, ev.native, context, scored);
                         let mut session = spec.session(&ev, args.common.seed)?;
                         let skipped = (context.len() - ctx.len()) as u64;
-                        let (nll, n) =
-                            score_span(model, &mut session, ctx, span, args.piece, &mut |d| {
-                                pb.set_position(base + skipped + d as u64)
-                            })?;
+                        let per_token = score_span_tokens(
+                            model,
+                            &mut session,
+                            ctx,
+                            span,
+                            args.piece,
+                            &mut |d| pb.set_position(base + skipped + d as u64),
+                        )?;
                         budgets.note(spec, &session);
                         let bpe = session.bytes_per_entry();
-                        (nll, n, session.stats.peak_kv_bytes, bpe)
+                        (per_token, session.stats().peak_kv_bytes, bpe)
                     }
                 };
+                let nll: f64 = per_token.iter().map(|&(_, l)| l).sum();
+                let n = per_token.len();
                 let rec = PplRecord {
                     mode: spec.mode.clone(),
                     ratio: spec.ratio.clone(),
@@ -398,6 +469,11 @@ pub fn run(args: &PplArgs, command: &str) -> Result<Vec<PplRecord>> {
                     native_window: Some(ev.native),
                     memory_of: spec.memory_of(),
                     memory_entries,
+                    by_window_position: Some(by_window_position(
+                        &per_token,
+                        len - scored,
+                        ev.beacon_window(spec),
+                    )),
                 };
                 pb.set_position(base + len as u64);
                 harness::say(
@@ -521,6 +597,7 @@ pub fn markdown(records: &[PplRecord], native: usize, scored: usize) -> String {
             md_table(&header, &budget_rows)
         )
     };
+    let positions = position_table(records, &labels, &lengths);
     let weights: Vec<&str> = {
         let mut w: Vec<&str> = records.iter().map(|r| r.beacon_weights.as_str()).collect();
         w.sort_unstable();
@@ -535,14 +612,63 @@ pub fn markdown(records: &[PplRecord], native: usize, scored: usize) -> String {
          entries; `truncate@xr` / `streaming@xr` hold as many K/V entries as `beacon-xr` at its peak at the same \
          length; `truncate@xr` (and `truncate-N` with N below the scored span) scores the span piece by piece, \
          each piece after a fresh read of the last N tokens up to its end.\n\n{}\n\
-         Peak K/V held (MiB):\n\n{}{}",
+         Peak K/V held (MiB):\n\n{}{}{}",
         if files.len() == 1 { "1 text".to_string() } else { format!("{} texts", files.len()) },
         files.join(", "),
         weights.join("; "),
         fmt_len(native),
         md_table(&header, &rows),
         md_table(&header, &kv_rows),
-        budgets
+        budgets,
+        positions
+    )
+}
+
+/// The scored tokens split by their position in the beacon window (pooled over files): where a
+/// method loses — right after a window closes, beacon mode has only the memory as recent context.
+fn position_table(records: &[PplRecord], labels: &[String], lengths: &[usize]) -> String {
+    let Some(edges) = records
+        .iter()
+        .find_map(|r| r.by_window_position.as_ref())
+        .map(|b| b.iter().map(|x| (x.from, x.to)).collect::<Vec<_>>())
+    else {
+        return String::new();
+    };
+    let mut header = vec!["mode @ length".to_string()];
+    header.extend(edges.iter().map(|(a, b)| format!("{a}–{}", b - 1)));
+    let mut rows = Vec::new();
+    for &len in lengths {
+        for lab in labels {
+            let mut sums = vec![(0usize, 0f64); edges.len()];
+            for r in records
+                .iter()
+                .filter(|r| &r.label == lab && r.context_tokens == len)
+            {
+                for (k, b) in r.by_window_position.iter().flatten().enumerate() {
+                    if k < sums.len() && (b.from, b.to) == edges[k] {
+                        sums[k].0 += b.tokens;
+                        sums[k].1 += b.ppl.ln() * b.tokens as f64;
+                    }
+                }
+            }
+            if sums.iter().all(|s| s.0 == 0) {
+                continue;
+            }
+            let mut row = vec![format!("{lab} @ {}", fmt_len(len))];
+            row.extend(sums.iter().map(|&(n, l)| {
+                if n == 0 {
+                    "–".into()
+                } else {
+                    format!("{:.2} ({n})", (l / n as f64).exp())
+                }
+            }));
+            rows.push(row);
+        }
+    }
+    format!(
+        "\nPerplexity by position of the scored token in its beacon window (counted from the start of \
+         the read as beacon mode counts; tokens in parentheses) — the same tokens for every mode:\n\n{}",
+        md_table(&header, &rows)
     )
 }
 

@@ -1,7 +1,7 @@
 //! The harness end to end on the tiny fixture model (vocab 256, no tokenizer → bytes as ids, native
 //! window 256, beacon window 32).
 
-use beacon::engine::{Session, Want};
+use beacon::session::{Session, Want};
 use beacon::{load, LoadOptions};
 use beacon_eval::cases::CaseRecord;
 use beacon_eval::harness::{CommonArgs, ModeArgs, ModeSpec};
@@ -90,15 +90,32 @@ fn span_scoring_in_pieces_matches_one_forward() {
             loaded.beacon.clone(),
         ))
     };
-    let (nll, n, _, _) =
+    let (scored, _, _) =
         score_span_rolling(model, &mut fresh, &ids, 150, 1000, 16, &mut |_| {}).unwrap();
+    let (nll, n): (f64, usize) = (scored.iter().map(|s| s.1).sum(), scored.len());
     assert_eq!(n, 50);
+    // every span token once, in order
+    assert!(scored.iter().enumerate().all(|(i, s)| s.0 == i));
+    // bucketed by window position, the buckets partition the scored tokens and pool back to the total
+    let buckets = beacon_eval::ppl::by_window_position(&scored, 150, 32);
+    assert_eq!(buckets.iter().map(|b| b.tokens).sum::<usize>(), 50);
+    let pooled: f64 = buckets.iter().map(|b| b.ppl.ln() * b.tokens as f64).sum();
+    assert!(
+        (pooled - nll).abs() < 1e-6 * nll.abs().max(1.0),
+        "{pooled} vs {nll}"
+    );
+    // 150 % 32 = 22: span tokens 0..10 sit at window positions 22..32, tokens 10..18 at 0..8
+    assert_eq!(
+        (buckets[0].from, buckets[0].to, buckets[0].tokens),
+        (0, 8, 8 + 8)
+    );
     assert!(
         (nll - want).abs() < 1e-3 * want.abs().max(1.0),
         "{nll} vs {want}"
     );
-    let (nll, n, peak, bpe) =
+    let (scored, peak, bpe) =
         score_span_rolling(model, &mut fresh, &ids, 150, 40, 16, &mut |_| {}).unwrap();
+    let (nll, n): (f64, usize) = (scored.iter().map(|s| s.1).sum(), scored.len());
     assert_eq!((n, peak), (50, 40 * bpe));
     assert!(nll.is_finite() && (nll - want).abs() > 1e-3);
 }

@@ -1,11 +1,10 @@
 //! `beacon._beacon`: the native half of the `beacon` Python package (the Python half, in
 //! `python/beacon/`, gives it its API: `Model`, `Session`, `chat`, `train`, `eval.ppl`).
 //!
-//! Every long call releases the GIL (`Python::detach`). Feeding is cut at window boundaries (beacon,
-//! window-only) or at multiples of the prefill chunk (full, streaming, truncate), exactly where the
-//! engine steps anyway, so the numbers are those of one feed; between pieces, and after every generated
-//! token, the GIL is taken back for a moment to run Python's signal handlers, so Ctrl-C stops a long
-//! read or an answer with `KeyboardInterrupt` and leaves the session holding what it read so far.
+//! Every long call releases the GIL (`Python::detach`). Feeding goes through the engine's
+//! interruptible feed (`Session::feed_until`): between its steps, and after every generated token,
+//! the GIL is taken back for a moment to run Python's signal handlers, so Ctrl-C stops a long read or
+//! an answer with `KeyboardInterrupt` and leaves the session holding what it read so far.
 
 mod errors;
 mod session;

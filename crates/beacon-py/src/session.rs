@@ -3,10 +3,10 @@
 use crate::errors::{guard, value, Fail, Kind};
 use crate::Shared;
 use beacon::cli_args::PenaltyArgs;
-use beacon::config::RatioMix;
 use beacon::context_file::LoadedContext;
-use beacon::engine::{Mode, Session, Want};
 use beacon::generate::{generate, FinishReason, GenerateOptions, SamplingParams};
+use beacon::metrics::RunStats;
+use beacon::session::{FeedOptions, Session, Want};
 use candle_core::{DType, Tensor};
 use pyo3::prelude::*;
 use pyo3::types::PyByteArray;
@@ -42,7 +42,7 @@ pub struct State {
 
 impl State {
     fn new(session: Session, logits: Option<Tensor>) -> Self {
-        let input_tokens = session.tokens.len();
+        let input_tokens = session.tokens().len();
         State {
             session,
             logits,
@@ -80,46 +80,9 @@ fn last_row(t: &Tensor) -> Result<Tensor, Fail> {
     })
 }
 
-/// Whether adapt-N has yet to choose its ratio (from the length of the feed that opens the first window).
-fn adapt_pending(s: &Session) -> bool {
-    matches!(s.chooser.mix, RatioMix::Adapt(_))
-        && s.chooser.cached.is_none()
-        && s.chooser.candidates.len() > 1
-}
-
-/// How many of `remaining` tokens the next piece of an interruptible feed takes: always a prefix the
-/// engine would have stepped through on its own, so the result equals one feed of everything.
-fn piece_len(s: &Session, remaining: usize) -> usize {
-    let chunk = s.prefill_chunk.max(1);
-    let n = match s.mode {
-        Mode::Beacon => {
-            if adapt_pending(s) {
-                // Not reached after `feed_pieces` made the choice; one piece is always right.
-                remaining
-            } else {
-                s.beacon.window.saturating_sub(s.layout.window_raw).max(1)
-            }
-        }
-        Mode::WindowOnly { window, .. } => {
-            let window = window.max(1);
-            if s.layout.window_raw >= window {
-                window
-            } else {
-                window - s.layout.window_raw
-            }
-        }
-        Mode::Streaming { recent, .. } => chunk.min(recent.max(1)) * 2,
-        // Full attention grows its cache by each feed: larger pieces as the cache grows keep the
-        // re-allocations geometric.
-        Mode::Full => (s.layout.context_len() / 4 / chunk).max(2) * chunk,
-        Mode::Truncate { .. } => 2 * chunk,
-    };
-    n.min(remaining)
-}
-
-/// Feed `tokens` in pieces, calling `keep_going` between pieces; returns the logits `want` selects
+/// Feed `tokens`, calling `keep_going` between the engine's steps; returns the logits `want` selects
 /// (concatenated) or the reason it stopped.
-fn feed_pieces(
+fn feed_interruptibly(
     shared: &Shared,
     st: &mut State,
     tokens: &[u32],
@@ -130,55 +93,16 @@ fn feed_pieces(
         return Ok(None);
     }
     let model = &shared.loaded.model;
-    let s = &mut st.session;
-    // truncate reads only the last `keep` tokens of its first feed: cut here, as the engine would.
-    let (tokens, want) = match s.mode {
-        Mode::Truncate { keep } if s.tokens.is_empty() && tokens.len() > keep => {
-            let cut = tokens.len() - keep;
-            let w = match want {
-                Want::From(i) => Want::From(i.saturating_sub(cut)),
-                w => w,
-            };
-            (&tokens[cut..], w)
-        }
-        _ => (tokens, want),
-    };
-    let total = tokens.len();
-    if matches!(s.mode, Mode::Beacon) && s.layout.ratio.is_none() && adapt_pending(s) {
-        // The choice one feed of everything would make (the engine then reuses the cached value).
-        s.chooser.next_window(s.tokens.len() + total, None);
-    }
-    let mut rows = Vec::new();
-    let mut done = 0;
     st.logits = None;
-    while done < total {
-        if done > 0 && !keep_going() {
-            return Err(Fail::Msg(Kind::Other, "interrupted".into()));
-        }
-        let n = piece_len(s, total - done);
-        let end = done + n;
-        let w = match want {
-            Want::None => Want::None,
-            Want::Last => {
-                if end == total {
-                    Want::Last
-                } else {
-                    Want::None
-                }
-            }
-            Want::From(i) if i < end => Want::From(i.saturating_sub(done)),
-            Want::From(_) => Want::None,
-        };
-        if let Some(l) = s.feed(model, &tokens[done..end], w)? {
-            rows.push(l);
-        }
-        done = end;
+    let fed = st
+        .session
+        .feed_until(model, tokens, want, FeedOptions::default(), &mut |_| {
+            keep_going()
+        })?;
+    if fed.interrupted {
+        return Err(Fail::Msg(Kind::Other, "interrupted".into()));
     }
-    let out = match rows.len() {
-        0 => None,
-        1 => rows.pop(),
-        _ => Some(Tensor::cat(&rows, 0)?),
-    };
+    let out = fed.logits;
     if let Some(l) = &out {
         if matches!(want, Want::Last | Want::From(_)) {
             st.logits = Some(last_row(l)?);
@@ -196,7 +120,7 @@ fn feed_with_pending(
     keep_going: &mut dyn FnMut() -> bool,
 ) -> Result<Option<Tensor>, Fail> {
     if st.pending.is_empty() {
-        return feed_pieces(shared, st, tokens, want, keep_going);
+        return feed_interruptibly(shared, st, tokens, want, keep_going);
     }
     let p = st.pending.len();
     let mut all = std::mem::take(&mut st.pending);
@@ -205,7 +129,7 @@ fn feed_with_pending(
         Want::From(i) => Want::From(i + p),
         w => w,
     };
-    let out = feed_pieces(shared, st, &all, w, keep_going)?;
+    let out = feed_interruptibly(shared, st, &all, w, keep_going)?;
     Ok(match (out, want) {
         // Only the rows of `tokens`.
         (Some(l), Want::From(_)) if l.rank() == 2 => {
@@ -236,7 +160,7 @@ pub struct GenArgs {
 }
 
 /// Prefill the prompt (interruptibly) and generate. `emit` receives text pieces; `keep_going` is asked
-/// between prefill pieces and after every token.
+/// between prefill steps and after every token.
 fn run_generation(
     shared: &Shared,
     st: &mut State,
@@ -259,7 +183,7 @@ fn run_generation(
         st.input_tokens += args.prompt.len();
         last_row(&l)?
     };
-    let fed_before = st.session.tokens.len();
+    let fed_before = st.session.tokens().len();
     let mut stopped = false;
     let g = generate(
         model,
@@ -280,7 +204,7 @@ fn run_generation(
         &mut |_| {},
     )?;
     // The engine does not read the last token it drew; keep it for the next feed.
-    let fed = st.session.tokens.len() - fed_before;
+    let fed = st.session.tokens().len() - fed_before;
     st.pending = g.tokens[fed.min(g.tokens.len())..].to_vec();
     st.logits = None;
     st.last = Some(LastGeneration {
@@ -292,55 +216,6 @@ fn run_generation(
         return Err(Fail::Msg(Kind::Other, "interrupted".into()));
     }
     Ok(g.text)
-}
-
-/// The fields (and their order) of `beacon run --stats-json`.
-#[derive(serde::Serialize)]
-struct RunStats {
-    mode: String,
-    ratio: String,
-    window: usize,
-    input_tokens: usize,
-    windows: usize,
-    memory_entries: MemoryEntries,
-    kv_dtype: String,
-    kv_bytes: usize,
-    kv_bytes_full: usize,
-    prefill_seconds: f64,
-    prefill_tokens_per_second: f64,
-    decode_tokens: usize,
-    decode_seconds: f64,
-    decode_tokens_per_second: f64,
-    peak_rss_bytes: u64,
-    /// `None` before the first generation.
-    finish: Option<String>,
-}
-
-#[derive(serde::Serialize)]
-struct MemoryEntries {
-    sink: usize,
-    beacon: usize,
-    raw: usize,
-}
-
-/// `beacon run`'s ratio label.
-fn ratio_label(session: &Session) -> String {
-    match session.mode {
-        Mode::Beacon => {
-            let c = &session.beacon;
-            if c.ratios.len() == 1 {
-                c.ratios[0].to_string()
-            } else {
-                let chosen = session
-                    .chooser
-                    .cached
-                    .map(|r| format!(" (chose {r})"))
-                    .unwrap_or_default();
-                format!("{}{chosen}", c.ratio_mix.name())
-            }
-        }
-        _ => "-".into(),
-    }
 }
 
 impl NativeSession {
@@ -446,7 +321,7 @@ impl NativeSession {
                 feed_with_pending(shared, st, &[], Want::Last, keep_going)?;
             }
             st.logits.clone().ok_or_else(|| {
-                value(if st.session.tokens.is_empty() {
+                value(if st.session.tokens().is_empty() {
                     "no logits yet: feed some tokens first"
                 } else {
                     "no logits: the last read ended without them (an interrupted feed, or a generation \
@@ -570,7 +445,6 @@ impl NativeSession {
         let g = lock(&self.state);
         let st = g.as_ref().ok_or_else(|| busy().into_py(py))?;
         let s = &st.session;
-        let l = &s.layout;
         let (dt, ds, finish) = match st.last {
             Some(g) => (
                 g.tokens,
@@ -579,28 +453,13 @@ impl NativeSession {
             ),
             None => (0, 0.0, None),
         };
-        let v = RunStats {
-            mode: s.mode.name().into(),
-            ratio: ratio_label(s),
-            window: s.beacon.window,
-            input_tokens: st.input_tokens,
-            windows: s.stats.windows_closed + usize::from(l.window_raw > 0),
-            memory_entries: MemoryEntries {
-                sink: l.sink,
-                beacon: l.beacons,
-                raw: l.window_flags.len(),
-            },
-            kv_dtype: s.kv_dtype().as_str().into(),
-            kv_bytes: s.stats.peak_kv_bytes,
-            kv_bytes_full: s.kv_bytes_full(),
-            prefill_seconds: st.prefill_seconds,
-            prefill_tokens_per_second: st.prefill_tokens as f64 / st.prefill_seconds.max(1e-9),
-            decode_tokens: dt,
-            decode_seconds: ds,
-            decode_tokens_per_second: dt as f64 / ds.max(1e-9),
-            peak_rss_bytes: beacon::metrics::peak_rss_bytes(),
+        let v = RunStats::of(
+            s,
+            st.input_tokens,
+            (st.prefill_tokens, st.prefill_seconds),
+            (dt, ds),
             finish,
-        };
+        );
         let v = serde_json::to_string(&v).map_err(|e| Fail::Any(e.into()).into_py(py))?;
         Ok(v)
     }
@@ -609,7 +468,7 @@ impl NativeSession {
     fn tokens(&self, py: Python<'_>) -> PyResult<Vec<u32>> {
         let g = lock(&self.state);
         let st = g.as_ref().ok_or_else(|| busy().into_py(py))?;
-        let mut t = st.session.tokens.clone();
+        let mut t = st.session.tokens().to_vec();
         t.extend_from_slice(&st.pending);
         Ok(t)
     }
@@ -620,7 +479,7 @@ impl NativeSession {
             if !st.pending.is_empty() {
                 feed_with_pending(shared, st, &[], Want::Last, keep_going)?;
             }
-            if st.session.tokens.is_empty() {
+            if st.session.tokens().is_empty() {
                 return Err(value("nothing to save: the session has read no tokens"));
             }
             let r = beacon::context_file::save_context(

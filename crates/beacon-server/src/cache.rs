@@ -24,7 +24,7 @@ enum Held {
 impl Held {
     fn tokens(&self) -> &[u32] {
         match self {
-            Held::Live(s) => &s.tokens,
+            Held::Live(s) => s.tokens(),
             Held::Saved(s) => &s.tokens,
         }
     }
@@ -115,7 +115,7 @@ impl ConversationCache {
             let Held::Live(session) = e.held else {
                 unreachable!("checked above")
             };
-            let tokens = session.tokens.len();
+            let tokens = session.tokens().len();
             return Ok(Some(Reused {
                 session,
                 logits: None,
@@ -136,7 +136,7 @@ impl ConversationCache {
 
     /// Keep a session as a request left it.
     pub fn put_live(&mut self, session: Session) {
-        let bytes = session.kv_bytes_now() + session.tokens.len() * 4;
+        let bytes = session.kv_bytes_now() + session.tokens().len() * 4;
         self.insert(Held::Live(session), bytes);
     }
 

@@ -4,8 +4,8 @@
 use anyhow::Context;
 use beacon::cli_args::{EngineArgs, ModelArgs};
 use beacon::context_file::{save_context, sha256_hex, SaveReport};
-use beacon::engine::FeedOptions;
 use beacon::metrics::human_bytes;
+use beacon::session::FeedOptions;
 use beacon::Want;
 use std::io::Read;
 use std::path::PathBuf;
@@ -79,7 +79,7 @@ pub fn run_compress(args: CompressArgs) -> anyhow::Result<SaveReport> {
         seconds,
         args.output.display(),
         human_bytes(report.file_bytes),
-        session.layout.context_len(),
+        session.layout().context_len(),
         human_bytes(report.kv_bytes_full as u64),
         report.kv_bytes_full as f64 / report.file_bytes.max(1) as f64,
     );

@@ -16,9 +16,9 @@
 use crate::cache::ConversationCache;
 use crate::metrics::Metrics;
 use beacon::context_file::Snapshot;
-use beacon::engine::FeedOptions;
 use beacon::generate::{generate, FinishReason, GenerateOptions, SamplingParams};
 use beacon::model::Model;
+use beacon::session::FeedOptions;
 use beacon::tokenizer::{ChatMessage, Tokenizer};
 use beacon::{BeaconConfig, Mode, Session, Want};
 use std::path::PathBuf;
@@ -467,9 +467,9 @@ fn run_job(shared: &Shared, job: Job, enqueued: Instant) -> Result<(), EngineErr
         m.cancelled.fetch_add(1, Ordering::Relaxed);
     }
 
-    let layout = &session.layout;
+    let layout = &session.layout();
     let memory = MemoryReport {
-        ratio: session.tokens.len() as f64 / layout.context_len().max(1) as f64,
+        ratio: session.tokens().len() as f64 / layout.context_len().max(1) as f64,
         window_ratio: layout.ratio,
         memory_entries: layout.context_len(),
         kv_bytes: session.kv_bytes_now(),

@@ -52,8 +52,8 @@ fn round_trip_continues_exactly() {
         0.0
     );
     let mut resumed = restored.session;
-    assert_eq!(resumed.tokens, original.tokens);
-    assert_eq!(resumed.layout, original.layout);
+    assert_eq!(resumed.tokens(), original.tokens());
+    assert_eq!(resumed.layout(), original.layout());
 
     // Continuing from the file is bit-identical to continuing the original session…
     let a = original
@@ -215,7 +215,7 @@ fn compress_command_writes_a_loadable_context() {
     );
     let loaded = beacon::load(&dir, &LoadOptions::default()).unwrap();
     let ctx = load_context(&out, &loaded.model, &loaded.fingerprint).unwrap();
-    assert_eq!(ctx.session.tokens.len(), report.tokens);
+    assert_eq!(ctx.session.tokens().len(), report.tokens);
     assert!(ctx.logits.is_some());
     let text = std::fs::read(&book).unwrap();
     assert_eq!(

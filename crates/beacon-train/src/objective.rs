@@ -28,9 +28,9 @@
 use crate::targets::SampleTargets;
 use anyhow::{bail, Context, Result};
 use beacon::config::{BeaconAttn, BeaconConfig, BeaconPos};
-use beacon::engine::{FeedOptions, Mode, Session, Want};
 use beacon::model::Model;
 use beacon::schedule::RatioChooser;
+use beacon::session::{FeedOptions, Mode, Session, Want};
 use candle_core::{CpuStorage, DType, Layout, Shape, Tensor, Var};
 use serde::{Deserialize, Serialize};
 
@@ -448,11 +448,10 @@ fn run_sample(
     let mut s = Session::new(models.plain, Mode::Beacon, cfg.clone());
     let mut layouts = Vec::with_capacity(n);
     for w in &windows[..n - 1] {
-        layouts.push(s.layout.clone());
-        s.chooser.candidates = vec![w.ratio];
+        layouts.push(s.layout().clone());
         let opts = FeedOptions {
-            training_final: false,
-            differentiable: false,
+            window_ratio: Some(w.ratio),
+            ..FeedOptions::default()
         };
         s.feed_with(
             models.plain,
@@ -462,7 +461,7 @@ fn run_sample(
             &mut |_| {},
         )?;
     }
-    layouts.push(s.layout.clone());
+    layouts.push(s.layout().clone());
     let final_memory = s.export_caches()?; // per layer (k_rot, v) `[kv, mem, d]`
     drop(s);
 
@@ -491,9 +490,6 @@ fn run_sample(
         } else {
             models.plain
         };
-        let mut s = Session::new(model, Mode::Beacon, single_ratio(cfg, w.ratio));
-        s.layout = layouts[i].clone();
-        s.tokens = tokens[..w.start].to_vec();
         let memory: Vec<(Tensor, Tensor)> = if mem_len == 0 {
             Vec::new()
         } else if memory_vars.is_empty() {
@@ -507,17 +503,18 @@ fn run_sample(
                 .map(|(k, v)| (k.as_tensor().clone(), v.as_tensor().clone()))
                 .collect()
         };
-        if memory.is_empty() {
-            let (kvh, d) = (model.cfg.num_kv_heads, model.cfg.head_dim);
-            let z = Tensor::zeros((kvh, 0, d), model.dtype, &candle_core::Device::Cpu)?;
-            s.set_graph_caches(vec![(z.clone(), z); model.cfg.num_layers])?;
-        } else {
-            s.set_graph_caches(memory)?;
-        }
+        let mut s = Session::replay(
+            model,
+            single_ratio(cfg, w.ratio),
+            layouts[i].clone(),
+            tokens[..w.start].to_vec(),
+            memory,
+        )?;
         let last = i + 1 == n;
         let opts = FeedOptions {
             training_final: last,
             differentiable: true,
+            window_ratio: None,
         };
         let logits = s
             .feed_with(
@@ -530,7 +527,7 @@ fn run_sample(
             .context("window produced no logits")?;
         // logits: [len, vocab]. A window never spans two steps, so the replay of window i is
         // exactly one step.
-        sizes[i] = s.stats.step_beacon_sizes.first().copied().unwrap_or(0);
+        sizes[i] = s.stats().step_beacon_sizes.first().copied().unwrap_or(0);
         let labels = window_labels(tokens, w, first_labels, label_weights);
         let row_weights = label_weights.map(|lw| lw[w.start..w.start + w.len].to_vec());
         let target = match (&teacher, cached) {

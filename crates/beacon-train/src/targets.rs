@@ -19,8 +19,8 @@
 use crate::checkpoint::{sha256_file, sha256_hex};
 use crate::objective::logsumexp;
 use anyhow::{bail, Context, Result};
-use beacon::engine::{Mode, Session, Want};
 use beacon::model::Model;
+use beacon::session::{Mode, Session, Want};
 use beacon::util::{atomic_write, atomic_write_with};
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};

@@ -11,9 +11,9 @@ use crate::recall::{RecallMix, Sample};
 use crate::targets::{self, TargetCache};
 use anyhow::{bail, Context, Result};
 use beacon::config::{BeaconConfig, BeaconKeys, BeaconParams, RatioMix};
-use beacon::engine::{position_budget, FeedOptions, Mode, Session, Want};
 use beacon::model::Model;
 use beacon::schedule::{RatioChooser, SplitMix64};
+use beacon::session::{position_budget, FeedOptions, Mode, Session, Want};
 use candle_core::{DType, Tensor};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
@@ -447,10 +447,10 @@ pub fn heldout_nll(
     let first_labels = objective::first_window_trained(cfg);
     let (mut total, mut count) = (0f64, 0usize);
     for (i, w) in windows.iter().enumerate() {
-        s.chooser.candidates = vec![w.ratio];
         let opts = FeedOptions {
             training_final: i + 1 == windows.len(),
-            differentiable: false,
+            window_ratio: Some(w.ratio),
+            ..FeedOptions::default()
         };
         let logits = s
             .feed_with(

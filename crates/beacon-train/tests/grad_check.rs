@@ -9,8 +9,8 @@
 
 mod common;
 
-use beacon::engine::{position_budget, FeedOptions, Mode, Session, Want};
 use beacon::schedule::RatioChooser;
+use beacon::session::{position_budget, FeedOptions, Mode, Session, Want};
 use beacon::testing::{max_abs, max_rel_diff};
 use beacon::BeaconConfig;
 use beacon_train::objective::{
@@ -82,6 +82,7 @@ fn recomputation_case(model_dir: &str, sink: usize, weights: Option<Vec<f32>>) {
         let opts = FeedOptions {
             training_final: true,
             differentiable: true,
+            window_ratio: None,
         };
         let logits = s
             .feed_with(&tm.train, &tokens, Want::From(0), opts, &mut |_| {})

@@ -6,8 +6,8 @@
 
 mod common;
 
-use beacon::engine::position_budget;
 use beacon::schedule::RatioChooser;
+use beacon::session::position_budget;
 use beacon_train::objective::{plan_windows, sample_gradients, Models, Objective, SampleView};
 use beacon_train::params::make_trainable;
 use candle_core::Device;

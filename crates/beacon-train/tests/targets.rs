@@ -5,7 +5,7 @@
 
 mod common;
 
-use beacon::engine::{Mode, Session, Want};
+use beacon::session::{Mode, Session, Want};
 use beacon::BeaconConfig;
 use beacon_train::objective::{window_loss, Target};
 use beacon_train::targets::{compute_targets, long_gain_weights, TargetCache, TargetSpec};

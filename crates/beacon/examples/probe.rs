@@ -1,6 +1,6 @@
 //! Quick speed probe on synthetic ids: `cargo run --release --example probe -- MODEL LEN MODE RATIO`.
-use beacon::engine::{Session, Want};
 use beacon::options::EngineOptions;
+use beacon::session::{Session, Want};
 use std::time::Instant;
 
 fn main() -> beacon::Result<()> {
@@ -28,6 +28,6 @@ fn main() -> beacon::Result<()> {
     }
     let d = t.elapsed().as_secs_f64();
     println!("len {len} prefill {p:.2}s ({:.0} tok/s) decode {:.1} tok/s peak_kv {} MiB full {} MiB rss {} MiB", len as f64 / p, 16.0 / d,
-        s.stats.peak_kv_bytes >> 20, s.kv_bytes_full() >> 20, beacon::metrics::peak_rss_bytes() >> 20);
+        s.stats().peak_kv_bytes >> 20, s.kv_bytes_full() >> 20, beacon::metrics::peak_rss_bytes() >> 20);
     Ok(())
 }

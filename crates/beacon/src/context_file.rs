@@ -15,10 +15,10 @@
 //! Writes are atomic (temporary file + fsync + rename).
 
 use crate::config::BeaconConfig;
-use crate::engine::{MemoryLayout, Mode, Session, Stats};
 use crate::error::{BeaconError, Result};
 use crate::model::Model;
 use crate::schedule::RatioChooser;
+use crate::session::{MemoryLayout, Mode, Session, Stats};
 use candle_core::{DType, Device, Tensor};
 use safetensors::tensor::{Dtype as StDtype, TensorView};
 use safetensors::SafeTensors;

@@ -3,10 +3,10 @@
 //! (eos ids, stop strings, max tokens) and streaming text out. Every generated token goes back
 //! through the same [`Session`], so compression continues through the answer (SPEC §2.9).
 
-use crate::engine::{FeedOptions, Session, Want};
 use crate::error::{BeaconError, Result};
 use crate::model::Model;
 use crate::schedule::SplitMix64;
+use crate::session::{FeedOptions, Session, Want};
 use crate::tokenizer::Tokenizer;
 use candle_core::{DType, Tensor};
 use serde::{Deserialize, Serialize};

@@ -1,6 +1,6 @@
 //! beacon — Activation Beacon for long-context inference on candle.
 //!
-//! Data flow: [`tokenizer`] → ids → [`engine::Session`] splits them into windows, asking
+//! Data flow: [`tokenizer`] → ids → [`session::Session`] splits them into windows, asking
 //! [`schedule`] for each window's compression ratio → beacons interleaved, positions assigned →
 //! [`model::Model::forward`] over `[sink | memory | window]` → the session keeps the window's beacon
 //! K/V and drops its raw K/V → logits of the last raw row → [`generate`] samples → the token is fed
@@ -13,7 +13,6 @@ pub mod cli_args;
 pub mod config;
 pub mod context_file;
 mod cpu_attention;
-pub mod engine;
 pub mod error;
 pub mod fetch;
 pub mod generate;
@@ -24,6 +23,7 @@ pub mod model;
 pub mod options;
 mod q4_1;
 pub mod schedule;
+pub mod session;
 mod stored_quant;
 pub mod testing;
 pub mod threads;
@@ -31,6 +31,6 @@ pub mod tokenizer;
 pub mod util;
 
 pub use config::{BeaconConfig, ModelConfig};
-pub use engine::{Mode, Session, Want};
 pub use error::{BeaconError, Result};
 pub use loader::{load, LoadOptions, Loaded};
+pub use session::{Mode, Session, Want};

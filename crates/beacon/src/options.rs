@@ -1,9 +1,9 @@
 //! User-facing engine options (CLI flags, server settings) turned into validated engine values.
 
 use crate::config::{BeaconConfig, RatioMix};
-use crate::engine::{Mode, Session};
 use crate::error::{BeaconError, Result};
 use crate::model::Model;
+use crate::session::{Mode, Session};
 use candle_core::DType;
 use serde::{Deserialize, Serialize};
 

@@ -1,7 +1,7 @@
 //! Loading: other architectures, dtypes, sharded checkpoints, separate beacon files, and bad input
 //! that must give a clear error (file/key, expected vs found), never a panic.
 
-use beacon::engine::{Mode, Session, Want};
+use beacon::session::{Mode, Session, Want};
 use beacon::testing::max_abs_diff;
 use beacon::{load, LoadOptions};
 use candle_core::{DType, Device, Tensor};
@@ -299,7 +299,7 @@ fn modes_agree_where_they_should() {
     let ids: Vec<u32> = (0..150).map(|i| (i * 53 % 256) as u32).collect();
     let run = |mode: Mode, feed_by: usize| {
         let mut s = Session::new(m, mode, l.beacon.clone());
-        s.prefill_chunk = 64;
+        s.set_prefill_chunk(64);
         let mut last = None;
         for piece in ids.chunks(feed_by) {
             last = s.feed(m, piece, Want::Last).unwrap();
@@ -310,7 +310,7 @@ fn modes_agree_where_they_should() {
     let (a, sa) = run(Mode::Full, 150);
     let (b, _) = run(Mode::Full, 1);
     assert!(max_abs_diff(&a, &b) < 1e-4);
-    assert_eq!(sa.stats.peak_kv_bytes, sa.kv_bytes_full());
+    assert_eq!(sa.stats().peak_kv_bytes, sa.kv_bytes_full());
     // truncate to 150 keeps everything = full
     let (c, _) = run(Mode::Truncate { keep: 150 }, 150);
     assert!(max_abs_diff(&a, &c) < 1e-5);
@@ -319,7 +319,7 @@ fn modes_agree_where_they_should() {
     let mut s = Session::new(m, Mode::Full, l.beacon.clone());
     let e = s.feed(m, &ids[110..], Want::Last).unwrap().unwrap();
     assert!(max_abs_diff(&d, &e) < 1e-5);
-    assert_eq!(sd.layout.context_len(), 40);
+    assert_eq!(sd.layout().context_len(), 40);
     // streaming keeps sink + recent entries and never more than that plus one chunk
     let (_, ss) = run(
         Mode::Streaming {
@@ -328,7 +328,11 @@ fn modes_agree_where_they_should() {
         },
         1,
     );
-    assert!(ss.layout.context_len() <= 64, "{}", ss.layout.context_len());
+    assert!(
+        ss.layout().context_len() <= 64,
+        "{}",
+        ss.layout().context_len()
+    );
     // chunks longer than the recent window, and a window smaller than the eviction block
     let (_, ss) = run(
         Mode::Streaming {
@@ -337,9 +341,13 @@ fn modes_agree_where_they_should() {
         },
         150,
     );
-    assert!(ss.layout.context_len() <= 12, "{}", ss.layout.context_len());
+    assert!(
+        ss.layout().context_len() <= 12,
+        "{}",
+        ss.layout().context_len()
+    );
     let (_, ss) = run(Mode::Streaming { sink: 0, recent: 1 }, 7);
-    assert!(ss.layout.context_len() <= 1);
+    assert!(ss.layout().context_len() <= 1);
     // streaming with a window larger than the input = full attention
     let (f, _) = run(
         Mode::Streaming {

@@ -2,7 +2,7 @@
 //! holds ≤ 1/7 of full attention's K/V": 64 windows on the tiny model).
 
 use beacon::config::RatioMix;
-use beacon::engine::{Mode, Session, Want};
+use beacon::session::{Mode, Session, Want};
 use beacon::{load, BeaconConfig, LoadOptions, Loaded};
 use std::path::Path;
 
@@ -33,7 +33,7 @@ fn ratio8_holds_under_a_seventh_of_full_kv() {
     for t in 0..8 {
         s.feed(m, &[t], Want::Last).unwrap();
     }
-    let (peak, full) = (s.stats.peak_kv_bytes, s.kv_bytes_full());
+    let (peak, full) = (s.stats().peak_kv_bytes, s.kv_bytes_full());
     println!(
         "peak {peak} B, full {full} B, ratio 1/{:.2}",
         full as f64 / peak as f64
@@ -44,14 +44,18 @@ fn ratio8_holds_under_a_seventh_of_full_kv() {
     );
     // what is held now: sink + 64 windows × 4 beacons + the open window (28 raw + 3 beacons)
     assert_eq!(
-        (s.layout.sink, s.layout.beacons, s.layout.window_flags.len()),
+        (
+            s.layout().sink,
+            s.layout().beacons,
+            s.layout().window_flags.len()
+        ),
         (1, 256, 31)
     );
 
     // full attention holds every token
     let mut f = Session::new(m, Mode::Full, l.beacon.clone());
     f.feed(m, &ids, Want::Last).unwrap();
-    assert_eq!(f.stats.peak_kv_bytes, f.kv_bytes_full());
+    assert_eq!(f.stats().peak_kv_bytes, f.kv_bytes_full());
 }
 
 /// Logits of `ids` then 8 single tokens, in every mode, with the cache in `kv` dtype.
@@ -62,7 +66,7 @@ fn run_with_kv(kv: candle_core::DType, mode: Mode) -> (Vec<Vec<f32>>, usize) {
     let ids: Vec<u32> = (0..32 * 6 + 20).map(|i| (i * 37 % 256) as u32).collect();
     let mut s = Session::new(m, mode, cfg);
     s.set_kv_dtype(m, kv).unwrap();
-    s.prefill_chunk = 24; // several chunks, and streaming evictions
+    s.set_prefill_chunk(24); // several chunks, and streaming evictions
     let mut out = Vec::new();
     let logits = s.feed(m, &ids, Want::Last).unwrap().unwrap();
     out.push(logits.flatten_all().unwrap().to_vec1().unwrap());
@@ -71,7 +75,7 @@ fn run_with_kv(kv: candle_core::DType, mode: Mode) -> (Vec<Vec<f32>>, usize) {
         out.push(logits.flatten_all().unwrap().to_vec1().unwrap());
     }
     assert_eq!(s.kv_dtype(), kv);
-    (out, s.stats.peak_kv_bytes)
+    (out, s.stats().peak_kv_bytes)
 }
 
 /// f16 K/V (window closes, re-rotation, streaming eviction, decode): the same logits as f32 K/V up

@@ -8,7 +8,7 @@
 //! Tolerance: 1e-4 absolute on logits and K/V (the fixtures' own suggestion), ids exact.
 
 use beacon::config::BeaconKeys;
-use beacon::engine::{Mode, Session, Want};
+use beacon::session::{Mode, Session, Want};
 use beacon::testing::token_ids as ids;
 use beacon::{load, LoadOptions};
 use candle_core::{Device, Tensor};
@@ -136,11 +136,11 @@ fn check_case(
         let want: Vec<i64> = serde_json::from_value(sizes.clone()).unwrap();
         report.equal(
             &format!("{tag} step_beacon_sizes"),
-            s.stats.step_beacon_sizes.clone(),
+            s.stats().step_beacon_sizes.clone(),
             want,
         );
     }
-    let l = &s.layout;
+    let l = &s.layout();
     let ours = [l.sink as i64, l.beacons as i64, l.window_flags.len() as i64];
     if let Some(want) = expected.get("memory_sizes") {
         let want: Vec<Vec<i64>> = want.to_vec2().unwrap();

@@ -3,7 +3,7 @@
 //! llama.cpp quantizes activations to 8 bits inside its matmuls; we compute with f32 activations,
 //! so we expect to land within ~2 %, not exactly.
 
-use beacon::engine::{Mode, Session, Want};
+use beacon::session::{Mode, Session, Want};
 use beacon::{load, LoadOptions};
 use std::path::Path;
 

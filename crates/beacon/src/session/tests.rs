@@ -1,0 +1,133 @@
+//! Baseline steps against full attention on the tiny fixture (the window plan and close rule are
+//! tested in `layout.rs`).
+
+use super::*;
+
+/// The tiny Llama fixture (vocab 256, beacon window 32, 3 layers).
+fn tiny() -> crate::Loaded {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures/reference/llama-tiny");
+    crate::load(&dir, &crate::LoadOptions::default()).expect("the tiny fixture loads")
+}
+
+fn ids(n: usize, mul: usize) -> Vec<u32> {
+    (0..n).map(|i| (i * mul % 251 + 3) as u32).collect()
+}
+
+/// Logits of `feeds` (each with its `Want`) in a fresh session, as one flat vector per feed.
+fn logits_of(
+    l: &crate::Loaded,
+    mode: Mode,
+    chunk: usize,
+    feeds: &[(&[u32], Want)],
+) -> (Vec<Vec<f32>>, Session) {
+    let m = &l.model;
+    let mut s = Session::new(m, mode, l.beacon.clone());
+    s.prefill_chunk = chunk;
+    let out = feeds
+        .iter()
+        .filter_map(|(t, w)| s.feed(m, t, *w).unwrap())
+        .map(|t| t.flatten_all().unwrap().to_vec1::<f32>().unwrap())
+        .collect();
+    (out, s)
+}
+
+#[test]
+fn window_only_within_one_window_is_full_attention() {
+    let l = tiny();
+    let w = l.beacon.window;
+    assert_eq!(w, 32);
+    let x = ids(w, 37);
+    for sink in [0, 2] {
+        let mode = Mode::WindowOnly { sink, window: w };
+        // up to and including a full window (it closes only when more tokens come)
+        for n in [1, 5, w - 1, w] {
+            let feeds: [(&[u32], Want); 2] =
+                [(&x[..n / 2], Want::From(0)), (&x[n / 2..n], Want::From(0))];
+            let (full, _) = logits_of(&l, Mode::Full, 512, &feeds);
+            let (wo, s) = logits_of(&l, mode.clone(), 512, &feeds);
+            assert_eq!(wo, full, "sink {sink}, {n} tokens");
+            assert_eq!(s.layout.context_len(), n);
+            assert_eq!((s.layout.sink, s.stats.windows_closed), (0, 0));
+            assert_eq!(s.stats.peak_kv_bytes, n * s.bytes_per_entry());
+        }
+    }
+}
+
+#[test]
+fn window_only_after_a_close_is_full_attention_over_sink_and_window() {
+    let l = tiny();
+    let w = l.beacon.window;
+    let x = ids(3 * w + 11, 53);
+    for sink in [0, 2] {
+        let mode = Mode::WindowOnly { sink, window: w };
+        for (closed, extra) in [(1, 1), (1, 20), (2, 11)] {
+            let start = closed * w;
+            let total = start + extra;
+            // window-only reads everything; the reference reads only [sink tokens] + the open window
+            let (wo, s) = logits_of(&l, mode.clone(), 512, &[(&x[..total], Want::From(start))]);
+            let mut reference = x[..sink].to_vec();
+            reference.extend_from_slice(&x[start..total]);
+            let (full, _) = logits_of(&l, Mode::Full, 512, &[(&reference, Want::From(sink))]);
+            let (a, b) = (&wo[0], &full[0]);
+            assert_eq!(a.len(), extra * 256);
+            if sink == 0 {
+                // the same chunks over the same K/V: bit for bit
+                assert_eq!(a, b, "{closed} closed + {extra}");
+            }
+            // with a sink, its K/V were computed in a longer chunk here (the first window) than
+            // in the reference: equal up to f32 summation order
+            let scale = b.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let worst = a.iter().zip(b).fold(0f32, |m, (p, q)| m.max((p - q).abs()));
+            assert!(
+                worst <= 1e-5 * scale,
+                "sink {sink}, {closed} closed + {extra}: max |Δ logit| {worst} (scale {scale})"
+            );
+            // bookkeeping: sink + open window held; the peak is the first window, or the sink
+            // plus a later full window
+            let lay = &s.layout;
+            assert_eq!((lay.sink, lay.beacons, lay.window_raw), (sink, 0, extra));
+            assert_eq!(lay.context_len(), sink + extra);
+            assert_eq!(s.stats.windows_closed, closed);
+            assert_eq!(s.kv_bytes_now(), (sink + extra) * s.bytes_per_entry());
+            let peak = if closed >= 2 { sink + w } else { w };
+            assert_eq!(s.stats.peak_kv_bytes, peak * s.bytes_per_entry());
+            assert_eq!(s.stats.input_tokens, total);
+        }
+    }
+}
+
+#[test]
+fn window_only_chunks_stop_at_window_boundaries() {
+    let l = tiny();
+    let w = l.beacon.window;
+    let x = ids(2 * w + 9, 29);
+    let mode = Mode::WindowOnly { sink: 2, window: w };
+    let (one, a) = logits_of(&l, mode.clone(), 512, &[(&x, Want::From(0))]);
+    // small chunks, and token by token: same memory, same logits up to summation order
+    for chunk in [7, 1] {
+        let (many, b) = logits_of(&l, mode.clone(), chunk, &[(&x, Want::From(0))]);
+        assert_eq!(a.layout, b.layout, "chunk {chunk}");
+        assert_eq!(
+            a.stats.peak_kv_bytes, b.stats.peak_kv_bytes,
+            "chunk {chunk}"
+        );
+        let worst = one[0]
+            .iter()
+            .zip(&many[0])
+            .fold(0f32, |m, (p, q)| m.max((p - q).abs()));
+        assert!(worst < 1e-4, "chunk {chunk}: {worst}");
+    }
+    // one step per window at chunk 512: [0, w), [w, 2w), [2w, 2w + 9)
+    assert_eq!(a.stats.steps, 3);
+    let mut c = Session::new(&l.model, mode, l.beacon.clone());
+    for t in &x {
+        c.feed(&l.model, &[*t], Want::Last).unwrap();
+    }
+    assert_eq!(c.layout, a.layout);
+    assert_eq!(c.stats.windows_closed, 2);
+    assert_eq!(
+        Mode::WindowOnly { sink: 1, window: 8 }.name(),
+        "window-only"
+    );
+}
