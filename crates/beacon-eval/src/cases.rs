@@ -1,7 +1,9 @@
 //! Prompted tasks (needle, passkey, retrieval, QA): a case is a tokenized context plus a question and
 //! the expected answers; every configuration answers every case greedily and a pure scorer grades it.
 
-use crate::harness::{answer_greedy, fmt_len, md_table, Evaluator, ModeSpec, Prompt, Tok};
+use crate::harness::{
+    answer_greedy, fmt_len, md_table, EvalMode, Evaluator, ModeSpec, Prompt, Tok,
+};
 use crate::qa;
 use anyhow::Result;
 use indicatif::ProgressBar;
@@ -65,7 +67,7 @@ pub struct Case {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct CaseRecord {
     pub task: String,
-    pub mode: String,
+    pub mode: EvalMode,
     pub ratio: Option<String>,
     pub keep: Option<usize>,
     pub label: String,
@@ -131,7 +133,7 @@ pub fn run_cases(
             if let (Some(k), Some(f)) = (budget, &full) {
                 if prompt.ids.len() <= k {
                     let mut r = f.clone();
-                    r.mode = spec.mode.clone();
+                    r.mode = spec.mode;
                     r.ratio = spec.ratio.clone();
                     r.keep = spec.keep_limit(ev.native);
                     r.label = label;
@@ -172,7 +174,7 @@ pub fn run_cases(
             pb.set_position(base + prompt.ids.len() as u64);
             let rec = CaseRecord {
                 task: case.task.clone(),
-                mode: spec.mode.clone(),
+                mode: spec.mode,
                 ratio: spec.ratio.clone(),
                 keep: spec.keep_limit(ev.native),
                 label,
@@ -203,7 +205,7 @@ pub fn run_cases(
                     rec.output.chars().take(60).collect::<String>()
                 ),
             );
-            if spec.mode == "full" {
+            if spec.mode == EvalMode::Full {
                 full = Some(rec.clone());
             }
             out.push(rec);

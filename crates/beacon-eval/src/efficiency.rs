@@ -1,7 +1,7 @@
 //! `beacon eval efficiency`: the paper's efficiency table — prefill seconds, decode speed and peak K/V
 //! bytes against context length, for full attention, the baselines and beacon ratios.
 
-use crate::harness::{self, bar, fmt_len, md_table, CommonArgs, ModeArgs, Output};
+use crate::harness::{self, bar, fmt_len, md_table, CommonArgs, EvalMode, ModeArgs, Output};
 use anyhow::{Context, Result};
 use beacon::session::{FeedOptions, Want};
 use serde::{Deserialize, Serialize};
@@ -26,7 +26,7 @@ pub struct EfficiencyArgs {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct EfficiencyRecord {
-    pub mode: String,
+    pub mode: EvalMode,
     pub ratio: Option<String>,
     pub keep: Option<usize>,
     pub label: String,
@@ -98,7 +98,7 @@ pub fn run(args: &EfficiencyArgs, command: &str) -> Result<Vec<EfficiencyRecord>
             let decode = t1.elapsed().as_secs_f64();
             pb.set_position(base + len as u64);
             let r = EfficiencyRecord {
-                mode: spec.mode.clone(),
+                mode: spec.mode,
                 ratio: spec.ratio.clone(),
                 keep: spec.keep_limit(ev.native),
                 label,

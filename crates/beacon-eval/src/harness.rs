@@ -11,7 +11,7 @@ use beacon::tokenizer::{ChatMessage, Tokenizer};
 use beacon::Loaded;
 use candle_core::{DType, Tensor};
 use indicatif::{ProgressBar, ProgressStyle};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
 /// Flags every subcommand takes.
@@ -89,10 +89,63 @@ pub fn with_defaults(args: &ModeArgs, modes: &[&str], quick: bool) -> ModeArgs {
     a
 }
 
+/// How an evaluated configuration keeps its context (`--modes`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum EvalMode {
+    Full,
+    /// The sink and the open beacon window: no memory of closed windows.
+    WindowOnly,
+    Truncate,
+    Streaming,
+    Beacon,
+}
+
+impl EvalMode {
+    pub const ALL: [EvalMode; 5] = [
+        EvalMode::Full,
+        EvalMode::WindowOnly,
+        EvalMode::Truncate,
+        EvalMode::Streaming,
+        EvalMode::Beacon,
+    ];
+
+    /// The name `--modes` takes and the records carry.
+    pub fn name(self) -> &'static str {
+        match self {
+            EvalMode::Full => "full",
+            EvalMode::WindowOnly => "window-only",
+            EvalMode::Truncate => "truncate",
+            EvalMode::Streaming => "streaming",
+            EvalMode::Beacon => "beacon",
+        }
+    }
+
+    pub fn parse(s: &str) -> Result<EvalMode> {
+        EvalMode::ALL
+            .into_iter()
+            .find(|m| m.name() == s)
+            .with_context(|| {
+                format!("unknown mode {s:?} (expected full, window-only, truncate, streaming or beacon)")
+            })
+    }
+
+    /// Raw-token baselines that keep at most `keep` tokens.
+    pub fn keeps_raw_tokens(self) -> bool {
+        matches!(self, EvalMode::Truncate | EvalMode::Streaming)
+    }
+}
+
+impl std::fmt::Display for EvalMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 /// One engine configuration under test.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ModeSpec {
-    pub mode: String,
+    pub mode: EvalMode,
     /// Beacon ratio (beacon mode only).
     pub ratio: Option<String>,
     /// K/V tokens kept (truncate/streaming only); None = native window.
@@ -108,10 +161,9 @@ pub struct ModeSpec {
 pub const STREAMING_SINK: usize = 4;
 
 impl ModeSpec {
-    pub fn new(mode: &str, ratio: Option<&str>, keep: Option<usize>) -> Self {
-        // (full comes first in expand_modes, so the others can reuse its results)
+    pub fn new(mode: EvalMode, ratio: Option<&str>, keep: Option<usize>) -> Self {
         ModeSpec {
-            mode: mode.into(),
+            mode,
             ratio: ratio.map(String::from),
             keep,
             window: None,
@@ -120,7 +172,7 @@ impl ModeSpec {
     }
 
     /// An equal-memory baseline of `mode` (truncate/streaming) for beacon ratio `ratio`.
-    pub fn equal_memory(mode: &str, ratio: &str) -> Self {
+    pub fn equal_memory(mode: EvalMode, ratio: &str) -> Self {
         ModeSpec {
             equal_memory: Some(ratio.to_string()),
             ..ModeSpec::new(mode, None, None)
@@ -135,8 +187,8 @@ impl ModeSpec {
     /// This equal-memory baseline holding `entries` K/V entries in all: truncate reads the last
     /// `entries` tokens; streaming keeps [`STREAMING_SINK`] sink + `entries − sink` recent entries.
     pub fn with_memory(&self, entries: usize) -> ModeSpec {
-        let keep = match self.mode.as_str() {
-            "streaming" => entries.saturating_sub(STREAMING_SINK),
+        let keep = match self.mode {
+            EvalMode::Streaming => entries.saturating_sub(STREAMING_SINK),
             _ => entries,
         };
         ModeSpec {
@@ -148,7 +200,7 @@ impl ModeSpec {
     /// Streaming with this few kept entries is not run (the engine evicts in blocks of 64, so such a
     /// "recent window" would mostly hold less than it says).
     pub fn streaming_too_small(&self, native: usize) -> bool {
-        self.mode == "streaming" && self.keep.unwrap_or(native) <= 64
+        self.mode == EvalMode::Streaming && self.keep.unwrap_or(native) <= 64
     }
 
     /// Short stable name: `full`, `window-only`, `truncate-8192`, `streaming-8192`, `beacon-x8`,
@@ -157,8 +209,8 @@ impl ModeSpec {
         if let Some(r) = &self.equal_memory {
             return format!("{}@x{r}", self.mode);
         }
-        match self.mode.as_str() {
-            "beacon" => format!(
+        match self.mode {
+            EvalMode::Beacon => format!(
                 "beacon-{}",
                 match self.ratio.as_deref() {
                     Some(r) if r.chars().all(|c| c.is_ascii_digit()) => format!("x{r}"),
@@ -166,14 +218,16 @@ impl ModeSpec {
                     None => "default".into(),
                 }
             ),
-            "truncate" | "streaming" => format!("{}-{}", self.mode, self.keep.unwrap_or(native)),
-            m => m.to_string(),
+            EvalMode::Truncate | EvalMode::Streaming => {
+                format!("{}-{}", self.mode, self.keep.unwrap_or(native))
+            }
+            m => m.name().to_string(),
         }
     }
 
     pub fn options(&self, seed: u64) -> EngineOptions {
         EngineOptions {
-            mode: Some(self.mode.clone()),
+            mode: Some(self.mode.name().to_string()),
             ratio: self.ratio.clone(),
             keep: self.keep,
             window: self.window,
@@ -196,7 +250,7 @@ impl ModeSpec {
             );
         }
         let mut s = Session::new(&ev.loaded.model, mode, cfg);
-        if self.mode == "streaming" {
+        if self.mode == EvalMode::Streaming {
             // The engine's streaming eviction fails when one prefill chunk (or its 64-entry eviction
             // block) covers all kept entries (nothing left to re-rotate), so chunks stay ≤ keep/2.
             let keep = self.keep.unwrap_or(ev.native);
@@ -210,10 +264,9 @@ impl ModeSpec {
 
     /// Tokens of K/V this configuration keeps at most for raw context (truncate/streaming), else None.
     pub fn keep_limit(&self, native: usize) -> Option<usize> {
-        match self.mode.as_str() {
-            "truncate" | "streaming" => Some(self.keep.unwrap_or(native)),
-            _ => None,
-        }
+        self.mode
+            .keeps_raw_tokens()
+            .then(|| self.keep.unwrap_or(native))
     }
 }
 
@@ -250,19 +303,21 @@ pub fn load_with_modes(
 
 pub fn expand_modes(args: &ModeArgs) -> Result<Vec<ModeSpec>> {
     let mut out = Vec::new();
-    let mut modes: Vec<String> = args
-        .modes
-        .iter()
-        .map(|m| m.trim().to_lowercase())
-        .filter(|m| !m.is_empty())
-        .collect();
-    modes.sort_by_key(|m| if m == "full" { 0 } else { 1 });
-    modes.dedup();
-    for m in &modes {
-        match m.as_str() {
-            "full" => out.push(ModeSpec::new("full", None, None)),
-            "window-only" => out.push(ModeSpec::new("window-only", None, None)),
-            "truncate" | "streaming" => {
+    let mut modes: Vec<EvalMode> = Vec::new();
+    for m in args.modes.iter().map(|m| m.trim().to_lowercase()) {
+        if !m.is_empty() {
+            let m = EvalMode::parse(&m)?;
+            if !modes.contains(&m) {
+                modes.push(m);
+            }
+        }
+    }
+    // full first: the others may reuse its results
+    modes.sort_by_key(|&m| m != EvalMode::Full);
+    for &m in &modes {
+        match m {
+            EvalMode::Full | EvalMode::WindowOnly => out.push(ModeSpec::new(m, None, None)),
+            EvalMode::Truncate | EvalMode::Streaming => {
                 if args.keep.is_empty() {
                     out.push(ModeSpec::new(m, None, None));
                 }
@@ -270,24 +325,21 @@ pub fn expand_modes(args: &ModeArgs) -> Result<Vec<ModeSpec>> {
                     out.push(ModeSpec::new(m, None, Some(k)));
                 }
             }
-            "beacon" => {
+            EvalMode::Beacon => {
                 if args.ratios.is_empty() {
-                    out.push(ModeSpec::new("beacon", None, None));
+                    out.push(ModeSpec::new(m, None, None));
                 }
                 for r in &args.ratios {
                     let r = r.trim();
                     if !r.is_empty() {
-                        out.push(ModeSpec::new("beacon", Some(r), None));
+                        out.push(ModeSpec::new(m, Some(r), None));
                     }
                 }
             }
-            other => bail!(
-                "unknown mode {other:?} (expected full, window-only, truncate, streaming or beacon)"
-            ),
         }
     }
     for s in &mut out {
-        if s.mode == "beacon" || s.mode == "window-only" {
+        if matches!(s.mode, EvalMode::Beacon | EvalMode::WindowOnly) {
             s.window = args.window;
         }
     }
@@ -308,11 +360,11 @@ pub fn with_equal_memory(
 ) -> Result<Vec<ModeSpec>> {
     let ratios: Vec<String> = specs
         .iter()
-        .filter(|s| s.mode == "beacon")
+        .filter(|s| s.mode == EvalMode::Beacon)
         .filter_map(|s| s.ratio.clone())
         .filter(|r| r.parse::<usize>().is_ok_and(|r| r > 0))
         .collect();
-    let mut baselines: Vec<&str> = ["truncate", "streaming"]
+    let mut baselines: Vec<EvalMode> = [EvalMode::Truncate, EvalMode::Streaming]
         .into_iter()
         .filter(|m| specs.iter().any(|s| s.mode == *m))
         .collect();
@@ -324,11 +376,11 @@ pub fn with_equal_memory(
         bail!("--equal-memory needs beacon among --modes with integer --ratios (e.g. 8,32)");
     }
     if baselines.is_empty() {
-        baselines = vec!["truncate", "streaming"];
+        baselines = vec![EvalMode::Truncate, EvalMode::Streaming];
     }
     for r in &ratios {
         for m in &baselines {
-            let spec = ModeSpec::equal_memory(m, r);
+            let spec = ModeSpec::equal_memory(*m, r);
             if !specs.contains(&spec) {
                 specs.push(spec);
             }
@@ -347,7 +399,7 @@ pub struct MemoryBudgets {
 impl MemoryBudgets {
     /// Note a finished run of `spec` (only beacon runs count).
     pub fn note(&mut self, spec: &ModeSpec, session: &Session) {
-        if let (true, Some(r)) = (spec.mode == "beacon", &spec.ratio) {
+        if let (true, Some(r)) = (spec.mode == EvalMode::Beacon, &spec.ratio) {
             let entries = session.stats().peak_kv_bytes / session.bytes_per_entry().max(1);
             self.peaks.retain(|(q, _)| q != r);
             self.peaks.push((r.clone(), entries));

@@ -9,6 +9,24 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use std::path::PathBuf;
 
+/// The retrieval tasks of `eval needle` (records carry [`NeedleTask::name`]).
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NeedleTask {
+    /// A sentence with a key and a value hidden in essays.
+    Needle,
+    /// A pass key in repeated filler text.
+    Passkey,
+}
+
+impl NeedleTask {
+    pub fn name(self) -> &'static str {
+        match self {
+            NeedleTask::Needle => "needle",
+            NeedleTask::Passkey => "passkey",
+        }
+    }
+}
+
 #[derive(clap::Args, Debug, Clone)]
 pub struct NeedleArgs {
     #[command(flatten)]
@@ -23,7 +41,7 @@ pub struct NeedleArgs {
     pub depths: Vec<f64>,
     /// Tasks: needle, passkey.
     #[arg(long, value_delimiter = ',', default_value = "needle,passkey")]
-    pub tasks: Vec<String>,
+    pub tasks: Vec<NeedleTask>,
     /// Samples per (length, depth) cell (different keys/values).
     #[arg(long, default_value_t = 1)]
     pub samples: usize,
@@ -153,7 +171,7 @@ pub fn needle_cases(
                 let mut context = intro.clone();
                 context.extend(with);
                 cases.push(Case {
-                    task: "needle".into(),
+                    task: NeedleTask::Needle.name().into(),
                     target_tokens: len,
                     depth: Some(depth),
                     sample: s,
@@ -209,7 +227,7 @@ pub fn passkey_cases(
                 let mut context = intro.clone();
                 context.extend(with);
                 cases.push(Case {
-                    task: "passkey".into(),
+                    task: NeedleTask::Passkey.name().into(),
                     target_tokens: len,
                     depth: Some(depth),
                     sample: s,
@@ -253,8 +271,8 @@ pub fn run(args: &NeedleArgs, command: &str) -> Result<Vec<CaseRecord>> {
     let lmax = *lengths.last().context("no lengths")?;
     let mut cases = Vec::new();
     for task in &args.tasks {
-        match task.trim() {
-            "needle" => {
+        match task {
+            NeedleTask::Needle => {
                 let hp = match (&args.haystack, &data) {
                     (Some(p), _) => p.clone(),
                     (None, Some(d)) => d.join("haystack/pd_essays_ruler_format.json"),
@@ -276,7 +294,7 @@ pub fn run(args: &NeedleArgs, command: &str) -> Result<Vec<CaseRecord>> {
                     args.max_new,
                 )?);
             }
-            "passkey" => cases.extend(passkey_cases(
+            NeedleTask::Passkey => cases.extend(passkey_cases(
                 &tok,
                 chat,
                 &lengths,
@@ -285,7 +303,6 @@ pub fn run(args: &NeedleArgs, command: &str) -> Result<Vec<CaseRecord>> {
                 args.common.seed,
                 args.max_new,
             )?),
-            other => bail!("unknown task {other:?} (expected needle or passkey)"),
         }
     }
     let pb = bar(cases::total_tokens(&tok, chat, &cases, specs.len()), "tok");
@@ -304,7 +321,7 @@ pub fn run(args: &NeedleArgs, command: &str) -> Result<Vec<CaseRecord>> {
     );
     out.write(&ev, &records, &md, t_start.elapsed().as_secs_f64())?;
     if !args.common.no_plot {
-        for task in ["needle", "passkey"] {
+        for task in [NeedleTask::Needle, NeedleTask::Passkey].map(NeedleTask::name) {
             let rs: Vec<&CaseRecord> = records.iter().filter(|r| r.task == task).collect();
             if rs.is_empty() {
                 continue;

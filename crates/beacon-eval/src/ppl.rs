@@ -6,7 +6,7 @@
 //! the *same* tokens and only the amount of context differs. `context_tokens` is `L` (context + span).
 
 use crate::harness::{
-    self, bar, fmt_len, logit_rows, md_table, CommonArgs, ModeArgs, ModeSpec, Output,
+    self, bar, fmt_len, logit_rows, md_table, CommonArgs, EvalMode, ModeArgs, ModeSpec, Output,
 };
 use anyhow::{bail, Context, Result};
 use beacon::model::Model;
@@ -39,7 +39,7 @@ pub struct PplArgs {
 /// One perplexity measurement.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PplRecord {
-    pub mode: String,
+    pub mode: EvalMode,
     pub ratio: Option<String>,
     /// K/V tokens kept (truncate: tokens read; streaming: recent entries besides its 4 sink entries).
     pub keep: Option<usize>,
@@ -217,7 +217,7 @@ pub fn context_for<'a>(
     context: &'a [u32],
     scored: usize,
 ) -> &'a [u32] {
-    if spec.mode == "truncate" {
+    if spec.mode == EvalMode::Truncate {
         let keep = spec.keep.unwrap_or(native);
         let n = keep.saturating_sub(scored).min(context.len());
         &context[context.len() - n..]
@@ -232,7 +232,7 @@ pub fn context_for<'a>(
 /// `keep` entries and every scored token sees at least `keep − piece` tokens before it. Returns that
 /// keep, or None for a single read.
 pub fn rolling_keep(spec: &ModeSpec, scored: usize) -> Option<usize> {
-    if spec.mode != "truncate" {
+    if spec.mode != EvalMode::Truncate {
         return None;
     }
     let keep = spec.keep?;
@@ -392,7 +392,7 @@ pub fn run(args: &PplArgs, command: &str) -> Result<Vec<PplRecord>> {
                 let base = pb.position();
                 if let (true, Some(full)) = (same_as_full(spec, ev.native, len), &full_result) {
                     let mut r = full.clone();
-                    r.mode = spec.mode.clone();
+                    r.mode = spec.mode;
                     r.ratio = spec.ratio.clone();
                     r.keep = Some(spec.keep.unwrap_or(ev.native));
                     r.label = label;
@@ -452,7 +452,7 @@ pub fn run(args: &PplArgs, command: &str) -> Result<Vec<PplRecord>> {
                 let nll: f64 = per_token.iter().map(|&(_, l)| l).sum();
                 let n = per_token.len();
                 let rec = PplRecord {
-                    mode: spec.mode.clone(),
+                    mode: spec.mode,
                     ratio: spec.ratio.clone(),
                     keep: spec.keep_limit(ev.native),
                     label,
@@ -486,7 +486,7 @@ pub fn run(args: &PplArgs, command: &str) -> Result<Vec<PplRecord>> {
                         rec.seconds
                     ),
                 );
-                if spec.mode == "full" {
+                if spec.mode == EvalMode::Full {
                     full_result = Some(rec.clone());
                 }
                 records.push(rec);
@@ -683,7 +683,7 @@ pub fn plot_ratio(records: &[PplRecord], path: &std::path::Path) -> Result<()> {
     let native = records.iter().find_map(|r| r.native_window);
     let mut ratios: Vec<usize> = records
         .iter()
-        .filter(|r| r.mode == "beacon")
+        .filter(|r| r.mode == EvalMode::Beacon)
         .filter_map(|r| r.ratio.as_deref()?.parse().ok())
         .filter(|&r| r > 0)
         .collect();
@@ -869,12 +869,14 @@ mod tests {
         let specs = expand_modes(&args("beacon,truncate", "adapt")).unwrap();
         assert!(with_equal_memory(specs, Some(true), true).is_err());
         // the keep: truncate reads the budget, streaming keeps 4 sink + the rest
-        let s = crate::harness::ModeSpec::equal_memory("streaming", "8").with_memory(600);
+        let s = crate::harness::ModeSpec::equal_memory(crate::harness::EvalMode::Streaming, "8")
+            .with_memory(600);
         assert_eq!(
             (s.keep, s.label(8192).as_str()),
             (Some(596), "streaming@x8")
         );
-        let t = crate::harness::ModeSpec::equal_memory("truncate", "8").with_memory(600);
+        let t = crate::harness::ModeSpec::equal_memory(crate::harness::EvalMode::Truncate, "8")
+            .with_memory(600);
         assert_eq!(t.keep_limit(8192), Some(600));
         assert_eq!(t.memory_of().as_deref(), Some("beacon-x8"));
     }

@@ -4,7 +4,8 @@
 use beacon::session::{Session, Want};
 use beacon::{load, LoadOptions};
 use beacon_eval::cases::CaseRecord;
-use beacon_eval::harness::{CommonArgs, ModeArgs, ModeSpec};
+use beacon_eval::harness::{CommonArgs, EvalMode, ModeArgs, ModeSpec};
+use beacon_eval::needle::NeedleTask;
 use beacon_eval::ppl::{nll_of, score_span, score_span_rolling, PplRecord};
 use std::path::{Path, PathBuf};
 
@@ -206,7 +207,7 @@ fn needle_and_passkey_grid_on_tiny_model() {
         modes: modes("full,beacon", "4"),
         lengths: vec![512, 1024],
         depths: vec![0.0, 50.0, 100.0],
-        tasks: vec!["needle".into(), "passkey".into()],
+        tasks: vec![NeedleTask::Needle, NeedleTask::Passkey],
         samples: 1,
         haystack: Some(hay),
         max_new: 4,
@@ -278,7 +279,7 @@ fn ppl_window_only_and_equal_memory_on_tiny_model() {
                 Some(format!("beacon-x{r}").as_str())
             );
             assert_eq!((t.memory_entries, t.keep), (Some(entries), Some(entries)));
-            assert_eq!(t.mode, "truncate");
+            assert_eq!(t.mode, EvalMode::Truncate);
             if t.same_as.is_none() {
                 // each piece is read with the `entries` tokens ending with it: exactly that much K/V
                 assert_eq!(t.peak_kv_bytes, entries * bpe, "{len} x{r}");
@@ -342,7 +343,7 @@ fn needle_window_only_and_equal_memory_on_tiny_model() {
         modes: modes("full,window-only,truncate,beacon", "4"),
         lengths: vec![512],
         depths: vec![50.0],
-        tasks: vec!["needle".into()],
+        tasks: vec![NeedleTask::Needle],
         samples: 1,
         haystack: Some(hay),
         max_new: 4,
@@ -514,5 +515,5 @@ fn data_sets_load_when_present() {
         assert!(c.context.len() <= 4096 && c.context.len() > 3000);
         assert!(c.expected.iter().any(|a| ctx.contains(a.as_str())));
     }
-    let _ = ModeSpec::new("full", None, None);
+    let _ = ModeSpec::new(EvalMode::Full, None, None);
 }
