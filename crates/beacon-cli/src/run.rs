@@ -185,10 +185,7 @@ pub fn run(args: RunArgs) -> Result<()> {
         .unwrap_or_else(|_| ProgressStyle::default_bar())
         .progress_chars("=> "),
     );
-    let mut eos = tok.eos_ids();
-    eos.extend(model.cfg.eos_token_ids.iter().copied());
-    eos.sort_unstable();
-    eos.dedup();
+    let eos = loaded.stop_ids();
     let gen_opts = GenerateOptions {
         max_new_tokens: args.max_tokens,
         sampling: SamplingParams {

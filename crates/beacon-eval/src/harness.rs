@@ -543,16 +543,11 @@ impl Evaluator {
     }
 
     pub fn eos_ids(&self) -> Vec<u32> {
-        let mut e = self.loaded.model.cfg.eos_token_ids.clone();
-        if let Some(t) = &self.loaded.tokenizer {
-            e.extend(t.eos_ids());
-        }
+        let mut e = self.loaded.stop_ids();
         if self.loaded.tokenizer.is_none() {
             // Byte models: ids are bytes, and the configured eos is a control byte that plain text never holds.
             e.retain(|&i| i < 32);
         }
-        e.sort_unstable();
-        e.dedup();
         e
     }
 

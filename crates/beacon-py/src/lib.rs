@@ -33,16 +33,7 @@ impl Shared {
 
     /// End-of-sequence ids: the tokenizer's and the config's, as `beacon run` stops on.
     pub fn eos_ids(&self) -> Vec<u32> {
-        let mut eos = self
-            .loaded
-            .tokenizer
-            .as_ref()
-            .map(|t| t.eos_ids())
-            .unwrap_or_default();
-        eos.extend(self.loaded.model.cfg.eos_token_ids.iter().copied());
-        eos.sort_unstable();
-        eos.dedup();
-        eos
+        self.loaded.stop_ids()
     }
 }
 

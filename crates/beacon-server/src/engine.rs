@@ -203,10 +203,7 @@ impl Engine {
         settings: EngineSettings,
         metrics: Arc<Metrics>,
     ) -> anyhow::Result<Self> {
-        let mut eos_ids = tokenizer.eos_ids();
-        eos_ids.extend(model.cfg.eos_token_ids.iter().copied());
-        eos_ids.sort_unstable();
-        eos_ids.dedup();
+        let eos_ids = beacon::generate::stop_ids(&model.cfg.eos_token_ids, Some(&tokenizer));
         let mut cache = ConversationCache::new(settings.cache_bytes, &fingerprint);
         if let Some(dir) = &settings.persist_dir {
             let (loaded, skipped) = cache.restore_dir(dir)?;

@@ -8,6 +8,18 @@ use crate::model::Model;
 use crate::schedule::SplitMix64;
 use crate::session::{FeedOptions, Session, Want};
 use crate::tokenizer::Tokenizer;
+
+/// Ids that end a generation: the tokenizer's end-of-sequence / end-of-turn ids and the config's
+/// (`generation_config.json` merged in by the loader), sorted, once each.
+pub fn stop_ids(config_eos: &[u32], tokenizer: Option<&Tokenizer>) -> Vec<u32> {
+    let mut ids = config_eos.to_vec();
+    if let Some(t) = tokenizer {
+        ids.extend(t.eos_ids());
+    }
+    ids.sort_unstable();
+    ids.dedup();
+    ids
+}
 use candle_core::{DType, Tensor};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;

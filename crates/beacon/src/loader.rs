@@ -109,6 +109,13 @@ pub struct Loaded {
     pub plan: MemoryPlan,
 }
 
+impl Loaded {
+    /// Ids that end a generation ([`crate::generate::stop_ids`]), as every front end stops on.
+    pub fn stop_ids(&self) -> Vec<u32> {
+        crate::generate::stop_ids(&self.model.cfg.eos_token_ids, self.tokenizer.as_ref())
+    }
+}
+
 /// A named tensor source (safetensors files or a GGUF).
 trait Tensors {
     fn file(&self) -> String;
