@@ -321,20 +321,35 @@ pub fn run(args: &NeedleArgs, command: &str) -> Result<Vec<CaseRecord>> {
     );
     out.write(&ev, &records, &md, t_start.elapsed().as_secs_f64())?;
     if !args.common.no_plot {
-        for task in [NeedleTask::Needle, NeedleTask::Passkey].map(NeedleTask::name) {
-            let rs: Vec<&CaseRecord> = records.iter().filter(|r| r.task == task).collect();
-            if rs.is_empty() {
-                continue;
-            }
-            let suffix = if task == "needle" {
-                String::new()
-            } else {
-                format!("_{task}")
-            };
-            plot(&rs, &lengths, &depths, &out.png_path(&suffix), task)?;
-        }
+        plot_tasks(&records, |suffix| out.png_path(suffix))?;
     }
     Ok(records)
+}
+
+/// One heat-map file per task in `records` (`needle.png`, `needle_passkey.png`), over the lengths
+/// and depths the records hold; `png(suffix)` names the file. Used after a run and by `eval report`.
+pub fn plot_tasks(
+    records: &[CaseRecord],
+    png: impl Fn(&str) -> std::path::PathBuf,
+) -> Result<()> {
+    for task in [NeedleTask::Needle, NeedleTask::Passkey].map(NeedleTask::name) {
+        let rs: Vec<&CaseRecord> = records.iter().filter(|r| r.task == task).collect();
+        if rs.is_empty() {
+            continue;
+        }
+        let mut lengths: Vec<usize> = rs.iter().map(|r| r.context_tokens).collect();
+        lengths.sort_unstable();
+        lengths.dedup();
+        let mut depths: Vec<f64> = rs.iter().filter_map(|r| r.depth).collect();
+        depths.sort_by(|a, b| a.total_cmp(b));
+        depths.dedup();
+        let suffix = match task {
+            "needle" => String::new(),
+            _ => format!("_{task}"),
+        };
+        plot(&rs, &lengths, &depths, &png(&suffix), task)?;
+    }
+    Ok(())
 }
 
 /// Heat-maps, one panel per configuration.

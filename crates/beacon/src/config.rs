@@ -331,18 +331,9 @@ pub struct HfConfig {
     pub bos_token_id: Option<serde_json::Value>,
     pub eos_token_id: Option<serde_json::Value>,
     pub hidden_act: Option<String>,
-    // Beacon keys (SPEC §1.4); absent = default.
-    pub beacon_window: Option<usize>,
-    pub beacon_stride: Option<usize>,
-    pub beacon_attn: Option<String>,
-    pub beacon_ratio: Option<Vec<usize>>,
-    pub beacon_ratio_mix: Option<String>,
-    pub beacon_param: Option<Vec<String>>,
-    pub beacon_embed_init: Option<String>,
-    pub beacon_sink_size: Option<usize>,
-    pub beacon_attend_prev: Option<bool>,
-    pub beacon_pos: Option<String>,
-    pub beacon_parallel_window: Option<usize>,
+    /// The `beacon_*` keys (SPEC §1.4); absent = default.
+    #[serde(flatten)]
+    pub beacon: BeaconKeys,
 }
 
 fn default_rope_theta() -> f64 {
@@ -350,6 +341,21 @@ fn default_rope_theta() -> f64 {
 }
 fn default_max_pos() -> usize {
     4096
+}
+
+/// The end ids `generation_config.json` in `dir` lists (an int or a list; none when the file or
+/// the key is absent). The loader and the tokenizer both read them through here.
+pub fn generation_eos_ids(dir: &Path) -> Result<Vec<u32>> {
+    let path = dir.join("generation_config.json");
+    if !path.is_file() {
+        return Ok(vec![]);
+    }
+    let text = std::fs::read_to_string(&path).map_err(|e| BeaconError::io(&path, e))?;
+    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| BeaconError::Parse {
+        path: path.display().to_string(),
+        message: e.to_string(),
+    })?;
+    Ok(token_ids(&v.get("eos_token_id").cloned()))
 }
 
 /// Token ids in HF configs are an int, a list of ints, or null.
@@ -438,20 +444,7 @@ impl HfConfig {
 
     /// Beacon settings from the `beacon_*` keys, defaults as SPEC §1.4.
     pub fn beacon_config(&self, source: &str) -> Result<BeaconConfig> {
-        BeaconKeys {
-            beacon_window: self.beacon_window,
-            beacon_stride: self.beacon_stride,
-            beacon_attn: self.beacon_attn.clone(),
-            beacon_ratio: self.beacon_ratio.clone(),
-            beacon_ratio_mix: self.beacon_ratio_mix.clone(),
-            beacon_param: self.beacon_param.clone(),
-            beacon_embed_init: self.beacon_embed_init.clone(),
-            beacon_sink_size: self.beacon_sink_size,
-            beacon_attend_prev: self.beacon_attend_prev,
-            beacon_pos: self.beacon_pos.clone(),
-            beacon_parallel_window: self.beacon_parallel_window,
-        }
-        .resolve(BeaconConfig::default(), source)
+        self.beacon.clone().resolve(BeaconConfig::default(), source)
     }
 }
 

@@ -12,7 +12,6 @@ mod bf16;
 pub mod cli_args;
 pub mod config;
 pub mod context_file;
-mod cpu_attention;
 pub mod error;
 pub mod fetch;
 pub mod generate;

@@ -305,7 +305,7 @@ class Model:
         """
         prompt = self.tokenize(self.apply_chat_template(messages), special=True)
         s = self.session(mode, ratio, window, sink, keep=keep)
-        return s._generate_ids(
+        return s.generate(
             prompt,
             max_tokens=max_tokens,
             temperature=temperature,
@@ -408,40 +408,7 @@ class Session:
         or closed). ``dry``: the DRY repetition penalty with its chat settings.
         """
         ids = [] if prompt is None else self.model._tokens(prompt)
-        return self._generate_ids(
-            ids,
-            max_tokens=max_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            top_k=top_k,
-            stop=stop,
-            seed=seed,
-            stream=stream,
-            repeat_penalty=repeat_penalty,
-            frequency_penalty=frequency_penalty,
-            presence_penalty=presence_penalty,
-            dry=dry,
-            dry_multiplier=dry_multiplier,
-        )
-
-    def _generate_ids(
-        self,
-        ids: List[int],
-        *,
-        max_tokens: int,
-        temperature: float,
-        top_p: Optional[float],
-        top_k: Optional[int],
-        stop: Union[None, str, Sequence[str]],
-        seed: int,
-        stream: bool,
-        repeat_penalty: float = 1.0,
-        frequency_penalty: float = 0.0,
-        presence_penalty: float = 0.0,
-        dry: bool = False,
-        dry_multiplier: Optional[float] = None,
-    ) -> Union[str, Iterator[str]]:
-        out = self._native.generate(
+        return self._native.generate(
             ids,
             max_tokens=_count(max_tokens, "max_tokens", allow_none=False),
             temperature=_number(temperature, "temperature"),
@@ -456,7 +423,6 @@ class Session:
             dry_multiplier=None if dry_multiplier is None else _number(dry_multiplier, "dry_multiplier"),
             stream=bool(stream),
         )
-        return out
 
     def stats(self) -> Dict[str, Any]:
         """What the session cost, with the fields of ``beacon run --stats-json``: mode, ratio, window,

@@ -5,8 +5,9 @@
 use super::contexts::{rotate_by, PlainContext};
 use super::layout::Keep;
 use super::{Mode, Session, Want};
+use crate::attention::Mask;
 use crate::error::Result;
-use crate::model::{Chunk, Mask, Model};
+use crate::model::{Chunk, Model};
 use candle_core::Tensor;
 
 impl Session {

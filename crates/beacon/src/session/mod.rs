@@ -21,9 +21,10 @@ mod cache;
 mod contexts;
 pub mod layout;
 
+use crate::attention::Mask;
 use crate::config::{BeaconConfig, ModelConfig};
 use crate::error::{BeaconError, Result};
-use crate::model::{Chunk, Mask, Model};
+use crate::model::{Chunk, Model};
 use crate::schedule::RatioChooser;
 use cache::LayerCache;
 use candle_core::{DType, Device, Tensor};

@@ -154,16 +154,7 @@ impl Tokenizer {
             eos.insert(id);
         }
         // generation_config.json may list several end ids (e.g. Llama-3's <|eot_id|>).
-        let gen_path = dir.join("generation_config.json");
-        if let Some(gen) = read_json_if_exists(&gen_path)? {
-            match gen.get("eos_token_id") {
-                Some(serde_json::Value::Number(n)) => eos.extend(n.as_u64().map(|v| v as u32)),
-                Some(serde_json::Value::Array(a)) => {
-                    eos.extend(a.iter().filter_map(|v| v.as_u64()).map(|v| v as u32))
-                }
-                _ => {}
-            }
-        }
+        eos.extend(crate::config::generation_eos_ids(dir)?);
         for (id, added) in tok.get_added_tokens_decoder() {
             if added.special && EOG_TEXTS.contains(&added.content.as_str()) {
                 eos.insert(id);

@@ -10,51 +10,16 @@
 //!   `P = softmax(q kᵀ·scale + mask)`, `dV = Pᵀ dO`, `dP = dO Vᵀ`, `dS = P ∘ (dP − rowsum(dO ∘ O))`,
 //!   `dQ = dS K·scale`, `dK = dSᵀ Q·scale`, so its peak is `O(block × context)` per layer, transient.
 //!
-//! GQA: query head `h` reads kv head `h / g` (`g = heads / kv_heads`), as in [`crate::model`].
+//! GQA: query head `h` reads kv head `h / g` (`g = heads / kv_heads`), as everywhere in [`super`].
 //! f32 only (the trainer's compute dtype).
 
+use super::{block_rows, causal_mask, Mask, SCORE_BUDGET};
 use crate::error::{BeaconError, Result};
 use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Shape, Tensor};
 
-/// Which key columns each query row may see.
-#[derive(Clone)]
-pub enum AttnMask {
-    /// Row `r` of the `n` query rows sees columns `0..=ctx + r`, `ctx = T − n` (the chunk follows
-    /// its context).
-    Causal,
-    /// Additive `[n, T]` f32 mask (0 = visible, −inf = hidden); every column is considered.
-    Explicit(Tensor),
-}
-
-/// Query rows per block so one score-sized tensor stays within ~`budget` floats.
-pub fn block_rows(budget: usize, heads: usize, n: usize, t: usize) -> usize {
-    (budget / (heads * t).max(1)).clamp(1, n.max(1))
-}
-
-/// Floats per score-sized block tensor, for inference and training attention alike: attention
-/// memory is O(block × context), never O(context²).
-pub const SCORE_BUDGET: usize = 16 << 20;
-
-/// Additive causal mask `[nb, cols]` for query rows `start..start+nb` of a chunk after `ctx` entries.
-pub(crate) fn causal_mask(
-    ctx: usize,
-    start: usize,
-    nb: usize,
-    cols: usize,
-) -> candle_core::Result<Tensor> {
-    let mut m = vec![0f32; nb * cols];
-    for r in 0..nb {
-        let last_visible = ctx + start + r;
-        for c in (last_visible + 1)..cols {
-            m[r * cols + c] = f32::NEG_INFINITY;
-        }
-    }
-    Tensor::from_vec(m, (nb, cols), &Device::Cpu)
-}
-
 /// The fused attention op. `q [heads, n, d]`, `k`/`v [kv, T, d]` → `[heads, n, d]`, all f32.
 struct FusedAttention {
-    mask: AttnMask,
+    mask: Mask,
     scale: f64,
     /// Query rows per block.
     block: usize,
@@ -93,7 +58,7 @@ impl FusedAttention {
         nb: usize,
     ) -> candle_core::Result<(usize, Option<Tensor>)> {
         Ok(match &self.mask {
-            AttnMask::Causal => {
+            Mask::Causal => {
                 let ctx = dm.t - dm.n;
                 let cols = ctx + start + nb;
                 let m = if nb > 1 {
@@ -103,7 +68,7 @@ impl FusedAttention {
                 };
                 (cols, m)
             }
-            AttnMask::Explicit(m) => (dm.t, Some(m.narrow(0, start, nb)?)),
+            Mask::Explicit(m) => (dm.t, Some(m.narrow(0, start, nb)?)),
         })
     }
 
@@ -273,9 +238,9 @@ fn accumulate(acc: &mut [f32], x: &Tensor, t: usize, d: usize) -> candle_core::R
     Ok(())
 }
 
-/// Attention of `q [heads, n, d]` over `k`, `v` `[kv, T, d]` (T ≥ n; for [`AttnMask::Causal`] the
+/// Attention of `q [heads, n, d]` over `k`, `v` `[kv, T, d]` (T ≥ n; for [`Mask::Causal`] the
 /// last n columns are the query rows themselves) → `[heads, n, d]`, f32, differentiable in q, k, v.
-pub fn fused_attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: AttnMask) -> Result<Tensor> {
+pub fn fused_attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Mask) -> Result<Tensor> {
     let (heads, n, _) = q.dims3()?;
     let t = k.dim(1)?;
     fused_attention_blocked(q, k, v, mask, block_rows(SCORE_BUDGET, heads, n, t))
@@ -286,7 +251,7 @@ pub fn fused_attention_blocked(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
-    mask: AttnMask,
+    mask: Mask,
     block: usize,
 ) -> Result<Tensor> {
     for x in [q, k, v] {
@@ -300,15 +265,15 @@ pub fn fused_attention_blocked(
     let (_, n, d) = q.dims3()?;
     let t = k.dim(1)?;
     let mask = match mask {
-        AttnMask::Causal => AttnMask::Causal,
-        AttnMask::Explicit(m) => {
+        Mask::Causal => Mask::Causal,
+        Mask::Explicit(m) => {
             if m.dims2()? != (n, t) {
                 return Err(BeaconError::invalid(format!(
                     "fused-attention: mask {:?}, want [{n}, {t}]",
                     m.shape()
                 )));
             }
-            AttnMask::Explicit(m.detach().to_dtype(DType::F32)?.contiguous()?)
+            Mask::Explicit(m.detach().to_dtype(DType::F32)?.contiguous()?)
         }
     };
     let op = FusedAttention {
@@ -320,10 +285,33 @@ pub fn fused_attention_blocked(
         .apply_op3(&k.contiguous()?, &v.contiguous()?, op)?)
 }
 
+/// Differentiable attention over the segments, concatenated (`Tensor::cat` carries the gradient
+/// back to each segment), through the fused op. q `[heads, n, d]` → `[n, heads*d]`.
+pub(super) fn attend_fused(
+    q: &Tensor,
+    segments: &[(Tensor, Tensor)],
+    mask: &Mask,
+) -> Result<Tensor> {
+    let (heads, n, d) = q.dims3()?;
+    let used: Vec<&(Tensor, Tensor)> = segments
+        .iter()
+        .filter(|(k, _)| k.dim(1).map_or(true, |l| l > 0))
+        .collect();
+    let (k, v) = if used.len() == 1 {
+        (used[0].0.clone(), used[0].1.clone())
+    } else {
+        let ks: Vec<&Tensor> = used.iter().map(|(k, _)| k).collect();
+        let vs: Vec<&Tensor> = used.iter().map(|(_, v)| v).collect();
+        (Tensor::cat(&ks, 1)?, Tensor::cat(&vs, 1)?)
+    };
+    let o = fused_attention(q, &k, &v, mask.clone())?; // [heads, n, d]
+    Ok(o.transpose(0, 1)?.reshape((n, heads * d))?)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{attend_composed, attend_fused, Mask};
+    use crate::attention::composed::attend_composed;
     use candle_core::Var;
 
     use crate::testing::{max_rel_diff as rel, random_tensor as rand_tensor};
@@ -399,8 +387,8 @@ mod tests {
                 let k = Tensor::cat(&s.iter().map(|(k, _)| k).collect::<Vec<_>>(), 1).unwrap();
                 let v = Tensor::cat(&s.iter().map(|(_, v)| v).collect::<Vec<_>>(), 1).unwrap();
                 let m = match &mask_t {
-                    Some(m) => AttnMask::Explicit(m.clone()),
-                    None => AttnMask::Causal,
+                    Some(m) => Mask::Explicit(m.clone()),
+                    None => Mask::Causal,
                 };
                 let o = fused_attention_blocked(q, &k, &v, m, block).unwrap();
                 o.transpose(0, 1).unwrap().reshape((n, heads * d)).unwrap()
