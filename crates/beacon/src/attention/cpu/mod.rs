@@ -10,8 +10,8 @@
 //!
 //! Only the f32, graph-free path comes here (queries in f32; cached K/V in f32 or f16: dot-product
 //! tasks widen f16 in registers as they read it, GEMM calls widen each f16 segment to f32 once);
-//! anything else (bf16, training) keeps the composed or the fused differentiable attention in
-//! [`crate::model`] / [`crate::attention`].
+//! anything else (bf16, training) takes the composed or the fused differentiable attention
+//! ([`super::composed`], [`super::fused`]).
 //!
 //! The kernel's parts: [`views`] borrows the tensors' storage as per-head slices, [`task`] runs
 //! one (kv head, block of query rows, column part) — GEMM tiles for prefill-sized blocks, dot
