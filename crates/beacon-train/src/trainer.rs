@@ -534,6 +534,7 @@ pub static STOP: AtomicBool = AtomicBool::new(false);
 extern "C" fn on_signal(_sig: libc::c_int) {
     if STOP.swap(true, Ordering::SeqCst) {
         // Second signal: leave at once (the last checkpoint is intact by construction).
+        // SAFETY: `_exit` is async-signal-safe and takes no pointers.
         unsafe { libc::_exit(130) };
     }
 }
