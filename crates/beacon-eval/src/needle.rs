@@ -328,10 +328,7 @@ pub fn run(args: &NeedleArgs, command: &str) -> Result<Vec<CaseRecord>> {
 
 /// One heat-map file per task in `records` (`needle.png`, `needle_passkey.png`), over the lengths
 /// and depths the records hold; `png(suffix)` names the file. Used after a run and by `eval report`.
-pub fn plot_tasks(
-    records: &[CaseRecord],
-    png: impl Fn(&str) -> std::path::PathBuf,
-) -> Result<()> {
+pub fn plot_tasks(records: &[CaseRecord], png: impl Fn(&str) -> std::path::PathBuf) -> Result<()> {
     for task in [NeedleTask::Needle, NeedleTask::Passkey].map(NeedleTask::name) {
         let rs: Vec<&CaseRecord> = records.iter().filter(|r| r.task == task).collect();
         if rs.is_empty() {

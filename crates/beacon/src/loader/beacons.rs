@@ -1,12 +1,12 @@
 //! Beacon parameters: read under their released names (from a checkpoint or a
 //! `beacon.safetensors`), initialised from the backbone (SPEC §1.3), found beside a model, saved.
 
-use super::safetensors::SafeFiles;
-use super::source::{beacon_proj_name, BEACON_EMBED};
+use super::safetensors::{SafeFiles, SafeSource};
+use super::source::{beacon_proj_name, linear, BEACON_EMBED};
 use super::{BeaconSource, LoadOptions};
 use crate::config::{BeaconConfig, BeaconKeys, BeaconParams, ModelConfig};
 use crate::error::{BeaconError, Result};
-use crate::model::{Backbone, BeaconProjections, Beacons, Embedding, Layer, Linear, Model, Weight};
+use crate::model::{Backbone, BeaconProjections, Beacons, Embedding, Layer, Model, Weight};
 use candle_core::{DType, Tensor};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -53,20 +53,16 @@ pub(super) fn read(
 ) -> Result<Beacons> {
     let (h, q, kv) = (cfg.hidden_size, cfg.q_dim(), cfg.kv_dim());
     let embed = st.tensor(BEACON_EMBED, EMBED_DTYPE, &[1, h])?;
+    // The backbone's own reader: matrices in `matrix_dtype`, biases f32, shapes checked.
+    let mut src = SafeSource {
+        files: st,
+        matrix_dtype,
+    };
     let mut layers = Vec::with_capacity(cfg.num_layers);
     for i in 0..cfg.num_layers {
-        let get = |want: bool, which: &str, out: usize, inp: usize, bias: bool| {
-            if !want {
-                return Ok(None);
-            }
-            let p = beacon_proj_name(i, which);
-            let weight =
-                Weight::Dense(st.tensor(&format!("{p}.weight"), matrix_dtype, &[out, inp])?);
-            let bias = match bias {
-                true => Some(st.tensor(&format!("{p}.bias"), DType::F32, &[out])?),
-                false => None,
-            };
-            Ok::<_, BeaconError>(Some(Linear { weight, bias }))
+        let mut get = |want: bool, which: &str, out: usize, inp: usize, bias: bool| {
+            want.then(|| linear(&mut src, &beacon_proj_name(i, which), out, inp, bias))
+                .transpose()
         };
         layers.push(BeaconProjections {
             q: get(params.q, "q", q, h, cfg.qkv_bias)?,
