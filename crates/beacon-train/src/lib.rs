@@ -270,9 +270,16 @@ pub fn run(args: TrainArgs) -> Result<()> {
     };
     beacon::loader::init_beacons(&mut model, &init_cfg)?;
     if let Some(file) = &args.init_beacons {
-        beacon::loader::load_beacon_weights(&mut model, file, params)
+        let kept = beacon::loader::load_beacon_weights(&mut model, file, params)
             .with_context(|| format!("--init-beacons {}", file.display()))?;
         eprintln!("beacon parameters initialised from {}", file.display());
+        if !kept.is_empty() {
+            eprintln!(
+                "  {} has no beacon_{{{}}}_proj: those start as copies of the backbone's (SPEC §1.3)",
+                file.display(),
+                kept.join(",")
+            );
+        }
     }
 
     std::fs::create_dir_all(&args.out)?;

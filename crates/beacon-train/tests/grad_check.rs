@@ -9,6 +9,7 @@
 
 mod common;
 
+use beacon::config::BeaconParams;
 use beacon::schedule::RatioChooser;
 use beacon::session::{position_budget, FeedOptions, Mode, Session, Want};
 use beacon::testing::{max_abs, max_rel_diff};
@@ -37,11 +38,70 @@ fn setup(
     (tm, cfg)
 }
 
+/// The fixture's q,k,v beacons plus a `beacon_o_proj`, added the way `beacon train --init-beacons
+/// FILE --beacon-param q,k,v,o` adds it: initialise all four from the backbone, then read the
+/// projections the file holds. Checks that the file's q,k,v arrive unchanged and o is the copy.
+fn setup_with_o(
+    model_dir: &str,
+    ratios: Vec<usize>,
+    sink: usize,
+) -> (TrainableModel, BeaconConfig) {
+    let dir = common::fixture_root().join(model_dir);
+    let loaded = common::load_model(&dir);
+    let params = BeaconParams {
+        o: true,
+        ..loaded.beacon.params
+    };
+    assert!(
+        params.q && params.k && params.v,
+        "fixture has q,k,v beacons"
+    );
+    let cfg = BeaconConfig {
+        ratios,
+        sink_size: sink,
+        params,
+        ..loaded.beacon.clone()
+    };
+    let mut model = loaded.model.clone();
+    beacon::loader::init_beacons(&mut model, &cfg).unwrap();
+    let kept =
+        beacon::loader::load_beacon_weights(&mut model, &dir.join("model.safetensors"), params)
+            .unwrap();
+    assert_eq!(kept, vec!["o"]);
+    for (i, (got, file)) in model.layers.iter().zip(&loaded.model.layers).enumerate() {
+        let dense =
+            |l: &Option<beacon::model::Linear>| l.as_ref().unwrap().weight.to_dense().unwrap();
+        for (which, g, f) in [
+            ("q", &got.beacon.q, &file.beacon.q),
+            ("k", &got.beacon.k, &file.beacon.k),
+            ("v", &got.beacon.v, &file.beacon.v),
+        ] {
+            let d = max_abs(&(dense(g) - dense(f)).unwrap());
+            assert!(
+                d == 0.0,
+                "layer {i} beacon_{which}: differs from the file by {d}"
+            );
+        }
+        let o = dense(&got.beacon.o);
+        let d = max_abs(&(o - got.attn.o_proj.weight.to_dense().unwrap()).unwrap());
+        assert!(d == 0.0, "layer {i} beacon_o: not a copy of o_proj ({d})");
+    }
+    let tm = make_trainable(model, params, None, 3).unwrap();
+    (tm, cfg)
+}
+
 #[test]
 fn recomputation_equals_whole_sample_graph() {
     for (model_dir, sink) in [("qwen2-tiny", 1), ("llama-tiny", 0)] {
-        recomputation_case(model_dir, sink, None);
+        recomputation_case(model_dir, sink, None, false);
     }
+}
+
+/// The same with separate beacon output projections (`beacon_param` q,k,v,o, the official default),
+/// added to the fixture's q,k,v file as a warm start does.
+#[test]
+fn recomputation_with_o_projection() {
+    recomputation_case("llama-tiny", 1, None, true);
 }
 
 /// Per-label weights (token weighting, answer-only recall loss) flow through the recomputation the
@@ -50,12 +110,19 @@ fn recomputation_equals_whole_sample_graph() {
 fn weighted_recomputation_equals_whole_sample_graph() {
     let weights: Vec<f32> = (0..150).map(|i| ((i * 7) % 13) as f32 / 4.0).collect();
     assert!(weights.contains(&0.0));
-    recomputation_case("qwen2-tiny", 1, Some(weights));
+    recomputation_case("qwen2-tiny", 1, Some(weights), false);
 }
 
-fn recomputation_case(model_dir: &str, sink: usize, weights: Option<Vec<f32>>) {
+fn recomputation_case(model_dir: &str, sink: usize, weights: Option<Vec<f32>>, with_o: bool) {
     {
-        let (tm, cfg) = setup(model_dir, vec![4], sink, None);
+        let (tm, cfg) = if with_o {
+            setup_with_o(model_dir, vec![4], sink)
+        } else {
+            setup(model_dir, vec![4], sink, None)
+        };
+        if with_o {
+            assert!(tm.params.iter().any(|p| p.name.contains("beacon_o_proj")));
+        }
         let tokens = common::random_tokens(150, tm.plain.cfg.vocab_size, 11);
         let mut chooser = RatioChooser::new(&cfg, position_budget(&tm.plain.cfg));
         let windows = plan_windows(&cfg, &mut chooser, tokens.len());
@@ -156,8 +223,12 @@ fn loss_at(p: &Problem, var: &Var, base: &Tensor, dir: &Tensor, h: f64) -> f64 {
     l
 }
 
-fn check_fd(model_dir: &str, rank: Option<usize>, objective_note: &str) {
-    let (tm, cfg) = setup(model_dir, vec![2, 4, 8], 1, rank);
+fn check_fd(model_dir: &str, rank: Option<usize>, with_o: bool, objective_note: &str) {
+    let (tm, cfg) = if with_o {
+        setup_with_o(model_dir, vec![2, 4, 8], 1)
+    } else {
+        setup(model_dir, vec![2, 4, 8], 1, rank)
+    };
     let tokens = common::random_tokens(96, tm.plain.cfg.vocab_size, 5);
     let mut chooser = RatioChooser::new(&cfg, position_budget(&tm.plain.cfg));
     let windows = plan_windows(&cfg, &mut chooser, tokens.len());
@@ -218,10 +289,15 @@ fn check_fd(model_dir: &str, rank: Option<usize>, objective_note: &str) {
 
 #[test]
 fn finite_differences_full_rank() {
-    check_fd("qwen2-tiny", None, "full");
+    check_fd("qwen2-tiny", None, false, "full");
+}
+
+#[test]
+fn finite_differences_with_o_projection() {
+    check_fd("qwen2-tiny", None, true, "qkvo");
 }
 
 #[test]
 fn finite_differences_low_rank() {
-    check_fd("llama-tiny", Some(4), "rank4");
+    check_fd("llama-tiny", Some(4), false, "rank4");
 }

@@ -162,11 +162,49 @@ fn matrix_dtype_of(model: &Model) -> DType {
 }
 
 /// Replace a model's beacon parameters with those of a `beacon.safetensors` (released names), e.g. to
-/// warm-start training from shipped weights. `params` says which projections the file must hold.
-pub fn load_beacon_weights(model: &mut Model, path: &Path, params: BeaconParams) -> Result<()> {
+/// warm-start training from shipped weights. Every projection in `params` that the file holds (in
+/// layer 0; then in every layer, checked) is read; one the file lacks altogether keeps the model's
+/// current value, so a warm start can add a projection (say `o` to a q,k,v file) at its
+/// initialisation. Returns the names of the projections kept that way.
+pub fn load_beacon_weights(
+    model: &mut Model,
+    path: &Path,
+    params: BeaconParams,
+) -> Result<Vec<&'static str>> {
     let st = SafeFiles::open(&[path.to_path_buf()])?;
-    let b = read(&st, &model.cfg, params, matrix_dtype_of(model))?;
-    model.set_beacons(b)
+    let in_file = |which: &str| st.contains(&format!("{}.weight", beacon_proj_name(0, which)));
+    let present = BeaconParams {
+        q: params.q && in_file("q"),
+        k: params.k && in_file("k"),
+        v: params.v && in_file("v"),
+        o: params.o && in_file("o"),
+    };
+    let kept: Vec<&'static str> = [
+        (params.q, present.q, "q"),
+        (params.k, present.k, "k"),
+        (params.v, present.v, "v"),
+        (params.o, present.o, "o"),
+    ]
+    .into_iter()
+    .filter(|&(want, have, _)| want && !have)
+    .map(|(_, _, n)| n)
+    .collect();
+    let mut b = read(&st, &model.cfg, present, matrix_dtype_of(model))?;
+    for (read_layer, current) in b.layers.iter_mut().zip(&model.layers) {
+        let c = &current.beacon;
+        for (slot, cur, want) in [
+            (&mut read_layer.q, &c.q, params.q),
+            (&mut read_layer.k, &c.k, params.k),
+            (&mut read_layer.v, &c.v, params.v),
+            (&mut read_layer.o, &c.o, params.o),
+        ] {
+            if want && slot.is_none() {
+                slot.clone_from(cur);
+            }
+        }
+    }
+    model.set_beacons(b)?;
+    Ok(kept)
 }
 
 /// Reset a model's beacon parameters to their initialisation from the backbone (SPEC §1.3).
