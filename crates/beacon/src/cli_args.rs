@@ -19,7 +19,8 @@ pub struct ModelArgs {
     /// Beacon weights (`beacon.safetensors`). Default: beside the model, or the ones shipped for the default model.
     #[arg(long = "beacon")]
     pub beacon_weights: Option<PathBuf>,
-    /// Beacon settings (`beacon_config.json`). Default: beside the model, or the shipped ones.
+    /// Beacon settings (`beacon_config.json`). Default: the one beside the `--beacon` file, else beside
+    /// the model, else the shipped ones.
     #[arg(long)]
     pub beacon_config: Option<PathBuf>,
     /// Ignore trained beacon weights; initialise them from the backbone (SPEC §1.3).

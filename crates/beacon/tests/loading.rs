@@ -169,6 +169,66 @@ fn separate_beacon_file_equals_checkpoint() {
     );
 }
 
+/// A beacon file holding `beacon_o_proj` (a `--beacon-param q,k,v,o` export) is read with the
+/// `beacon_config.json` beside it; read under settings that omit o it is refused, not half-used.
+#[test]
+fn beacon_file_with_o_uses_its_settings() {
+    let d = copy_model("qwen2-tiny");
+    let all =
+        candle_core::safetensors::load(d.path.join("model.safetensors"), &Device::Cpu).unwrap();
+    let n_layers = all
+        .keys()
+        .filter(|k| k.ends_with("self_attn.o_proj.weight"))
+        .count();
+    let (mut beacon, backbone): (HashMap<_, _>, HashMap<_, _>) =
+        all.into_iter().partition(|(k, _)| k.contains("beacon"));
+    for i in 0..n_layers {
+        let o = &backbone[&format!("model.layers.{i}.self_attn.o_proj.weight")];
+        beacon.insert(
+            format!("model.layers.{i}.self_attn.beacon_o_proj.weight"),
+            (o * 1.5).unwrap(),
+        );
+    }
+    candle_core::safetensors::save(&backbone, d.path.join("model.safetensors")).unwrap();
+    let w = tempdir::Dir::new("qkvo-export");
+    let file = w.path.join("beacon.safetensors");
+    candle_core::safetensors::save(&beacon, &file).unwrap();
+    let opts = LoadOptions {
+        beacon_weights: Some(file.clone()),
+        ..Default::default()
+    };
+
+    // The model's own settings say q,k,v: the file's o would be dropped, so it is an error.
+    let err = match load(&d.path, &opts) {
+        Ok(_) => panic!("a q,k,v,o file read with q,k,v settings must be refused"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        err.contains("beacon_o_proj") && err.contains("--beacon-config"),
+        "{err}"
+    );
+
+    // With the export's settings beside it, o is read and used.
+    std::fs::write(
+        w.path.join("beacon_config.json"),
+        r#"{"beacon_param": ["q", "k", "v", "o"]}"#,
+    )
+    .unwrap();
+    let l = load(&d.path, &opts).unwrap();
+    assert!(l.beacon.params.o);
+    let layer = &l.model.layers[0];
+    let got = layer.beacon.o.as_ref().unwrap().weight.to_dense().unwrap();
+    let want = (layer.attn.o_proj.weight.to_dense().unwrap() * 1.5).unwrap();
+    assert!(max_abs_diff(&got, &want) < 1e-6);
+    // ... and changes the output against the same q,k,v without it.
+    assert!(
+        max_abs_diff(
+            &logits(&tiny("qwen2-tiny"), &LoadOptions::default()),
+            &logits(&d.path, &opts)
+        ) > 1e-3
+    );
+}
+
 #[test]
 fn init_copies_backbone_and_eos_embedding() {
     let l = load(

@@ -34,13 +34,26 @@ impl BeaconFiles {
     pub(super) fn find(opts: &LoadOptions, configs: &[PathBuf], weights: &[PathBuf]) -> Self {
         let first = |c: &[PathBuf]| c.iter().find(|p| p.exists()).cloned();
         BeaconFiles {
-            config: opts.beacon_config.clone().or_else(|| first(configs)),
+            config: opts
+                .beacon_config
+                .clone()
+                .or_else(|| config_beside_weights(opts))
+                .or_else(|| first(configs)),
             weights: match opts.untrained_beacons {
                 true => None,
                 false => opts.beacon_weights.clone().or_else(|| first(weights)),
             },
         }
     }
+}
+
+/// The `beacon_config.json` beside a weights file given by flag (`--beacon runs/x/beacon.safetensors`):
+/// a trainer's export writes the two together, and its `beacon_param` says which projections the
+/// weights hold.
+pub(super) fn config_beside_weights(opts: &LoadOptions) -> Option<PathBuf> {
+    let w = opts.beacon_weights.as_ref()?;
+    let c = w.parent()?.join("beacon_config.json");
+    c.exists().then_some(c)
 }
 
 /// `model.beacon_embed_tokens.weight` and `model.layers.{i}.self_attn.beacon_{q,k,v,o}_proj.*`,
@@ -52,6 +65,28 @@ pub(super) fn read(
     matrix_dtype: DType,
 ) -> Result<Beacons> {
     let (h, q, kv) = (cfg.hidden_size, cfg.q_dim(), cfg.kv_dim());
+    // Trained projections the settings do not list would be silently replaced by the backbone's
+    // (a q,k,v,o file read with q,k,v settings): refuse, naming both.
+    for (listed, which) in [
+        (params.q, "q"),
+        (params.k, "k"),
+        (params.v, "v"),
+        (params.o, "o"),
+    ] {
+        let name = format!("{}.weight", beacon_proj_name(0, which));
+        if !listed && st.contains(&name) {
+            return Err(BeaconError::config(
+                &st.label(),
+                "beacon_param",
+                &format!(
+                    "{} (the beacon settings in use); the file also holds `{name}`: use the \
+                     beacon_config.json that came with it (--beacon-config)",
+                    params.names().join(",")
+                ),
+                &format!("beacon_{which}_proj"),
+            ));
+        }
+    }
     let embed = st.tensor(BEACON_EMBED, EMBED_DTYPE, &[1, h])?;
     // The backbone's own reader: matrices in `matrix_dtype`, biases f32, shapes checked.
     let mut src = SafeSource {

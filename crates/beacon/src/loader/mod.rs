@@ -144,7 +144,10 @@ pub fn load_model(model: Option<&Path>, opts: &LoadOptions) -> Result<Loaded> {
             let path = crate::fetch::default_model_path()?;
             let mut opts = opts.clone();
             let shipped = shipped_default_beacons();
-            if opts.beacon_config.is_none() && shipped.join("beacon_config.json").exists() {
+            if opts.beacon_config.is_none()
+                && beacons::config_beside_weights(&opts).is_none()
+                && shipped.join("beacon_config.json").exists()
+            {
                 opts.beacon_config = Some(shipped.join("beacon_config.json"));
             }
             if opts.beacon_weights.is_none()
