@@ -273,11 +273,11 @@ pub fn run(args: TrainArgs) -> Result<()> {
         let kept = beacon::loader::load_beacon_weights(&mut model, file, params)
             .with_context(|| format!("--init-beacons {}", file.display()))?;
         eprintln!("beacon parameters initialised from {}", file.display());
-        if !kept.is_empty() {
+        if kept != BeaconParams::default() {
             eprintln!(
                 "  {} has no beacon_{{{}}}_proj: those start as copies of the backbone's (SPEC §1.3)",
                 file.display(),
-                kept.join(",")
+                kept.names().join(",")
             );
         }
     }

@@ -160,14 +160,25 @@ impl BeaconParams {
         }
         Ok(p)
     }
-    pub fn names(&self) -> Vec<String> {
-        let mut v = Vec::new();
-        for (on, n) in [(self.q, "q"), (self.k, "k"), (self.v, "v"), (self.o, "o")] {
-            if on {
-                v.push(n.to_string());
-            }
+    /// `(name, on)` for q, k, v, o, in that order.
+    pub fn each(&self) -> [(&'static str, bool); 4] {
+        [("q", self.q), ("k", self.k), ("v", self.v), ("o", self.o)]
+    }
+    /// The projections of `self` for which `keep(name)` holds.
+    pub fn filter(&self, keep: impl Fn(&str) -> bool) -> Self {
+        BeaconParams {
+            q: self.q && keep("q"),
+            k: self.k && keep("k"),
+            v: self.v && keep("v"),
+            o: self.o && keep("o"),
         }
-        v
+    }
+    pub fn names(&self) -> Vec<String> {
+        self.each()
+            .into_iter()
+            .filter(|&(_, on)| on)
+            .map(|(n, _)| n.to_string())
+            .collect()
     }
 }
 

@@ -56,6 +56,11 @@ pub(super) fn config_beside_weights(opts: &LoadOptions) -> Option<PathBuf> {
     c.exists().then_some(c)
 }
 
+/// Whether the file holds beacon projection `which` (judged by layer 0; `read` checks every layer).
+fn holds_projection(st: &SafeFiles, which: &str) -> bool {
+    st.contains(&format!("{}.weight", beacon_proj_name(0, which)))
+}
+
 /// `model.beacon_embed_tokens.weight` and `model.layers.{i}.self_attn.beacon_{q,k,v,o}_proj.*`,
 /// the projections in `params` (matrices in `matrix_dtype`, like the backbone's dense ones).
 pub(super) fn read(
@@ -67,21 +72,16 @@ pub(super) fn read(
     let (h, q, kv) = (cfg.hidden_size, cfg.q_dim(), cfg.kv_dim());
     // Trained projections the settings do not list would be silently replaced by the backbone's
     // (a q,k,v,o file read with q,k,v settings): refuse, naming both.
-    for (listed, which) in [
-        (params.q, "q"),
-        (params.k, "k"),
-        (params.v, "v"),
-        (params.o, "o"),
-    ] {
-        let name = format!("{}.weight", beacon_proj_name(0, which));
-        if !listed && st.contains(&name) {
+    for (which, listed) in params.each() {
+        if !listed && holds_projection(st, which) {
             return Err(BeaconError::config(
                 &st.label(),
                 "beacon_param",
                 &format!(
-                    "{} (the beacon settings in use); the file also holds `{name}`: use the \
+                    "{} (the beacon settings in use); the file also holds `{}.weight`: use the \
                      beacon_config.json that came with it (--beacon-config)",
-                    params.names().join(",")
+                    params.names().join(","),
+                    beacon_proj_name(0, which)
                 ),
                 &format!("beacon_{which}_proj"),
             ));
@@ -200,40 +200,25 @@ fn matrix_dtype_of(model: &Model) -> DType {
 /// warm-start training from shipped weights. Every projection in `params` that the file holds (in
 /// layer 0; then in every layer, checked) is read; one the file lacks altogether keeps the model's
 /// current value, so a warm start can add a projection (say `o` to a q,k,v file) at its
-/// initialisation. Returns the names of the projections kept that way.
+/// initialisation. Returns the projections kept that way.
 pub fn load_beacon_weights(
     model: &mut Model,
     path: &Path,
     params: BeaconParams,
-) -> Result<Vec<&'static str>> {
+) -> Result<BeaconParams> {
     let st = SafeFiles::open(&[path.to_path_buf()])?;
-    let in_file = |which: &str| st.contains(&format!("{}.weight", beacon_proj_name(0, which)));
-    let present = BeaconParams {
-        q: params.q && in_file("q"),
-        k: params.k && in_file("k"),
-        v: params.v && in_file("v"),
-        o: params.o && in_file("o"),
-    };
-    let kept: Vec<&'static str> = [
-        (params.q, present.q, "q"),
-        (params.k, present.k, "k"),
-        (params.v, present.v, "v"),
-        (params.o, present.o, "o"),
-    ]
-    .into_iter()
-    .filter(|&(want, have, _)| want && !have)
-    .map(|(_, _, n)| n)
-    .collect();
+    let present = params.filter(|which| holds_projection(&st, which));
+    let kept = params.filter(|which| !holds_projection(&st, which));
     let mut b = read(&st, &model.cfg, present, matrix_dtype_of(model))?;
     for (read_layer, current) in b.layers.iter_mut().zip(&model.layers) {
         let c = &current.beacon;
-        for (slot, cur, want) in [
-            (&mut read_layer.q, &c.q, params.q),
-            (&mut read_layer.k, &c.k, params.k),
-            (&mut read_layer.v, &c.v, params.v),
-            (&mut read_layer.o, &c.o, params.o),
+        for (slot, cur, keep) in [
+            (&mut read_layer.q, &c.q, kept.q),
+            (&mut read_layer.k, &c.k, kept.k),
+            (&mut read_layer.v, &c.v, kept.v),
+            (&mut read_layer.o, &c.o, kept.o),
         ] {
-            if want && slot.is_none() {
+            if keep {
                 slot.clone_from(cur);
             }
         }
