@@ -16,6 +16,7 @@ pub mod optim;
 pub mod params;
 pub mod plot;
 pub mod recall;
+pub mod score;
 pub mod targets;
 pub mod trainer;
 
@@ -132,6 +133,25 @@ pub struct TrainArgs {
     pub checkpoint_minutes: f64,
     #[arg(long, default_value_t = 2)]
     pub keep_checkpoints: usize,
+    /// Score the weights every N updates (and before the first): perplexity of the last
+    /// --score-tail tokens of held-out spans read at --score-ratio, as `beacon eval ppl` measures;
+    /// the best-scoring weights are exported to <out>/best/ (0 = never).
+    #[arg(long, default_value_t = 0)]
+    pub score_every: u64,
+    /// The fixed compression ratio of the score.
+    #[arg(long, default_value_t = 8)]
+    pub score_ratio: usize,
+    /// Tokens per scored span (read, then the last --score-tail scored).
+    #[arg(long, default_value_t = 4096)]
+    pub score_len: usize,
+    #[arg(long, default_value_t = 1024)]
+    pub score_tail: usize,
+    /// Held-out documents the score reads (by default not the books the evaluation reports on).
+    #[arg(long, value_delimiter = ',', default_values = score::DEFAULT_SCORE_DOCS)]
+    pub score_docs: Vec<String>,
+    /// Spans per scored document.
+    #[arg(long, default_value_t = 1)]
+    pub score_spans: usize,
     /// Limit the number of training documents (quick runs).
     #[arg(long)]
     pub max_docs: Option<usize>,
@@ -317,6 +337,21 @@ pub fn run(args: TrainArgs) -> Result<()> {
     drop(encode);
     let eos = model.cfg.eos_token_ids.first().copied();
     let packed = data::Packed::new(&train, args.seq_len, eos)?;
+    let score_set = if args.score_every > 0 {
+        Some(score::ScoreSet::from_split(
+            &held,
+            &args.score_docs,
+            args.score_spans,
+            score::ScoreSpec {
+                every: args.score_every,
+                ratio: args.score_ratio,
+                len: args.score_len,
+                tail: args.score_tail,
+            },
+        )?)
+    } else {
+        None
+    };
     let held_packed = data::Packed::new(&held, args.seq_len, eos)?;
     let heldout: Vec<Vec<u32>> = held_packed
         .spread(args.eval_samples)
@@ -359,6 +394,8 @@ pub fn run(args: TrainArgs) -> Result<()> {
         );
     }
     let mut trainer = Trainer::new(model, cfg.clone(), settings, packed, heldout, &args.out)?;
+    trainer.score = score_set;
+    trainer.export_dtype = export_dtype(&args.export_dtype)?;
     if args.objective == Objective::DistillCached
         || args.token_weights != trainer::TokenWeights::None
     {
@@ -425,7 +462,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
             c.dir.display()
         );
     }
-    trainer.export(&args.out, export_dtype(&args.export_dtype)?)?;
+    trainer.export(&args.out, trainer.export_dtype)?;
     eprintln!(
         "exported {} and {}",
         args.out.join("beacon.safetensors").display(),

@@ -8,6 +8,7 @@ use crate::objective::{self, Models, Objective, WindowPlan};
 use crate::optim::{clip_grad_norm, AdamW, AdamWConfig, Decay, Schedule};
 use crate::params::{make_trainable, TrainableModel};
 use crate::recall::{RecallMix, Sample};
+use crate::score::{self, ScoreMetrics, ScoreSet};
 use crate::targets::{self, TargetCache};
 use anyhow::{bail, Context, Result};
 use beacon::config::{BeaconConfig, BeaconKeys, BeaconParams, RatioMix};
@@ -155,6 +156,10 @@ pub struct Trainer {
     pub recall: Option<RecallMix>,
     /// Cached backbone targets, when the objective or the weighting needs them (set by the caller).
     pub targets: Option<TargetCache>,
+    /// The checkpoint score (`score.rs`), when asked for (set by the caller).
+    pub score: Option<ScoreSet>,
+    /// dtype of exported weights (`beacon.safetensors`, `best/`).
+    pub export_dtype: DType,
     last_checkpoint: Instant,
 }
 
@@ -199,6 +204,8 @@ impl Trainer {
             out_dir: out_dir.to_path_buf(),
             recall: None,
             targets: None,
+            score: None,
+            export_dtype: DType::BF16,
             last_checkpoint: Instant::now(),
         })
     }
@@ -575,6 +582,15 @@ impl Trainer {
         let total = self.settings.schedule.total;
         let start_step = self.state.step;
         let mut out = Vec::new();
+        // Score the starting weights once (the init file, or a resumed step never scored), so
+        // every later score has the run's own starting point beside it.
+        if self.score.as_ref().is_some_and(|s| s.spec.every > 0)
+            && !score::read_scores(&self.metrics_path())
+                .iter()
+                .any(|&(s, _)| s == self.state.step)
+        {
+            self.score_and_keep_best(progress)?;
+        }
         while self.state.step < total && stop_after.is_none_or(|n| self.state.step - start_step < n)
         {
             let m = self.train_step()?;
@@ -598,6 +614,11 @@ impl Trainer {
                 progress.eval(&e);
                 self.plot()?;
             }
+            if self.score.as_ref().is_some_and(|sc| {
+                sc.spec.every > 0 && (step.is_multiple_of(sc.spec.every) || step == total)
+            }) {
+                self.score_and_keep_best(progress)?;
+            }
             let s = &self.settings;
             let by_steps = s.checkpoint_every > 0 && step.is_multiple_of(s.checkpoint_every);
             let by_time = s.checkpoint_minutes > 0.0
@@ -614,6 +635,58 @@ impl Trainer {
         }
         self.plot()?;
         Ok(out)
+    }
+
+    /// Score the current weights, append the score line, and export them to `<out>/best/` when no
+    /// earlier step of the run (metrics.jsonl, so resumes count) scored lower.
+    pub fn score_and_keep_best(&mut self, progress: &mut dyn Progress) -> Result<ScoreMetrics> {
+        let set = self.score.as_ref().context("no score set")?;
+        let earlier = score::read_scores(&self.metrics_path());
+        let m = set.score(
+            &self.tm.plain,
+            &self.cfg,
+            self.state.step,
+            self.state.elapsed_s,
+        )?;
+        append_metrics(&self.metrics_path(), &m)?;
+        let best_before = earlier
+            .iter()
+            .filter(|&&(s, _)| s != m.step)
+            .map(|&(_, p)| p)
+            .fold(f64::INFINITY, f64::min);
+        let is_best = m.score_ppl < best_before;
+        progress.note(&format!(
+            "score at step {}: ×{} tail ppl {:.3} over {} tokens ({:.0} s){}",
+            m.step,
+            m.score_ratio,
+            m.score_ppl,
+            m.score_tokens,
+            m.score_s,
+            if is_best {
+                " — best so far, exported to best/"
+            } else {
+                ""
+            }
+        ));
+        if is_best {
+            let dir = self.out_dir.join("best");
+            std::fs::create_dir_all(&dir)?;
+            self.export(&dir, self.export_dtype)?;
+            let note = serde_json::json!({
+                "step": m.step,
+                "score_ppl": m.score_ppl,
+                "score_ratio": m.score_ratio,
+                "score_len": m.score_len,
+                "score_tokens": m.score_tokens,
+                "tokens_seen": self.state.tokens_seen,
+                "init_beacons": self.settings.init_beacons,
+            });
+            beacon::util::atomic_write(
+                &dir.join("score.json"),
+                serde_json::to_string_pretty(&note)?.as_bytes(),
+            )?;
+        }
+        Ok(m)
     }
 
     pub fn plot(&self) -> Result<()> {

@@ -6,43 +6,10 @@ mod common;
 
 use beacon::BeaconConfig;
 use beacon_train::data::{Packed, Split};
-use beacon_train::objective::Objective;
-use beacon_train::optim::{AdamWConfig, Decay, Schedule};
 use beacon_train::params::TrainableModel;
-use beacon_train::trainer::{Quiet, Settings, Trainer};
+use beacon_train::trainer::{Quiet, Trainer};
 
-pub fn tiny_settings(seq_len: usize, steps: u64, lr: f64) -> Settings {
-    Settings {
-        seq_len,
-        objective: Objective::Lm,
-        rank: None,
-        params: beacon::config::BeaconParams {
-            q: true,
-            k: true,
-            v: true,
-            o: false,
-        },
-        schedule: Schedule {
-            peak: lr,
-            warmup: 10,
-            total: steps,
-            min_ratio: 0.1,
-            decay: Decay::Cosine,
-        },
-        adam: AdamWConfig::default(),
-        clip: 1.0,
-        accum: 1,
-        seed: 7,
-        eval_every: 0,
-        checkpoint_every: 0,
-        checkpoint_minutes: 0.0,
-        keep_checkpoints: 2,
-        init_beacons: None,
-        recall_mix: 0.0,
-        token_weights: Default::default(),
-        weight_cap: 5.0,
-    }
-}
+use common::settings::tiny_settings;
 
 #[test]
 fn tiny_model_overfits_a_fixed_sample() {

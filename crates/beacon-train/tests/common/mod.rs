@@ -1,6 +1,8 @@
 //! Shared helpers of the training tests: the reference fixtures (tiny random models).
 #![allow(dead_code)]
 
+pub mod settings;
+
 use beacon::config::{BeaconConfig, BeaconKeys};
 use beacon::{load, LoadOptions, Loaded};
 use candle_core::Device;
