@@ -34,6 +34,12 @@ pub struct PplArgs {
     /// The span is fed in pieces of this many tokens (one logits matrix each).
     #[arg(long, default_value_t = 128)]
     pub piece: usize,
+    /// Read each text at this many places: the first at its start (as with 1), the others spread
+    /// evenly to its end, each named `file@offset` (token offset) and pooled like separate files.
+    /// One span of 1,024 tokens per book is a narrow sample: checkpoints that rank one way on book
+    /// starts ranked the other way on ten mid-book spans (docs/TRAINING.md).
+    #[arg(long, default_value_t = 1)]
+    pub spans: usize,
 }
 
 /// One perplexity measurement.
@@ -334,9 +340,14 @@ pub fn run(args: &PplArgs, command: &str) -> Result<Vec<PplRecord>> {
     let lmax = *lengths.last().context("no lengths")?;
     let tok = ev.tok();
     // Tokenize each file once (enough characters for the longest length; ~4 chars a token).
+    if args.spans == 0 {
+        bail!("--spans must be at least 1");
+    }
     let mut texts = Vec::new();
     for f in &files {
-        let text = crate::data::read_prefix(f, lmax * 8 + 4096)?;
+        // One span: only the start of the text is needed; several: all of it.
+        let chars = if args.spans > 1 { usize::MAX } else { lmax * 8 + 4096 };
+        let text = crate::data::read_prefix(f, chars)?;
         let ids = tok
             .encode(&text)
             .with_context(|| format!("tokenizing {}", f.display()))?;
@@ -344,7 +355,7 @@ pub fn run(args: &PplArgs, command: &str) -> Result<Vec<PplRecord>> {
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
-        texts.push((name, ids));
+        texts.extend(spans_of(name, ids, lmax, args.spans));
     }
     let total: u64 = texts
         .iter()
@@ -506,6 +517,28 @@ pub fn run(args: &PplArgs, command: &str) -> Result<Vec<PplRecord>> {
         plot_ratio(&records, &out.png_path("_ratio"))?;
     }
     Ok(records)
+}
+
+/// `count` reads of `lmax` tokens from one text: the first at its start, the others spread evenly
+/// to its end, named `name@offset`; a text too short for several keeps only its start.
+pub fn spans_of(name: String, ids: Vec<u32>, lmax: usize, count: usize) -> Vec<(String, Vec<u32>)> {
+    if count <= 1 || ids.len() < lmax {
+        if count > 1 {
+            eprintln!(
+                "warning: {name} has {} tokens, fewer than {}: one span only",
+                ids.len(),
+                fmt_len(lmax)
+            );
+        }
+        return vec![(name, ids)];
+    }
+    let room = ids.len() - lmax;
+    (0..count)
+        .map(|j| {
+            let start = j * room / (count - 1);
+            (format!("{name}@{start}"), ids[start..start + lmax].to_vec())
+        })
+        .collect()
 }
 
 pub type Pooled = (Vec<String>, Vec<usize>, BTreeMap<(String, usize), f64>);
@@ -825,6 +858,27 @@ mod tests {
         let a = parse(&["--equal-memory=false", "--modes", "full,window-only"]);
         assert_eq!(a.modes.equal_memory, Some(false));
         assert_eq!(a.modes.modes, ["full", "window-only"]);
+    }
+
+    #[test]
+    fn spans_start_at_the_text_start_and_reach_its_end() {
+        let ids: Vec<u32> = (0..1000).collect();
+        let one = super::spans_of("b.txt".into(), ids.clone(), 100, 1);
+        assert_eq!(one.len(), 1);
+        assert_eq!(one[0].0, "b.txt");
+        let four = super::spans_of("b.txt".into(), ids.clone(), 100, 4);
+        let names: Vec<&str> = four.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["b.txt@0", "b.txt@300", "b.txt@600", "b.txt@900"]);
+        for (n, t) in &four {
+            let start: u32 = n.split('@').nth(1).unwrap().parse().unwrap();
+            assert_eq!(t.len(), 100);
+            assert_eq!(t[0], start);
+        }
+        assert_eq!(*four[3].1.last().unwrap(), 999);
+        // too short for the longest length: the whole (short) text once
+        let short = super::spans_of("s.txt".into(), ids[..50].to_vec(), 100, 4);
+        assert_eq!(short.len(), 1);
+        assert_eq!(parse(&["--spans", "3"]).spans, 3);
     }
 
     #[test]
