@@ -6,7 +6,8 @@
 #   scripts/eval-beacons.sh OUT_DIR LENGTHS WEIGHTS.safetensors [WEIGHTS.safetensors ...]
 #   e.g. scripts/eval-beacons.sh results/recipe 4096,16384 models/smollm2-135m-instruct/beacon.safetensors runs/A/beacon.safetensors
 #
-# Texts: BEACON_EVAL_TEXTS (default: pg28054, a held-out book the trainer never reads).
+# Texts: BEACON_EVAL_TEXTS (default: pg28054, a held-out book the trainer never reads); places read
+# per text: BEACON_EVAL_SPANS (default 1 = the text's start; `eval ppl --spans`).
 set -eu
 out=$1
 lengths=$2
@@ -23,6 +24,6 @@ for w in "$@"; do
         modes=beacon
     fi
     # shellcheck disable=SC2086
-    $beacon eval ppl --seed 42 --text $texts --lengths "$lengths" --modes "$modes" \
+    $beacon eval ppl --seed 42 --text $texts --spans "${BEACON_EVAL_SPANS:-1}" --lengths "$lengths" --modes "$modes" \
         --ratios 4,8,32 --beacon "$w" --out "$out/$name"
 done
