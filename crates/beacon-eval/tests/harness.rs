@@ -137,6 +137,7 @@ fn ppl_grid_on_tiny_model() {
         lengths: vec![64, 128, 384],
         scored: 32,
         piece: 16,
+        spans: 1,
     };
     let recs = beacon_eval::ppl::run(&args, "beacon eval ppl (test)").unwrap();
     // 3 lengths × (full, truncate, streaming, beacon×3)
@@ -255,6 +256,7 @@ fn ppl_window_only_and_equal_memory_on_tiny_model() {
         lengths: vec![64, 384],
         scored: 32,
         piece: 16,
+        spans: 1,
     };
     let recs = beacon_eval::ppl::run(&args, "beacon eval ppl (test)").unwrap();
     let find = |label: &str, len: usize| {
