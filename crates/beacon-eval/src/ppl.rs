@@ -346,7 +346,11 @@ pub fn run(args: &PplArgs, command: &str) -> Result<Vec<PplRecord>> {
     let mut texts = Vec::new();
     for f in &files {
         // One span: only the start of the text is needed; several: all of it.
-        let chars = if args.spans > 1 { usize::MAX } else { lmax * 8 + 4096 };
+        let chars = if args.spans > 1 {
+            usize::MAX
+        } else {
+            lmax * 8 + 4096
+        };
         let text = crate::data::read_prefix(f, chars)?;
         let ids = tok
             .encode(&text)

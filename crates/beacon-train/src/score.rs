@@ -1,8 +1,9 @@
 //! The checkpoint score: perplexity of the last `tail` tokens of held-out spans read through the
 //! beacons at one fixed ratio — the quantity `beacon eval ppl` reports and issue 13's targets are
-//! stated in. The held-out *loss* (every window of a sample, ratios drawn at random) disagreed with
-//! it on every continuation of the shipped weights (runs D, F, I: loss down, ×8 tail perplexity up),
-//! so a run is judged, and its best weights kept, by this score instead.
+//! stated in, computed by the same function, over more text than a one-span-per-book evaluation:
+//! three such spans ranked run C above run I, ten spans here and twelve spans of the same books
+//! (`eval ppl --spans 4`) ranked I above C on 9–11 of them (docs/TRAINING.md). A run is judged, and
+//! its best weights kept, by this score.
 //!
 //! Spans come from held-out documents chosen apart from the books the evaluation reports on (the
 //! defaults leave out pg28054, pg1023 and pg2600), so choosing a checkpoint by the score does not

@@ -4,56 +4,33 @@
 
 mod common;
 
-use beacon::BeaconConfig;
 use beacon_train::data::{Packed, Split};
-use beacon_train::objective::Objective;
-use beacon_train::optim::{AdamWConfig, Decay, Schedule};
+use beacon_train::optim::{AdamWConfig, Schedule};
 use beacon_train::trainer::{Quiet, Settings, Trainer};
 
+/// The tiny-run settings with what this test varies: accumulation, weight decay, evaluation and
+/// checkpoints inside the run.
 fn settings(steps: u64) -> Settings {
+    let base = common::settings::tiny_settings(80, steps, 1e-2);
     Settings {
-        seq_len: 80,
-        objective: Objective::Lm,
-        rank: None,
-        params: beacon::config::BeaconParams {
-            q: true,
-            k: true,
-            v: true,
-            o: false,
-        },
         schedule: Schedule {
-            peak: 1e-2,
             warmup: 2,
-            total: steps,
-            min_ratio: 0.1,
-            decay: Decay::Cosine,
+            ..base.schedule
         },
         adam: AdamWConfig {
             weight_decay: 0.01,
             ..Default::default()
         },
-        clip: 1.0,
         accum: 2,
         seed: 3,
         eval_every: 3,
         checkpoint_every: 2,
-        checkpoint_minutes: 0.0,
-        keep_checkpoints: 2,
-        init_beacons: None,
-        recall_mix: 0.0,
-        token_weights: Default::default(),
-        weight_cap: 5.0,
+        ..base
     }
 }
 
 fn trainer(out: &std::path::Path, steps: u64) -> Trainer {
-    let dir = common::fixture_root().join("llama-tiny");
-    let loaded = common::load_model(&dir);
-    let cfg = BeaconConfig {
-        ratios: vec![2, 4, 8],
-        sink_size: 1,
-        ..loaded.beacon.clone()
-    };
+    let (loaded, cfg) = common::settings::tiny_llama();
     let vocab = loaded.model.cfg.vocab_size;
     let docs = (0..5)
         .map(|i| (format!("d{i}"), common::random_tokens(150, vocab, i)))

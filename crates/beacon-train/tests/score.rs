@@ -8,7 +8,7 @@ use beacon::session::{FeedOptions, Mode, Session, Want};
 use beacon::BeaconConfig;
 use beacon_train::data::{Packed, Split};
 use beacon_train::score::{read_scores, ScoreSet, ScoreSpec};
-use beacon_train::trainer::{Progress, Quiet, Trainer};
+use beacon_train::trainer::{Progress, Trainer};
 
 fn spec(every: u64, len: usize, tail: usize) -> ScoreSpec {
     ScoreSpec {
@@ -89,13 +89,7 @@ impl Progress for Notes {
 
 #[test]
 fn run_scores_its_start_every_n_updates_and_keeps_the_best() {
-    let dir = common::fixture_root().join("llama-tiny");
-    let loaded = common::load_model(&dir);
-    let cfg = BeaconConfig {
-        ratios: vec![2, 4, 8],
-        sink_size: 1,
-        ..loaded.beacon.clone()
-    };
+    let (loaded, cfg) = common::settings::tiny_llama();
     let vocab = loaded.model.cfg.vocab_size;
     // Train and score on the same repeated text so the score can fall.
     let text = common::random_tokens(200, vocab, 5);
@@ -154,6 +148,5 @@ fn run_scores_its_start_every_n_updates_and_keeps_the_best() {
     );
     // Training on the scored text lowers the score.
     assert!(scores[2].1 < scores[0].1, "scores {scores:?}");
-    let _ = Quiet;
     std::fs::remove_dir_all(&out).unwrap();
 }

@@ -1,4 +1,5 @@
-//! Settings of the tiny-model runs (overfit.rs, score.rs).
+//! Settings of the tiny-model runs (overfit.rs, resume.rs, score.rs).
+use beacon::{BeaconConfig, Loaded};
 use beacon_train::objective::Objective;
 use beacon_train::optim::{AdamWConfig, Decay, Schedule};
 use beacon_train::trainer::Settings;
@@ -34,4 +35,15 @@ pub fn tiny_settings(seq_len: usize, steps: u64, lr: f64) -> Settings {
         token_weights: Default::default(),
         weight_cap: 5.0,
     }
+}
+
+/// The llama-tiny fixture with sink 1 and ratios 2, 4, 8 drawn per window.
+pub fn tiny_llama() -> (Loaded, BeaconConfig) {
+    let loaded = super::load_model(&super::fixture_root().join("llama-tiny"));
+    let cfg = BeaconConfig {
+        ratios: vec![2, 4, 8],
+        sink_size: 1,
+        ..loaded.beacon.clone()
+    };
+    (loaded, cfg)
 }
