@@ -521,7 +521,12 @@ impl Evaluator {
         let weights = match &loaded.beacon_source {
             BeaconSource::Initialised => "untrained".to_string(),
             BeaconSource::Checkpoint => "checkpoint".to_string(),
-            BeaconSource::File(p) => format!("trained ({})", p.display()),
+            // The digest names the weights: the shipped path stays the same when they are replaced.
+            BeaconSource::File(p) => {
+                let digest = beacon::fetch::sha256_file(p)
+                    .with_context(|| format!("hashing {}", p.display()))?;
+                format!("trained ({}, sha256 {})", p.display(), &digest[..12])
+            }
         };
         if loaded.tokenizer.is_none() && loaded.model.cfg.vocab_size < 256 {
             bail!("the model has no tokenizer and fewer than 256 ids: cannot encode text as bytes");

@@ -81,19 +81,20 @@ pub fn suite(
         Some(p) => vec!["--beacon".into(), p.display().to_string()],
         None => vec!["--untrained".into()],
     };
-    let modes = if trained.is_some() {
-        "beacon"
-    } else {
-        "full,truncate,streaming,beacon"
-    };
     for sub in ["ppl", "needle", "retrieval", "efficiency"] {
         let mut c = vec![sub.to_string()];
         c.extend(base.iter().cloned());
         c.extend(weights.iter().cloned());
-        let modes = if sub == "efficiency" && trained.is_none() {
-            "full,beacon"
-        } else {
-            modes
+        // Trained weights are judged beside what a user would run instead, in the same run: full
+        // attention, no memory at all (ppl) and truncation / StreamingLLM holding as many K/V
+        // entries as each beacon ratio (`--equal-memory`). Retrieval and efficiency rows of the
+        // baselines do not depend on the weights, so the untrained sections carry them.
+        let modes = match (trained.is_some(), sub) {
+            (false, "efficiency") => "full,beacon",
+            (false, _) => "full,truncate,streaming,beacon",
+            (true, "ppl") => "full,window-only,beacon",
+            (true, "needle") => "full,beacon",
+            (true, _) => "beacon",
         };
         let ratios = if sub == "ppl" || sub == "efficiency" {
             &ratios_main
@@ -108,6 +109,9 @@ pub fn suite(
         ]);
         if let (Some(k), "needle" | "retrieval", None) = (task_keep, sub, trained) {
             c.extend(["--keep".into(), k.to_string()]);
+        }
+        if trained.is_some() && matches!(sub, "ppl" | "needle") {
+            c.push("--equal-memory".into());
         }
         c.extend(["--out".into(), out.display().to_string()]);
         cmds.push(c);
@@ -316,4 +320,58 @@ pub fn run(args: &ReportArgs, command: &str) -> Result<()> {
         .with_context(|| format!("writing {}", args.report.display()))?;
     eprintln!("wrote {}", args.report.display());
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    fn parses(cmd: &[String]) -> crate::EvalCommand {
+        crate::EvalCli::try_parse_from(
+            std::iter::once("beacon eval".to_string()).chain(cmd.iter().cloned()),
+        )
+        .unwrap_or_else(|e| panic!("{cmd:?}: {e}"))
+        .cmd
+    }
+
+    #[test]
+    fn trained_suite_runs_the_baselines_beside_the_beacons() {
+        let common = CommonArgs {
+            quick: true,
+            ..Default::default()
+        };
+        let out = Path::new("o");
+        let untrained = suite(&common, &[], &[], out, None, Some(1024));
+        let trained = suite(
+            &common,
+            &[],
+            &[],
+            out,
+            Some(Path::new("w.safetensors")),
+            Some(1024),
+        );
+        let arg =
+            |c: &[String], flag: &str| c.iter().position(|a| a == flag).map(|i| c[i + 1].clone());
+        for c in untrained.iter().chain(&trained) {
+            parses(c);
+        }
+        // ppl: full attention, no memory, and equal-memory truncation/streaming, in the same run
+        let ppl = &trained[0];
+        assert_eq!(ppl[0], "ppl");
+        assert_eq!(arg(ppl, "--modes").unwrap(), "full,window-only,beacon");
+        assert!(ppl.contains(&"--equal-memory".to_string()));
+        assert_eq!(arg(ppl, "--beacon").unwrap(), "w.safetensors");
+        let needle = &trained[1];
+        assert_eq!(arg(needle, "--modes").unwrap(), "full,beacon");
+        assert!(needle.contains(&"--equal-memory".to_string()));
+        assert!(!needle.contains(&"--keep".to_string()));
+        // retrieval and efficiency baselines do not depend on the weights: only the untrained run has them
+        assert_eq!(arg(&trained[2], "--modes").unwrap(), "beacon");
+        assert!(untrained
+            .iter()
+            .all(|c| !c.contains(&"--equal-memory".to_string())));
+        assert_eq!(arg(&untrained[1], "--keep").unwrap(), "1024");
+        assert_eq!(arg(&untrained[3], "--modes").unwrap(), "full,beacon");
+    }
 }

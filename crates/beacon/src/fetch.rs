@@ -194,7 +194,7 @@ pub fn verify_sha256(path: &Path, expected_hex: &str) -> Result<()> {
 }
 
 /// Lower-case hex SHA-256 of a file, read in 1 MiB chunks.
-fn sha256_file(path: &Path) -> Result<String> {
+pub fn sha256_file(path: &Path) -> Result<String> {
     let mut file = std::fs::File::open(path).map_err(|e| BeaconError::io(path, e))?;
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
