@@ -134,3 +134,50 @@ fn f16_context_round_trip_continues_exactly() {
     let (a, b) = (next(&mut s), next(&mut r));
     assert_eq!(a, b);
 }
+
+/// In the open window a beacon is inserted after every α-th raw token and the raw tokens after it
+/// see it (SPEC §2.3, §2.6: full-coverage attention, positions contiguous), so beacon mode is full
+/// attention's computation exactly until the window's first beacon and differs after it.
+#[test]
+fn open_window_is_full_attention_until_its_first_beacon() {
+    let l = tiny();
+    let m = &l.model;
+    let w = l.beacon.window;
+    let ids: Vec<u32> = (0..w).map(|i| (i * 37 % 251 + 3) as u32).collect();
+    let logits = |mode: Mode, cfg: BeaconConfig, n: usize| -> Vec<Vec<f32>> {
+        let mut s = Session::new(m, mode, cfg);
+        // two feeds, so the second chunk reads the first from the cache
+        let a = s.feed(m, &ids[..n / 2], Want::From(0)).unwrap();
+        let b = s.feed(m, &ids[n / 2..n], Want::From(0)).unwrap();
+        assert_eq!(s.stats().windows_closed, 0);
+        let rows = |t: candle_core::Tensor| t.squeeze(0).unwrap().to_vec2::<f32>().unwrap();
+        a.into_iter().chain(b).flat_map(rows).collect()
+    };
+    let worst = |a: &[f32], b: &[f32]| {
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max)
+    };
+    // W − 1 raw tokens: the window is still open (it closes at its W-th)
+    let n = w - 1;
+    let full = logits(Mode::Full, l.beacon.clone(), n);
+    for ratio in [2, 8, w] {
+        let b = logits(Mode::Beacon, fixed_ratio(&l, ratio), n);
+        assert_eq!(b.len(), n, "one row per raw token at x{ratio}");
+        for t in 0..n {
+            let d = worst(&full[t], &b[t]);
+            if t < ratio {
+                assert!(
+                    d <= 1e-5,
+                    "x{ratio}, raw token {t} (before the first beacon): max |Δlogit| {d}"
+                );
+            } else {
+                assert!(
+                    d > 1e-3,
+                    "x{ratio}, raw token {t} (after a beacon) did not see it: max |Δlogit| {d}"
+                );
+            }
+        }
+    }
+}
