@@ -39,6 +39,24 @@ pub const SECTIONS: [(&str, &str); 4] = [
     ("efficiency", "Efficiency"),
 ];
 
+/// Marks the start of a report's hand-written part (measurements no `beacon eval` subcommand makes),
+/// which regenerating the report keeps as it is.
+pub const HAND_WRITTEN_MARK: &str =
+    "<!-- hand-written below: `beacon eval report` keeps this part -->";
+
+/// The existing report's hand-written part, from the mark to its end ("" when it has none).
+fn hand_written_part(report: &Path) -> Result<String> {
+    let old = match std::fs::read_to_string(report) {
+        Ok(s) => s,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(String::new()),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", report.display())),
+    };
+    Ok(old
+        .find(HAND_WRITTEN_MARK)
+        .map(|i| format!("\n{}", &old[i..]))
+        .unwrap_or_default())
+}
+
 /// The suite's commands (argument lists after `beacon eval`), for weights `flags`, into `out`.
 pub fn suite(
     common: &CommonArgs,
@@ -316,6 +334,7 @@ pub fn run(args: &ReportArgs, command: &str) -> Result<()> {
         }
         s.push_str("```\n");
     }
+    s.push_str(&hand_written_part(&args.report)?);
     beacon::util::atomic_write(&args.report, s.as_bytes())
         .with_context(|| format!("writing {}", args.report.display()))?;
     eprintln!("wrote {}", args.report.display());

@@ -469,6 +469,18 @@ fn synthetic_retrieval_and_efficiency_on_tiny_model() {
             && md.contains("## Trained beacons"),
         "{md}"
     );
+    // a hand-written part after the mark survives regeneration, once
+    let hand = format!(
+        "{}\n\n## Measured by hand\n\nkept\n",
+        beacon_eval::report::HAND_WRITTEN_MARK
+    );
+    std::fs::write(out.join("RESULTS.md"), format!("{md}{hand}")).unwrap();
+    beacon_eval::report::run(&rep, "beacon eval report (test)").unwrap();
+    beacon_eval::report::run(&rep, "beacon eval report (test)").unwrap();
+    let again = std::fs::read_to_string(out.join("RESULTS.md")).unwrap();
+    assert!(again.ends_with(&hand), "{again}");
+    assert_eq!(again.matches("## Measured by hand").count(), 1);
+    assert!(again.contains("## Efficiency"));
     let _ = std::fs::remove_dir_all(&out);
 }
 
