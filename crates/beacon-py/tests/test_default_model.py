@@ -54,13 +54,23 @@ def test_stop_strings_and_closing_a_stream(default_model):
     s.generate(" and", max_tokens=2)  # usable again
 
 
+@pytest.fixture
+def ctrl_c_raises():
+    """Ctrl-C as an interactive Python has it. A runner started in the background by a shell without
+    job control (`cmd &`, nohup) inherits SIGINT ignored, and Python then leaves it ignored: the
+    tests below would wait for a KeyboardInterrupt that never comes."""
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, old)
+
+
 def _interrupt_after(seconds: float) -> threading.Timer:
     t = threading.Timer(seconds, lambda: os.kill(os.getpid(), signal.SIGINT))
     t.start()
     return t
 
 
-def test_ctrl_c_interrupts_a_long_feed(default_model):
+def test_ctrl_c_interrupts_a_long_feed(default_model, ctrl_c_raises):
     text = BOOK.read_text(encoding="utf-8")[:60000]
     ids = default_model.tokenize(text)
     s = default_model.session(ratio=8)
@@ -76,7 +86,7 @@ def test_ctrl_c_interrupts_a_long_feed(default_model):
     assert s.logits().shape == (default_model.vocab_size,)
 
 
-def test_ctrl_c_interrupts_generation(default_model):
+def test_ctrl_c_interrupts_generation(default_model, ctrl_c_raises):
     s = default_model.session()
     s.feed("Once upon a time")
     _interrupt_after(0.5)
@@ -101,7 +111,7 @@ def test_cli_and_python_agree_on_bad_flags(default_model):
     assert r.returncode != 0 and str(e.value) in r.stderr, r.stderr
 
 
-def test_train_wrapper_and_its_weights(tmp_path):
+def test_train_wrapper_and_its_weights(tmp_path, ctrl_c_raises):
     data = tmp_path / "data"
     data.mkdir()
     text = BOOK.read_text(encoding="utf-8")
