@@ -3,6 +3,7 @@
 
 use beacon::config::RatioMix;
 use beacon::session::{Mode, Session, Want};
+use beacon::testing::max_abs_diff;
 use beacon::{load, BeaconConfig, LoadOptions, Loaded};
 use std::path::Path;
 
@@ -144,20 +145,16 @@ fn open_window_is_full_attention_until_its_first_beacon() {
     let m = &l.model;
     let w = l.beacon.window;
     let ids: Vec<u32> = (0..w).map(|i| (i * 37 % 251 + 3) as u32).collect();
-    let logits = |mode: Mode, cfg: BeaconConfig, n: usize| -> Vec<Vec<f32>> {
+    // One logits row per raw token, as [1, vocab] tensors.
+    let logits = |mode: Mode, cfg: BeaconConfig, n: usize| -> Vec<candle_core::Tensor> {
         let mut s = Session::new(m, mode, cfg);
         // two feeds, so the second chunk reads the first from the cache
         let a = s.feed(m, &ids[..n / 2], Want::From(0)).unwrap();
         let b = s.feed(m, &ids[n / 2..n], Want::From(0)).unwrap();
         assert_eq!(s.stats().windows_closed, 0);
-        let rows = |t: candle_core::Tensor| t.squeeze(0).unwrap().to_vec2::<f32>().unwrap();
+        let rows =
+            |t: candle_core::Tensor| t.squeeze(0).unwrap().chunk(t.dim(1).unwrap(), 0).unwrap();
         a.into_iter().chain(b).flat_map(rows).collect()
-    };
-    let worst = |a: &[f32], b: &[f32]| {
-        a.iter()
-            .zip(b)
-            .map(|(x, y)| (x - y).abs())
-            .fold(0f32, f32::max)
     };
     // W − 1 raw tokens: the window is still open (it closes at its W-th)
     let n = w - 1;
@@ -166,7 +163,7 @@ fn open_window_is_full_attention_until_its_first_beacon() {
         let b = logits(Mode::Beacon, fixed_ratio(&l, ratio), n);
         assert_eq!(b.len(), n, "one row per raw token at x{ratio}");
         for t in 0..n {
-            let d = worst(&full[t], &b[t]);
+            let d = max_abs_diff(&full[t], &b[t]);
             if t < ratio {
                 assert!(
                     d <= 1e-5,
