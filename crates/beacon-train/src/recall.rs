@@ -245,6 +245,9 @@ pub fn template_phrases() -> Vec<String> {
     v
 }
 
+/// Seed of the held-out recall samples (fixed across runs).
+const HELDOUT_SEED: u64 = 0x4e1d_0007;
+
 /// Builds recall samples from ordinary text.
 pub struct RecallMix {
     /// Fraction of samples that are recall samples.
@@ -265,8 +268,12 @@ impl RecallMix {
     }
 
     fn draw(&self, step: u64, k: usize) -> Draw {
+        Self::draw_seeded(self.seed, step, k)
+    }
+
+    fn draw_seeded(seed: u64, step: u64, k: usize) -> Draw {
         let mut r = SplitMix64(
-            self.seed ^ 0x5ec0_11ab ^ step.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ (k as u64) << 48,
+            seed ^ 0x5ec0_11ab ^ step.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ (k as u64) << 48,
         );
         r.next_u64();
         Draw(r)
@@ -280,13 +287,23 @@ impl RecallMix {
     /// Turn `text` (a packed training sample) into a recall sample of the same length. Samples shorter
     /// than two windows stay plain (there is no earlier window to recall from).
     pub fn build(&self, text: &[u32], step: u64, k: usize) -> Result<Sample> {
+        let mut d = self.draw(step, k);
+        d.0.next_f64(); // the `chosen` draw
+        self.build_with(text, d)
+    }
+
+    /// The recall sample evaluation `i` builds from held-out text: the same draws whatever the run's
+    /// seed, so every run's held-out recall is measured on the same facts.
+    pub fn build_heldout(&self, text: &[u32], i: usize) -> Result<Sample> {
+        self.build_with(text, Self::draw_seeded(HELDOUT_SEED, 0, i))
+    }
+
+    fn build_with(&self, text: &[u32], mut d: Draw) -> Result<Sample> {
         let len = text.len();
         let w = self.window;
         if len < 2 * w {
             return Ok(Sample::plain(text.to_vec()));
         }
-        let mut d = self.draw(step, k);
-        d.0.next_f64(); // the `chosen` draw
         let n_facts = 1 + d.below(6);
         let facts: Vec<Fact> = (0..n_facts).map(|_| fact(&mut d)).collect();
         // Query block: every fact's question (shuffled), then possibly a span to repeat.

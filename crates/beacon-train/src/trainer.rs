@@ -127,6 +127,21 @@ pub struct EvalMetrics {
     pub elapsed_s: f64,
 }
 
+/// One line of metrics.jsonl: held-out recall (`Trainer::evaluate_recall`), mean NLL per answer token.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RecallEval {
+    pub step: u64,
+    pub recall_beacon_nll: f64,
+    /// None when the samples are longer than the native window (full attention would extrapolate).
+    pub recall_full_nll: Option<f64>,
+    pub recall_no_memory_nll: f64,
+    /// (no memory − beacon) / (no memory − full): 0 = the beacons carry nothing of the planted facts,
+    /// 1 = as much as full attention over the raw text (None without a full-attention reference).
+    pub recall_carried: Option<f64>,
+    pub recall_answer_tokens: usize,
+    pub eval_s: f64,
+}
+
 /// Peak resident set size of this process (VmHWM), MiB.
 pub fn peak_rss_mib() -> f64 {
     std::fs::read_to_string("/proc/self/status")
@@ -424,6 +439,72 @@ impl Trainer {
         ))
     }
 
+    /// Held-out recall (needs `--recall-mix`): every held-out sample turned into a recall sample with
+    /// the same draws in every run (`RecallMix::build_heldout`), and the NLL of its answer tokens read
+    /// three ways: through the beacons (ratios drawn by a fixed seed), with full attention over the
+    /// raw sample, and with no memory (sink + open window). The share of the gap between no memory
+    /// and full attention that the beacons close says how much of the planted facts they carry.
+    pub fn evaluate_recall(&self) -> Result<Option<RecallEval>> {
+        let Some(mix) = &self.recall else {
+            return Ok(None);
+        };
+        let t = Instant::now();
+        let mut chooser = RatioChooser::new(&self.cfg, position_budget(&self.tm.plain.cfg));
+        chooser.rng = SplitMix64(0x4eca11);
+        let no_memory = Mode::WindowOnly {
+            sink: self.cfg.sink_size,
+            window: self.cfg.window,
+        };
+        // Full attention past the native window extrapolates positions: not a reference then.
+        let full_fits = self
+            .heldout
+            .iter()
+            .all(|t| t.len() <= position_budget(&self.tm.plain.cfg));
+        let mut sums = [0f64; 3];
+        let mut answers = 0usize;
+        for (i, text) in self.heldout.iter().enumerate() {
+            let sample = mix.build_heldout(text, i)?;
+            let Some(weights) = sample.label_weights.as_deref() else {
+                continue; // too short to hold a recall question
+            };
+            let windows = objective::plan_windows(&self.cfg, &mut chooser, sample.tokens.len());
+            for (sum, mode) in sums
+                .iter_mut()
+                .zip([Mode::Beacon, Mode::Full, no_memory.clone()])
+            {
+                if mode == Mode::Full && !full_fits {
+                    continue;
+                }
+                let is_beacon = mode == Mode::Beacon;
+                let (l, n) = labelled_nll(
+                    &self.tm.plain,
+                    &self.cfg,
+                    mode,
+                    &sample.tokens,
+                    Some(weights),
+                    &windows,
+                )?;
+                *sum += l;
+                if is_beacon {
+                    answers += n;
+                }
+            }
+        }
+        if answers == 0 {
+            return Ok(None);
+        }
+        let [beacon, full, none] = sums.map(|x| x / answers as f64);
+        Ok(Some(RecallEval {
+            step: self.state.step,
+            recall_beacon_nll: beacon,
+            recall_full_nll: full_fits.then_some(full),
+            recall_no_memory_nll: none,
+            recall_carried: full_fits.then_some((none - beacon) / (none - full)),
+            recall_answer_tokens: answers,
+            eval_s: t.elapsed().as_secs_f64(),
+        }))
+    }
+
     /// Write `beacon.safetensors` (released tensor names; low-rank merged) and `beacon_config.json`
     /// (the training settings with `adapt-1024` ratio choice for inference, as the reference evaluates).
     pub fn export(&self, dir: &Path, dtype: DType) -> Result<()> {
@@ -450,13 +531,28 @@ pub fn heldout_nll(
     sample: &[u32],
     windows: &[WindowPlan],
 ) -> Result<(f64, usize)> {
-    let mut s = Session::new(model, Mode::Beacon, cfg.clone());
+    labelled_nll(model, cfg, Mode::Beacon, sample, None, windows)
+}
+
+/// Sum of next-token NLL and count of the labels of `sample` whose weight is positive (all labels
+/// when `label_weights` is None), read in `mode` window by window: beacon mode replays the given
+/// ratios; the other modes take the same feeds and ignore them.
+pub fn labelled_nll(
+    model: &Model,
+    cfg: &BeaconConfig,
+    mode: Mode,
+    sample: &[u32],
+    label_weights: Option<&[f32]>,
+    windows: &[WindowPlan],
+) -> Result<(f64, usize)> {
+    let beacon = mode == Mode::Beacon;
+    let mut s = Session::new(model, mode, cfg.clone());
     let first_labels = objective::first_window_trained(cfg);
     let (mut total, mut count) = (0f64, 0usize);
     for (i, w) in windows.iter().enumerate() {
         let opts = FeedOptions {
-            training_final: i + 1 == windows.len(),
-            window_ratio: Some(w.ratio),
+            training_final: beacon && i + 1 == windows.len(),
+            window_ratio: beacon.then_some(w.ratio),
             ..FeedOptions::default()
         };
         let logits = s
@@ -468,7 +564,7 @@ pub fn heldout_nll(
                 &mut |_| {},
             )?
             .context("no logits")?;
-        let labels = objective::window_labels(sample, w, first_labels, None);
+        let labels = objective::window_labels(sample, w, first_labels, label_weights);
         let rows: Vec<Vec<f32>> = logits.to_vec2()?;
         for (row, label) in rows.iter().zip(&labels) {
             if let Some(l) = label {
@@ -485,6 +581,16 @@ pub fn heldout_nll(
         }
     }
     Ok((total, count))
+}
+
+/// Steps with a held-out recall line in metrics.jsonl.
+fn read_recall_steps(path: &Path) -> Vec<u64> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<RecallEval>(l).ok())
+        .map(|r| r.step)
+        .collect()
 }
 
 /// Keep only the metrics lines of steps ≤ `step` (after a resume).
@@ -591,6 +697,12 @@ impl Trainer {
         {
             self.score_and_keep_best(progress)?;
         }
+        // Held-out recall of the starting weights too (so `--stop-after 0` measures a weight file).
+        if self.settings.eval_every > 0
+            && !read_recall_steps(&self.metrics_path()).contains(&self.state.step)
+        {
+            self.recall_eval_and_log(progress)?;
+        }
         while self.state.step < total && stop_after.is_none_or(|n| self.state.step - start_step < n)
         {
             let m = self.train_step()?;
@@ -612,6 +724,7 @@ impl Trainer {
                 };
                 append_metrics(&self.metrics_path(), &e)?;
                 progress.eval(&e);
+                self.recall_eval_and_log(progress)?;
                 self.plot()?;
             }
             if self.score.as_ref().is_some_and(|sc| {
@@ -635,6 +748,26 @@ impl Trainer {
         }
         self.plot()?;
         Ok(out)
+    }
+
+    /// Held-out recall (when the run has a recall mix), appended to the metrics and reported.
+    fn recall_eval_and_log(&mut self, progress: &mut dyn Progress) -> Result<()> {
+        if let Some(r) = self.evaluate_recall()? {
+            append_metrics(&self.metrics_path(), &r)?;
+            let full = match (r.recall_full_nll, r.recall_carried) {
+                (Some(f), Some(c)) => format!(
+                    "full attention {f:.3}, no memory {:.3}: beacons carry {:.0} % of the gap",
+                    r.recall_no_memory_nll,
+                    100.0 * c
+                ),
+                _ => format!("no memory {:.3}", r.recall_no_memory_nll),
+            };
+            progress.note(&format!(
+                "held-out recall at step {}: answer NLL through beacons {:.3}, {full} ({} answer tokens, {:.0} s)",
+                r.step, r.recall_beacon_nll, r.recall_answer_tokens, r.eval_s
+            ));
+        }
+        Ok(())
     }
 
     /// Score the current weights, append the score line, and export them to `<out>/best/` when no
