@@ -289,16 +289,22 @@ impl RecallMix {
     pub fn build(&self, text: &[u32], step: u64, k: usize) -> Result<Sample> {
         let mut d = self.draw(step, k);
         d.0.next_f64(); // the `chosen` draw
-        self.build_with(text, d)
+        self.build_with(text, d, false)
     }
 
     /// The recall sample evaluation `i` builds from held-out text: the same draws whatever the run's
     /// seed, so every run's held-out recall is measured on the same facts.
-    pub fn build_heldout(&self, text: &[u32], i: usize) -> Result<Sample> {
-        self.build_with(text, Self::draw_seeded(HELDOUT_SEED, 0, i))
+    ///
+    /// With `decoy`, the same sample except that what is asked for is not in it: other facts (same
+    /// templates, other draws) are planted in place of the asked ones, and the span to repeat is
+    /// taken from the text that follows the sample. The questions, answers and layout are the
+    /// same, so the answer NLL with the decoy minus the NLL with the facts measures retrieval alone
+    /// — answer-format priors that trained beacons can add from the open window cancel out.
+    pub fn build_heldout(&self, text: &[u32], i: usize, decoy: bool) -> Result<Sample> {
+        self.build_with(text, Self::draw_seeded(HELDOUT_SEED, 0, i), decoy)
     }
 
-    fn build_with(&self, text: &[u32], mut d: Draw) -> Result<Sample> {
+    fn build_with(&self, text: &[u32], mut d: Draw, decoy: bool) -> Result<Sample> {
         let len = text.len();
         let w = self.window;
         if len < 2 * w {
@@ -306,6 +312,13 @@ impl RecallMix {
         }
         let n_facts = 1 + d.below(6);
         let facts: Vec<Fact> = (0..n_facts).map(|_| fact(&mut d)).collect();
+        // Decoy facts come from their own stream so the rest of the draws (and the layout) match.
+        let mut decoy_draw = Draw(SplitMix64(d.0 .0 ^ 0xdec0_de5e_ed00));
+        let decoys: Vec<Fact> = if decoy {
+            (0..n_facts).map(|_| fact(&mut decoy_draw)).collect()
+        } else {
+            Vec::new()
+        };
         // Query block: every fact's question (shuffled), then possibly a span to repeat.
         let mut query: Vec<u32> = Vec::new();
         let mut answer_mask: Vec<bool> = Vec::new();
@@ -324,7 +337,7 @@ impl RecallMix {
             push((self.encode)(&head)?, false, &mut query);
             push((self.encode)(&format!("{}.", f.answer))?, true, &mut query);
         }
-        let planted: Vec<Vec<u32>> = facts
+        let planted: Vec<Vec<u32>> = if decoy { &decoys } else { &facts }
             .iter()
             .map(|f| (self.encode)(&format!(" {} ", f.statement)))
             .collect::<Result<_>>()?;
@@ -362,7 +375,12 @@ impl RecallMix {
             // The copied span lies in the body, at least one window before the query block.
             let body = tokens.len();
             let start = d.below(body - w - (8 + copy_len));
-            let span: Vec<u32> = tokens[start..start + 8 + copy_len].to_vec();
+            let span: Vec<u32> = if decoy {
+                // Text that follows the sample's body: never read, as likely a priori.
+                text[filler_len..filler_len + 8 + copy_len].to_vec()
+            } else {
+                tokens[start..start + 8 + copy_len].to_vec()
+            };
             query.extend_from_slice(&copy_head);
             answer_mask.extend(std::iter::repeat_n(false, copy_head.len()));
             query.extend_from_slice(&span[..8]);

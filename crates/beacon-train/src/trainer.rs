@@ -132,11 +132,15 @@ pub struct EvalMetrics {
 pub struct RecallEval {
     pub step: u64,
     pub recall_beacon_nll: f64,
+    /// The same with decoys planted instead of the asked facts.
+    pub recall_beacon_decoy_nll: f64,
     /// None when the samples are longer than the native window (full attention would extrapolate).
     pub recall_full_nll: Option<f64>,
+    pub recall_full_decoy_nll: Option<f64>,
+    /// Sink + open window only (the backbone alone: no beacons anywhere).
     pub recall_no_memory_nll: f64,
-    /// (no memory − beacon) / (no memory − full): 0 = the beacons carry nothing of the planted facts,
-    /// 1 = as much as full attention over the raw text (None without a full-attention reference).
+    /// (beacon decoy − beacon) / (full decoy − full): 0 = reading through the beacons gains nothing
+    /// from the planted facts, 1 = as much as full attention over the raw text.
     pub recall_carried: Option<f64>,
     pub recall_answer_tokens: usize,
     pub eval_s: f64,
@@ -440,10 +444,13 @@ impl Trainer {
     }
 
     /// Held-out recall (needs `--recall-mix`): every held-out sample turned into a recall sample with
-    /// the same draws in every run (`RecallMix::build_heldout`), and the NLL of its answer tokens read
-    /// three ways: through the beacons (ratios drawn by a fixed seed), with full attention over the
-    /// raw sample, and with no memory (sink + open window). The share of the gap between no memory
-    /// and full attention that the beacons close says how much of the planted facts they carry.
+    /// the same draws in every run (`RecallMix::build_heldout`), and the mean NLL of its answer tokens
+    /// read through the beacons (ratios drawn by a fixed seed) and with full attention over the raw
+    /// sample, each once with the asked facts planted and once with decoys in their place. The decoy
+    /// minus fact difference is what reading the facts is worth; the beacons' share of full
+    /// attention's difference says how much of the planted facts they carry. (Against a no-memory
+    /// reading alone the share would also count answer-format priors that trained beacons add from
+    /// the open window; the no-memory NLL is reported beside it.)
     pub fn evaluate_recall(&self) -> Result<Option<RecallEval>> {
         let Some(mix) = &self.recall else {
             return Ok(None);
@@ -460,46 +467,64 @@ impl Trainer {
             .heldout
             .iter()
             .all(|t| t.len() <= position_budget(&self.tm.plain.cfg));
-        let mut sums = [0f64; 3];
+        // (mode, decoy) readings: beacon, beacon decoy, full, full decoy, no memory.
+        let readings = [
+            (Mode::Beacon, false),
+            (Mode::Beacon, true),
+            (Mode::Full, false),
+            (Mode::Full, true),
+            (no_memory, false),
+        ];
+        let mut sums = [0f64; 5];
         let mut answers = 0usize;
         for (i, text) in self.heldout.iter().enumerate() {
-            let sample = mix.build_heldout(text, i)?;
-            let Some(weights) = sample.label_weights.as_deref() else {
+            let facts = mix.build_heldout(text, i, false)?;
+            let Some(weights) = facts.label_weights.as_deref() else {
                 continue; // too short to hold a recall question
             };
-            let windows = objective::plan_windows(&self.cfg, &mut chooser, sample.tokens.len());
-            for (sum, mode) in sums
-                .iter_mut()
-                .zip([Mode::Beacon, Mode::Full, no_memory.clone()])
-            {
-                if mode == Mode::Full && !full_fits {
+            let decoys = mix.build_heldout(text, i, true)?;
+            let decoy_weights = decoys.label_weights.as_deref().context("decoy sample")?;
+            let windows = objective::plan_windows(&self.cfg, &mut chooser, facts.tokens.len());
+            let mut counts = Vec::new();
+            for (sum, (mode, decoy)) in sums.iter_mut().zip(&readings) {
+                if *mode == Mode::Full && !full_fits {
                     continue;
                 }
-                let is_beacon = mode == Mode::Beacon;
+                let (tokens, w) = if *decoy {
+                    (&decoys.tokens, decoy_weights)
+                } else {
+                    (&facts.tokens, weights)
+                };
                 let (l, n) = labelled_nll(
                     &self.tm.plain,
                     &self.cfg,
-                    mode,
-                    &sample.tokens,
-                    Some(weights),
+                    mode.clone(),
+                    tokens,
+                    Some(w),
                     &windows,
                 )?;
                 *sum += l;
-                if is_beacon {
-                    answers += n;
-                }
+                counts.push(n);
             }
+            if counts.iter().any(|&n| n != counts[0]) {
+                bail!(
+                    "held-out recall sample {i}: answer counts differ between readings: {counts:?}"
+                );
+            }
+            answers += counts[0];
         }
         if answers == 0 {
             return Ok(None);
         }
-        let [beacon, full, none] = sums.map(|x| x / answers as f64);
+        let [beacon, beacon_decoy, full, full_decoy, none] = sums.map(|x| x / answers as f64);
         Ok(Some(RecallEval {
             step: self.state.step,
             recall_beacon_nll: beacon,
+            recall_beacon_decoy_nll: beacon_decoy,
             recall_full_nll: full_fits.then_some(full),
+            recall_full_decoy_nll: full_fits.then_some(full_decoy),
             recall_no_memory_nll: none,
-            recall_carried: full_fits.then_some((none - beacon) / (none - full)),
+            recall_carried: full_fits.then_some((beacon_decoy - beacon) / (full_decoy - full)),
             recall_answer_tokens: answers,
             eval_s: t.elapsed().as_secs_f64(),
         }))
@@ -754,17 +779,21 @@ impl Trainer {
     fn recall_eval_and_log(&mut self, progress: &mut dyn Progress) -> Result<()> {
         if let Some(r) = self.evaluate_recall()? {
             append_metrics(&self.metrics_path(), &r)?;
-            let full = match (r.recall_full_nll, r.recall_carried) {
-                (Some(f), Some(c)) => format!(
-                    "full attention {f:.3}, no memory {:.3}: beacons carry {:.0} % of the gap",
-                    r.recall_no_memory_nll,
+            let full = match (r.recall_full_nll, r.recall_full_decoy_nll, r.recall_carried) {
+                (Some(f), Some(fd), Some(c)) => format!(
+                    "; full attention {f:.3} (decoys {fd:.3}): the beacons carry {:.0} % of what reading the facts is worth",
                     100.0 * c
                 ),
-                _ => format!("no memory {:.3}", r.recall_no_memory_nll),
+                _ => String::new(),
             };
             progress.note(&format!(
-                "held-out recall at step {}: answer NLL through beacons {:.3}, {full} ({} answer tokens, {:.0} s)",
-                r.step, r.recall_beacon_nll, r.recall_answer_tokens, r.eval_s
+                "held-out recall at step {}: answer NLL through beacons {:.3} (decoys {:.3}){full}; no memory {:.3} ({} answer tokens, {:.0} s)",
+                r.step,
+                r.recall_beacon_nll,
+                r.recall_beacon_decoy_nll,
+                r.recall_no_memory_nll,
+                r.recall_answer_tokens,
+                r.eval_s
             ));
         }
         Ok(())

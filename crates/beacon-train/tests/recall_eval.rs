@@ -1,6 +1,7 @@
 //! Held-out recall (`Trainer::evaluate_recall`) on the tiny fixture: the answer NLL it reports with
-//! full attention and with no memory equals the cached-target views computed independently
-//! (`compute_targets`) at the answer positions, the held-out recall samples do not depend on the
+//! full attention (facts and decoys) and with no memory equals the cached-target views computed
+//! independently (`compute_targets`) at the answer positions, decoy samples ask as many answer
+//! tokens of a different text, the held-out recall samples do not depend on the
 //! run's seed, and `--stop-after 0` with evaluation on measures the starting weights.
 
 mod common;
@@ -63,31 +64,47 @@ fn recall_eval_matches_the_independent_views_at_the_answers() {
 
     // The same samples, rebuilt by hand, and the full / window-only views from the target module.
     let mix = t.recall.as_ref().unwrap();
-    let (mut full, mut none, mut n) = (0f64, 0f64, 0usize);
+    let (mut full, mut full_decoy, mut none, mut n) = (0f64, 0f64, 0f64, 0usize);
     for (i, text) in t.heldout.iter().enumerate() {
-        let s = mix.build_heldout(text, i).unwrap();
-        let w = s.label_weights.expect("a recall sample");
-        let views =
-            compute_targets(&t.tm.plain, &s.tokens, t.cfg.window, t.cfg.sink_size, 2).unwrap();
+        let s = mix.build_heldout(text, i, false).unwrap();
+        let d = mix.build_heldout(text, i, true).unwrap();
+        let w = s.label_weights.clone().expect("a recall sample");
+        let wd = d.label_weights.clone().expect("a decoy sample");
+        // The decoy sample asks as many answer tokens of a different text.
+        assert_eq!(d.tokens.len(), s.tokens.len());
+        assert_ne!(d.tokens, s.tokens);
+        let answers = |x: &[f32]| x.iter().filter(|&&v| v > 0.0).count();
+        assert_eq!(answers(&w), answers(&wd));
+        let (win, sink) = (t.cfg.window, t.cfg.sink_size);
+        let views = compute_targets(&t.tm.plain, &s.tokens, win, sink, 2).unwrap();
+        let dviews = compute_targets(&t.tm.plain, &d.tokens, win, sink, 2).unwrap();
         for p in (0..w.len()).filter(|&p| w[p] > 0.0) {
             full += views.nll_full[p] as f64;
             none += views.nll_window[p] as f64;
             n += 1;
         }
+        for p in (0..wd.len()).filter(|&p| wd[p] > 0.0) {
+            full_decoy += dviews.nll_full[p] as f64;
+        }
     }
     assert!(n > 0);
     assert_eq!(r.recall_answer_tokens, n);
-    let (full, none) = (full / n as f64, none / n as f64);
+    let (full, full_decoy, none) = (full / n as f64, full_decoy / n as f64, none / n as f64);
     let got_full = r
         .recall_full_nll
         .expect("the samples fit the native window");
     assert!((got_full - full).abs() < 1e-4, "{got_full} vs {full}");
+    let got_decoy = r.recall_full_decoy_nll.unwrap();
+    assert!(
+        (got_decoy - full_decoy).abs() < 1e-4,
+        "{got_decoy} vs {full_decoy}"
+    );
     assert!(
         (r.recall_no_memory_nll - none).abs() < 1e-4,
         "{} vs {none}",
         r.recall_no_memory_nll
     );
-    let carried = (none - r.recall_beacon_nll) / (none - full);
+    let carried = (r.recall_beacon_decoy_nll - r.recall_beacon_nll) / (full_decoy - full);
     assert!((r.recall_carried.unwrap() - carried).abs() < 1e-6);
     assert!(r.recall_beacon_nll.is_finite() && r.recall_beacon_nll > 0.0);
 
@@ -96,8 +113,8 @@ fn recall_eval_matches_the_independent_views_at_the_answers() {
     let mix2 = other.recall.as_ref().unwrap();
     for (i, text) in t.heldout.iter().enumerate() {
         assert_eq!(
-            mix.build_heldout(text, i).unwrap(),
-            mix2.build_heldout(text, i).unwrap()
+            mix.build_heldout(text, i, false).unwrap(),
+            mix2.build_heldout(text, i, false).unwrap()
         );
     }
     // ... while their training recall samples differ (draws whose facts fit this short sample).
