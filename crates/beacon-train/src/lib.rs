@@ -75,7 +75,9 @@ pub struct TrainArgs {
     #[arg(long, value_enum, default_value_t = Objective::Lm)]
     pub objective: Objective,
     /// Fraction of samples turned into recall samples: facts planted in early windows and asked for at
-    /// the end, or a span to repeat; loss on the answers only (see recall.rs).
+    /// the end, or a span to repeat; loss on the answers only (see recall.rs). Each evaluation then
+    /// also measures held-out recall: how much of what full attention gains from the planted facts
+    /// (against decoys) reading them through the beacons gets.
     #[arg(long, default_value_t = 0.0)]
     pub recall_mix: f64,
     /// Label weighting of plain samples: none, or long-gain = min(exp(nll_window − nll_full), cap)
@@ -119,7 +121,8 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
 
-    /// Held-out evaluation every N updates (0 = never).
+    /// Held-out evaluation every N updates (0 = never). With `--recall-mix`, held-out recall is also
+    /// measured for the starting weights, so `--stop-after 0` measures a weight file.
     #[arg(long, default_value_t = 25)]
     pub eval_every: u64,
     /// Held-out samples per evaluation.
