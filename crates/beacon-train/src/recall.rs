@@ -313,8 +313,8 @@ impl RecallMix {
         let n_facts = 1 + d.below(6);
         let facts: Vec<Fact> = (0..n_facts).map(|_| fact(&mut d)).collect();
         // Decoy facts come from their own stream so the rest of the draws (and the layout) match.
-        let mut decoy_draw = Draw(SplitMix64(d.0 .0 ^ 0xdec0_de5e_ed00));
         let decoys: Vec<Fact> = if decoy {
+            let mut decoy_draw = Draw(SplitMix64(d.0 .0 ^ 0xdec0_de5e_ed00));
             (0..n_facts).map(|_| fact(&mut decoy_draw)).collect()
         } else {
             Vec::new()

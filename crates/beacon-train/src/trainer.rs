@@ -146,6 +146,16 @@ pub struct RecallEval {
     pub eval_s: f64,
 }
 
+/// Held-out recall samples (facts, decoys, answer tokens) and the sums of answer NLL that do not
+/// depend on the beacon weights.
+struct RecallSet {
+    samples: Vec<(Sample, Sample, usize)>,
+    answers: usize,
+    /// (facts, decoys) with full attention; None past the native window.
+    full: Option<(f64, f64)>,
+    no_memory: f64,
+}
+
 /// Peak resident set size of this process (VmHWM), MiB.
 pub fn peak_rss_mib() -> f64 {
     std::fs::read_to_string("/proc/self/status")
@@ -180,6 +190,8 @@ pub struct Trainer {
     /// dtype of exported weights (`beacon.safetensors`, `best/`).
     pub export_dtype: DType,
     last_checkpoint: Instant,
+    /// Built on the first held-out recall evaluation (`recall_set`).
+    recall_set: std::sync::OnceLock<Option<RecallSet>>,
 }
 
 impl Trainer {
@@ -226,6 +238,7 @@ impl Trainer {
             score: None,
             export_dtype: DType::BF16,
             last_checkpoint: Instant::now(),
+            recall_set: std::sync::OnceLock::new(),
         })
     }
 
@@ -452,55 +465,89 @@ impl Trainer {
     /// reading alone the share would also count answer-format priors that trained beacons add from
     /// the open window; the no-memory NLL is reported beside it.)
     pub fn evaluate_recall(&self) -> Result<Option<RecallEval>> {
+        let t = Instant::now();
+        let Some(set) = self.recall_set()? else {
+            return Ok(None);
+        };
+        let mut chooser = RatioChooser::new(&self.cfg, position_budget(&self.tm.plain.cfg));
+        chooser.rng = SplitMix64(0x4eca11);
+        let (mut beacon, mut beacon_decoy) = (0f64, 0f64);
+        for (i, (facts, decoys, answers)) in set.samples.iter().enumerate() {
+            let windows = objective::plan_windows(&self.cfg, &mut chooser, facts.tokens.len());
+            for (sum, sample) in [(&mut beacon, facts), (&mut beacon_decoy, decoys)] {
+                let (l, n) = labelled_nll(
+                    &self.tm.plain,
+                    &self.cfg,
+                    Mode::Beacon,
+                    &sample.tokens,
+                    sample.label_weights.as_deref(),
+                    &windows,
+                )?;
+                if n != *answers {
+                    bail!("held-out recall sample {i}: {n} answer tokens read through the beacons, {answers} without");
+                }
+                *sum += l;
+            }
+        }
+        let per_token = |x: f64| x / set.answers as f64;
+        let (beacon, beacon_decoy) = (per_token(beacon), per_token(beacon_decoy));
+        let full = set.full.map(|(f, fd)| (per_token(f), per_token(fd)));
+        Ok(Some(RecallEval {
+            step: self.state.step,
+            recall_beacon_nll: beacon,
+            recall_beacon_decoy_nll: beacon_decoy,
+            recall_full_nll: full.map(|(f, _)| f),
+            recall_full_decoy_nll: full.map(|(_, fd)| fd),
+            recall_no_memory_nll: per_token(set.no_memory),
+            recall_carried: full.map(|(f, fd)| (beacon_decoy - beacon) / (fd - f)),
+            recall_answer_tokens: set.answers,
+            eval_s: t.elapsed().as_secs_f64(),
+        }))
+    }
+
+    /// The held-out recall samples and the readings that do not depend on the beacon weights (full
+    /// attention and no memory: the backbone is frozen), built on the first evaluation and kept.
+    /// None without a recall mix or when no held-out sample holds a question.
+    fn recall_set(&self) -> Result<Option<&RecallSet>> {
         let Some(mix) = &self.recall else {
             return Ok(None);
         };
-        let t = Instant::now();
-        let mut chooser = RatioChooser::new(&self.cfg, position_budget(&self.tm.plain.cfg));
-        chooser.rng = SplitMix64(0x4eca11);
-        let no_memory = Mode::WindowOnly {
-            sink: self.cfg.sink_size,
-            window: self.cfg.window,
-        };
+        if let Some(set) = self.recall_set.get() {
+            return Ok(set.as_ref());
+        }
         // Full attention past the native window extrapolates positions: not a reference then.
         let full_fits = self
             .heldout
             .iter()
             .all(|t| t.len() <= position_budget(&self.tm.plain.cfg));
-        // (mode, decoy) readings: beacon, beacon decoy, full, full decoy, no memory.
-        let readings = [
-            (Mode::Beacon, false),
-            (Mode::Beacon, true),
-            (Mode::Full, false),
-            (Mode::Full, true),
-            (no_memory, false),
-        ];
-        let mut sums = [0f64; 5];
-        let mut answers = 0usize;
+        let no_memory = Mode::WindowOnly {
+            sink: self.cfg.sink_size,
+            window: self.cfg.window,
+        };
+        let mut chooser = RatioChooser::new(&self.cfg, position_budget(&self.tm.plain.cfg));
+        let (mut full, mut full_decoy, mut none) = (0f64, 0f64, 0f64);
+        let mut samples = Vec::new();
         for (i, text) in self.heldout.iter().enumerate() {
             let facts = mix.build_heldout(text, i, false)?;
-            let Some(weights) = facts.label_weights.as_deref() else {
+            if facts.label_weights.is_none() {
                 continue; // too short to hold a recall question
-            };
+            }
             let decoys = mix.build_heldout(text, i, true)?;
-            let decoy_weights = decoys.label_weights.as_deref().context("decoy sample")?;
+            // Window bounds only: these modes ignore the ratios.
             let windows = objective::plan_windows(&self.cfg, &mut chooser, facts.tokens.len());
+            let mut readings = vec![(&mut none, &facts, no_memory.clone())];
+            if full_fits {
+                readings.push((&mut full, &facts, Mode::Full));
+                readings.push((&mut full_decoy, &decoys, Mode::Full));
+            }
             let mut counts = Vec::new();
-            for (sum, (mode, decoy)) in sums.iter_mut().zip(&readings) {
-                if *mode == Mode::Full && !full_fits {
-                    continue;
-                }
-                let (tokens, w) = if *decoy {
-                    (&decoys.tokens, decoy_weights)
-                } else {
-                    (&facts.tokens, weights)
-                };
+            for (sum, sample, mode) in readings {
                 let (l, n) = labelled_nll(
                     &self.tm.plain,
                     &self.cfg,
-                    mode.clone(),
-                    tokens,
-                    Some(w),
+                    mode,
+                    &sample.tokens,
+                    sample.label_weights.as_deref(),
                     &windows,
                 )?;
                 *sum += l;
@@ -511,23 +558,16 @@ impl Trainer {
                     "held-out recall sample {i}: answer counts differ between readings: {counts:?}"
                 );
             }
-            answers += counts[0];
+            samples.push((facts, decoys, counts[0]));
         }
-        if answers == 0 {
-            return Ok(None);
-        }
-        let [beacon, beacon_decoy, full, full_decoy, none] = sums.map(|x| x / answers as f64);
-        Ok(Some(RecallEval {
-            step: self.state.step,
-            recall_beacon_nll: beacon,
-            recall_beacon_decoy_nll: beacon_decoy,
-            recall_full_nll: full_fits.then_some(full),
-            recall_full_decoy_nll: full_fits.then_some(full_decoy),
-            recall_no_memory_nll: none,
-            recall_carried: full_fits.then_some((beacon_decoy - beacon) / (full_decoy - full)),
-            recall_answer_tokens: answers,
-            eval_s: t.elapsed().as_secs_f64(),
-        }))
+        let answers = samples.iter().map(|s| s.2).sum();
+        let set = (answers > 0).then(|| RecallSet {
+            samples,
+            answers,
+            full: full_fits.then_some((full, full_decoy)),
+            no_memory: none,
+        });
+        Ok(self.recall_set.get_or_init(|| set).as_ref())
     }
 
     /// Write `beacon.safetensors` (released tensor names; low-rank merged) and `beacon_config.json`
