@@ -5,8 +5,8 @@
 //!
 //! Everything here is ours and deliberately unlike the evaluation's tasks (`beacon eval needle`):
 //! other sentence templates, keys made of invented names / places / objects instead of adjective–noun
-//! pairs, and numbers of 3, 4 or 6 digits (the evaluation draws 5- and 7-digit values). A test checks
-//! that the evaluation's phrases never occur here.
+//! pairs, and numbers of 2, 3, 4, 6, 8 or 9 digits in training (held-out recall keeps 3, 4 or 6; the
+//! evaluation draws 5- and 7-digit values). A test checks that the evaluation's phrases never occur here.
 //!
 //! Draws are seeded by (run seed, update, sample within the update), so a resumed run rebuilds
 //! exactly the samples it would have built.
@@ -179,7 +179,9 @@ const COPY_FORMS: [&str; 3] = [
     "\nContinue the quotation from above: \"",
 ];
 
-struct Draw(SplitMix64);
+/// A seeded stream of choices. `wide` (training draws) spreads numbers over more lengths so that a
+/// learned "answers are 3–6-digit numbers" prior is worth less than remembering the number.
+struct Draw(SplitMix64, bool);
 
 impl Draw {
     fn below(&mut self, n: usize) -> usize {
@@ -194,14 +196,13 @@ impl Draw {
         s[..1].make_ascii_uppercase();
         s
     }
-    /// 3, 4 or 6 digits (never 5 or 7: those are the evaluation's).
+    /// Never 5 or 7 digits (those are the evaluation's): training draws 2, 3, 4, 6, 8 or 9 digits,
+    /// held-out draws 3, 4 or 6 (as when the held-out set was first measured, so readings compare).
     fn number(&mut self) -> String {
-        let (lo, hi) = match self.below(3) {
-            0 => (100, 1_000),
-            1 => (1_000, 10_000),
-            _ => (100_000, 1_000_000),
-        };
-        (lo + self.below(hi - lo)).to_string()
+        let lengths: &[u32] = if self.1 { &[2, 3, 4, 6, 8, 9] } else { &[3, 4, 6] };
+        let digits = lengths[self.below(lengths.len())];
+        let lo = 10usize.pow(digits - 1);
+        (lo + self.below(9 * lo)).to_string()
     }
     fn code(&mut self) -> String {
         let letter = (b'A' + self.below(26) as u8) as char;
@@ -268,15 +269,15 @@ impl RecallMix {
     }
 
     fn draw(&self, step: u64, k: usize) -> Draw {
-        Self::draw_seeded(self.seed, step, k)
+        Self::draw_seeded(self.seed, step, k, true)
     }
 
-    fn draw_seeded(seed: u64, step: u64, k: usize) -> Draw {
+    fn draw_seeded(seed: u64, step: u64, k: usize, wide_numbers: bool) -> Draw {
         let mut r = SplitMix64(
             seed ^ 0x5ec0_11ab ^ step.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ (k as u64) << 48,
         );
         r.next_u64();
-        Draw(r)
+        Draw(r, wide_numbers)
     }
 
     /// Whether sample `k` of update `step` is a recall sample.
@@ -301,7 +302,7 @@ impl RecallMix {
     /// same, so the answer NLL with the decoy minus the NLL with the facts measures retrieval alone
     /// — answer-format priors that trained beacons can add from the open window cancel out.
     pub fn build_heldout(&self, text: &[u32], i: usize, decoy: bool) -> Result<Sample> {
-        self.build_with(text, Self::draw_seeded(HELDOUT_SEED, 0, i), decoy)
+        self.build_with(text, Self::draw_seeded(HELDOUT_SEED, 0, i, false), decoy)
     }
 
     fn build_with(&self, text: &[u32], mut d: Draw, decoy: bool) -> Result<Sample> {
@@ -314,7 +315,7 @@ impl RecallMix {
         let facts: Vec<Fact> = (0..n_facts).map(|_| fact(&mut d)).collect();
         // Decoy facts come from their own stream so the rest of the draws (and the layout) match.
         let decoys: Vec<Fact> = if decoy {
-            let mut decoy_draw = Draw(SplitMix64(d.0 .0 ^ 0xdec0_de5e_ed00));
+            let mut decoy_draw = Draw(SplitMix64(d.0 .0 ^ 0xdec0_de5e_ed00), d.1);
             (0..n_facts).map(|_| fact(&mut decoy_draw)).collect()
         } else {
             Vec::new()
@@ -436,10 +437,16 @@ mod tests {
 
     #[test]
     fn recall_numbers_avoid_the_evaluation_lengths() {
-        let mut d = Draw(SplitMix64(3));
-        for _ in 0..2000 {
-            let n = d.number();
-            assert!(matches!(n.len(), 3 | 4 | 6), "{n}");
+        for wide in [false, true] {
+            let mut d = Draw(SplitMix64(3), wide);
+            let mut seen = std::collections::BTreeSet::new();
+            for _ in 0..2000 {
+                let n = d.number();
+                assert!(!n.starts_with('0'), "{n}");
+                seen.insert(n.len());
+            }
+            let expected: Vec<usize> = if wide { vec![2, 3, 4, 6, 8, 9] } else { vec![3, 4, 6] };
+            assert_eq!(seen.into_iter().collect::<Vec<_>>(), expected);
         }
     }
 
