@@ -199,7 +199,11 @@ impl Draw {
     /// Never 5 or 7 digits (those are the evaluation's): training draws 2, 3, 4, 6, 8 or 9 digits,
     /// held-out draws 3, 4 or 6 (as when the held-out set was first measured, so readings compare).
     fn number(&mut self) -> String {
-        let lengths: &[u32] = if self.1 { &[2, 3, 4, 6, 8, 9] } else { &[3, 4, 6] };
+        let lengths: &[u32] = if self.1 {
+            &[2, 3, 4, 6, 8, 9]
+        } else {
+            &[3, 4, 6]
+        };
         let digits = lengths[self.below(lengths.len())];
         let lo = 10usize.pow(digits - 1);
         (lo + self.below(9 * lo)).to_string()
@@ -244,6 +248,28 @@ pub fn template_phrases() -> Vec<String> {
     v.extend(QUERY_FORMS.iter().map(|s| s.to_string()));
     v.extend(COPY_FORMS.iter().map(|s| s.to_string()));
     v
+}
+
+/// Training fact `i` of a bank seeded by `seed`, as the text pieces a recall sample is made of:
+/// the statement planted in the text, the query head (a query form around the question, then the
+/// answer's lead) and the answer (the only tokens with loss). The same templates, number lengths and
+/// formatting as [`RecallMix::build`], so trainers outside this crate (`scripts/train_gpu.py`, fed by
+/// `examples/recall_bank.rs`) train on the same recall task and never on the evaluation's phrases.
+pub fn training_fact_texts(seed: u64, i: u64) -> (String, String, String) {
+    let mut d = RecallMix::draw_seeded(seed, i, 0, true);
+    let f = fact(&mut d);
+    let form = QUERY_FORMS[d.below(QUERY_FORMS.len())];
+    (
+        format!(" {} ", f.statement),
+        format!("{}{}", form.replace("{q}", &f.question), f.lead),
+        format!("{}.", f.answer),
+    )
+}
+
+/// The copy task's phrases: the request forms and the text between the span's first 8 tokens and
+/// the tokens to repeat (as [`RecallMix::build`] lays them out).
+pub fn copy_texts() -> (Vec<&'static str>, &'static str) {
+    (COPY_FORMS.to_vec(), "\" and go on:")
 }
 
 /// Seed of the held-out recall samples (fixed across runs).
@@ -445,7 +471,11 @@ mod tests {
                 assert!(!n.starts_with('0'), "{n}");
                 seen.insert(n.len());
             }
-            let expected: Vec<usize> = if wide { vec![2, 3, 4, 6, 8, 9] } else { vec![3, 4, 6] };
+            let expected: Vec<usize> = if wide {
+                vec![2, 3, 4, 6, 8, 9]
+            } else {
+                vec![3, 4, 6]
+            };
             assert_eq!(seen.into_iter().collect::<Vec<_>>(), expected);
         }
     }
