@@ -349,6 +349,73 @@ def export_parts(model, out_dir, meta, parts):
 
 
 # ----------------------------------------------------------------------------------------------
+HELD_OUT = ("pg28054", "pg6593", "pg3300", "pg4300", "pg4276", "pg6688", "pg2600", "pg1023")
+
+
+def pack_tokens(args):
+    """Training tokens for a device run from a Rust trainer's token cache (`runs/X/token-cache/`,
+    `<key>.json` + `<key>.bin` u32): every document not held out (docs/TRAINING.md "Data"), each
+    followed by EOS, as u16 (the default model's vocabulary fits)."""
+    import glob
+
+    parts, names = [], set()
+    for j in sorted(glob.glob(os.path.join(args.pack_tokens, "*.json"))):
+        docs = json.load(open(j))["docs"]
+        ids = np.fromfile(j[:-5] + ".bin", dtype=np.uint32)
+        if sum(n for _, n in docs) != len(ids):
+            sys.exit(f"error: {j}: the documents' lengths do not add up to {j[:-5]}.bin's {len(ids)} ids")
+        off = 0
+        for name, n in docs:
+            doc, off = ids[off:off + n], off + n
+            if name.split("/")[-1].split(".")[0] in HELD_OUT or name in names:
+                continue
+            names.add(name)
+            parts += [doc, np.array([args.eos], dtype=np.uint32)]
+    a = np.concatenate(parts)
+    if a.max() >= 2**16:
+        sys.exit(f"error: token id {a.max()} does not fit u16")
+    a.astype(np.uint16).tofile(args.out + ".tmp")
+    os.replace(args.out + ".tmp", args.out)
+    print(f"{args.out}: {len(names)} documents, {len(a):,} tokens")
+
+
+SCORE_DOCS = ("pg6593", "pg3300", "pg4300", "pg4276", "pg6688")  # crates/beacon-train/src/score.rs
+
+
+def pack_score(args):
+    """The spans of the Rust trainer's checkpoint score (score.rs: 2 spans of 4,096 tokens per
+    document, spread evenly inside it), as u16 rows, so a device run ranks its weights by the same
+    quantity `beacon train --score-every` reports."""
+    import glob
+
+    docs = {}
+    for j in sorted(glob.glob(os.path.join(args.pack_score, "*.json"))):
+        ids = np.fromfile(j[:-5] + ".bin", dtype=np.uint32)
+        off = 0
+        for name, n in json.load(open(j))["docs"]:
+            docs[name] = ids[off:off + n]
+            off += n
+    rows = []
+    for name in SCORE_DOCS:
+        if name not in docs:
+            sys.exit(f"error: {args.pack_score}: no tokens of {name}")
+        ids, per_doc = docs[name], 2
+        room = len(ids) - args.len
+        rows += [ids[(j + 1) * room // (per_doc + 1):][:args.len] for j in range(per_doc)]
+    np.stack(rows).astype(np.uint16).tofile(args.out)
+    print(f"{args.out}: {len(rows)} spans of {args.len} tokens")
+
+
+def score(model, spans, ratio, window, sink, scored):
+    """PPL of the last `scored` tokens of each span read at one ratio (inference layout: the open
+    window holds beacons too), pooled over spans — the Rust trainer's checkpoint score."""
+    with torch.no_grad():
+        L = spans.shape[1]
+        nll, n = sequence_nll(model, spans, [ratio] * math.ceil(L / window), window, sink,
+                              beacons_in_last=True, score_from=L - scored - 1)
+    return math.exp(nll.sum().item() / n.sum().item())
+
+
 def merge(args):
     """Join the `beacon.part*.safetensors` a device run wrote into one `beacon.safetensors`."""
     import glob
@@ -415,8 +482,30 @@ def train(args):
     train_t0 = time.time()
     budget = args.deadline_s - (train_t0 - t_start)
     step, seen, last_save = 0, 0, time.time()
+    spans = None
+    if args.score_tokens:
+        spans = torch.from_numpy(np.fromfile(args.score_tokens, dtype=np.uint16).astype(np.int64)).view(-1, args.len).to(dev)
+    best = float("inf")
+
+    def score_and_keep(final=False):
+        nonlocal best, last_save
+        ts = time.time()
+        ppl = score(model, spans, args.ratio, args.window, args.sink, args.scored)
+        kept = ppl < best
+        if kept:
+            best = ppl
+            export_parts(model, args.out, {**meta, "step": step, "tokens": seen, "score_ppl": ppl}, args.parts)
+        rec = {"step": step, "tokens": seen, "score_ppl": ppl, "kept": kept, "score_s": round(time.time() - ts, 1),
+               "elapsed_s": round(time.time() - t_start, 1)}
+        log.write(json.dumps(rec) + "\n")
+        log.flush()
+        print(json.dumps(rec), flush=True)
+        last_save = time.time()
+
     meta = {"recall_mix": args.recall_mix, "recall_weight": args.recall_weight, "ratios": args.ratios, "seq_lens": args.seq_lens, "lr": args.lr, "window": args.window,
             "sink": args.sink, "tokens_per_step": args.tokens_per_step, "seed": args.seed}
+    if spans is not None:
+        score_and_keep()
     while True:
         frac = (time.time() - train_t0) / budget
         if frac >= 1.0 or (args.max_steps and step >= args.max_steps):
@@ -442,6 +531,7 @@ def train(args):
             is_recall = torch.tensor([j < n_recall for j in range(B)], device=dev)
             tokens = torch.from_numpy(np.stack(rows)).to(dev)
             weights = torch.from_numpy(np.stack(wrows)).to(dev)
+            oom = False
             try:
                 ts = time.time()
                 nll, n = sequence_nll(model, tokens, ratios, args.window, args.sink, beacons_in_last=False,
@@ -453,11 +543,15 @@ def train(args):
                 loss.backward()
                 break
             except torch.OutOfMemoryError:
+                oom = True
+            # Free the failed step's graph only here, outside the `except`: inside it the traceback
+            # still holds every activation, and a retry at half the batch ran out of memory again.
+            if oom:
+                nll = n = plain = recall = loss = tokens = weights = None
                 opt.zero_grad(set_to_none=True)
-                nll = loss = None
                 torch.cuda.empty_cache()
                 if batch[L] == 1:
-                    raise
+                    sys.exit(f"error: out of memory at batch 1 × {L} tokens; lower --seq-lens")
                 batch[L] = max(1, batch[L] // 2)
                 print(f"out of memory at batch {B} × {L}: batch {batch[L]}", flush=True)
         gn = torch.nn.utils.clip_grad_norm_(params, args.clip)
@@ -475,10 +569,16 @@ def train(args):
         log.flush()
         if step <= 3 or step % args.print_every == 0:
             print(json.dumps(rec), flush=True)
-        if time.time() - last_save > args.save_every_s:
+        if spans is not None:
+            if time.time() - last_save > args.score_every_s:
+                score_and_keep()
+        elif time.time() - last_save > args.save_every_s:
             export_parts(model, args.out, {**meta, "step": step, "tokens": seen}, args.parts)
             last_save = time.time()
-    export_parts(model, args.out, {**meta, "step": step, "tokens": seen}, args.parts)
+    if spans is not None:
+        score_and_keep()
+    else:
+        export_parts(model, args.out, {**meta, "step": step, "tokens": seen}, args.parts)
     print(json.dumps({"done": True, "steps": step, "tokens": seen, "elapsed_s": round(time.time() - t_start, 1)}),
           flush=True)
 
@@ -486,6 +586,12 @@ def train(args):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--gguf")
+    ap.add_argument("--pack-tokens", help="a Rust run's token-cache directory: write training tokens to --out")
+    ap.add_argument("--eos", type=int, default=2, help="EOS id put after each document (--pack-tokens)")
+    ap.add_argument("--pack-score", help="a Rust run's token-cache directory: write the score spans to --out")
+    ap.add_argument("--score-only", help="score spans file: print the score of --beacon (CPU, f32)")
+    ap.add_argument("--score-tokens", help="score spans file: score during training, keep the best weights")
+    ap.add_argument("--score-every-s", type=float, default=60)
     ap.add_argument("--merge", help="directory of beacon.part*.safetensors: join them into --out (a file)")
     ap.add_argument("--window", type=int, default=512)
     ap.add_argument("--sink", type=int, default=1)
@@ -519,7 +625,18 @@ def main():
     ap.add_argument("--facts-max", type=int, default=8)
     ap.add_argument("--memory-fraction", type=float, default=1.0, help="cap on this process's GPU memory")
     args = ap.parse_args()
-    if args.merge:
+    if args.pack_score:
+        pack_score(args)
+    elif args.score_only:
+        cfg, t = load_gguf(args.gguf)
+        model = BeaconModel(cfg, t, torch.float32, "cpu")
+        if args.beacon:
+            model.load_beacons(args.beacon)
+        spans = torch.from_numpy(np.fromfile(args.score_only, dtype=np.uint16).astype(np.int64)).view(-1, args.len)
+        print(json.dumps({"score_ppl": score(model, spans, args.ratio, args.window, args.sink, args.scored)}))
+    elif args.pack_tokens:
+        pack_tokens(args)
+    elif args.merge:
         merge(args)
     elif args.parity:
         parity(args)
