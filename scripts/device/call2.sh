@@ -1,7 +1,7 @@
 #!/bin/bash
 # Device call 2 (carry .dev/p2), right after call 1: join and check the model and the tokens, then
-# train one run (ARGS, added to scripts/train_gpu.py's) until DL seconds; the weights come back as
-# $OUT/run/beacon.part*.safetensors (join them with train_gpu.py --merge).
+# train one run (ARGS, added to scripts/train_gpu.py's) until DL seconds, scoring it every minute;
+# the best-scoring weights come back as $OUT/run/beacon.part*.safetensors (join: train_gpu.py --merge).
 #   DL=480 ARGS="--lr 5e-4 --recall-mix 0.25" bash scripts/device/call2.sh
 set -u
 T0=$(date +%s)
@@ -14,5 +14,5 @@ wait
 (cd /tmp/w && sha256sum -c "$OLDPWD/.dev/p2/SHA256SUMS") || { echo "error: checksum"; exit 3; }
 python3 scripts/train_gpu.py --gguf /tmp/w/model.gguf --tokens /tmp/w/train.u16 --recall-bank .dev/p2/facts \
   --seq-lens 8192 --tokens-per-step 65536 --memory-fraction 0.92 --save-every-s 60 --print-every 20 \
-  --deadline-s "${DL:-480}" --out "$OUT/run" ${ARGS:-} 2>&1 | grep -v -i warn | tail -12
+  --score-tokens .dev/p2/score.u16 --deadline-s "${DL:-480}" --out "$OUT/run" ${ARGS:-} 2>&1 | grep -v -i warn | tail -12
 echo "call 2 done in $(( $(date +%s) - T0 )) s"
