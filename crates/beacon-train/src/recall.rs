@@ -461,6 +461,28 @@ mod tests {
         }
     }
 
+    /// The fact bank that feeds `scripts/train_gpu.py` is seeded (same facts on every machine) and
+    /// laid out as `build` lays a fact out: planted statement between spaces, a query head that asks
+    /// and leads into the answer, an answer that is one of the statement's values and ends the sentence.
+    #[test]
+    fn fact_texts_are_seeded_and_laid_out_as_recall_samples() {
+        assert_eq!(training_fact_texts(7, 3), training_fact_texts(7, 3));
+        assert_ne!(training_fact_texts(7, 3), training_fact_texts(7, 4));
+        for i in 0..200 {
+            let (statement, head, answer) = training_fact_texts(11, i);
+            assert!(
+                statement.starts_with(' ') && statement.ends_with(' '),
+                "{statement:?}"
+            );
+            assert!(QUERY_FORMS
+                .iter()
+                .any(|f| head.starts_with(f.split("{q}").next().unwrap())));
+            assert!(answer.ends_with('.'), "{answer:?}");
+            let value = answer.trim().trim_end_matches('.');
+            assert!(statement.contains(value), "{value:?} not in {statement:?}");
+        }
+    }
+
     #[test]
     fn recall_numbers_avoid_the_evaluation_lengths() {
         for wide in [false, true] {
