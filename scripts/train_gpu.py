@@ -141,7 +141,8 @@ class BeaconModel(torch.nn.Module):
 
     def window(self, ids, bslots, mem, mem_len):
         """One window: `ids` [B, T] raw ids (beacon slots hold any id), `bslots` the beacon slot
-        indices (LongTensor, may be empty), `mem` per layer (K, V) pre-RoPE [B, kv, mem_len, d] or None.
+        indices (LongTensor, may be empty), `mem` per layer (K rotated at its memory positions, V)
+        [B, kv, mem_len, d] or None.
         Returns the final hidden states [B, T, D] (before the final norm) and per layer this window's
         pre-RoPE (K, V) [B, kv, T, d]."""
         cfg, dt = self.cfg, self.dtype
@@ -167,15 +168,14 @@ class BeaconModel(torch.nn.Module):
             k = k.view(B, T, KV, d).transpose(1, 2)
             v = v.view(B, T, KV, d).transpose(1, 2)
             kvs.append((k, v))
+            # Memory keys arrive rotated: an entry's position never changes once it is in memory
+            # (sink at 0, beacon j at sink + j), so it is rotated once, when its window closes.
+            qr, kr = self.rope(q, mem_len, T), self.rope(k, mem_len, T)
             if mem is not None:
-                K, V = torch.cat((mem[i][0], k), 2), torch.cat((mem[i][1], v), 2)
+                K, V = torch.cat((mem[i][0], kr), 2), torch.cat((mem[i][1], v), 2)
             else:
-                K, V = k, v
-            qr = self.rope(q, mem_len, T)
-            Kr = self.rope(K, 0, mem_len + T)
-            rep = H // KV
-            Kr, V = Kr.repeat_interleave(rep, 1), V.repeat_interleave(rep, 1)
-            a = F.scaled_dot_product_attention(qr, Kr, V, attn_mask=mask)
+                K, V = kr, v
+            a = F.scaled_dot_product_attention(qr, K, V, attn_mask=mask, enable_gqa=True)
             a = a.transpose(1, 2).reshape(B, T, H * d)
             o = a @ L["o"].T
             if nb:
@@ -246,8 +246,10 @@ def sequence_nll(model, tokens, ratios, window, sink, beacons_in_last, score_fro
             break
         # Close the window: memory = sink (first entry of the first window) + every beacon so far.
         if sink_kv is None and sink > 0:
-            sink_kv = [(k[:, :, :sink], v[:, :, :sink]) for k, v in kvs]
-        new = [(k.index_select(2, bslots), v.index_select(2, bslots)) for k, v in kvs]
+            sink_kv = [(model.rope(k[:, :, :sink], 0, sink), v[:, :, :sink]) for k, v in kvs]
+        start = mem_len if mem is not None else (sink if sink_kv is not None else 0)
+        nb = bslots.numel()
+        new = [(model.rope(k.index_select(2, bslots), start, nb), v.index_select(2, bslots)) for k, v in kvs]
         if mem is None:
             mem = [(torch.cat((sk, nk), 2), torch.cat((sv, nv), 2)) for (sk, sv), (nk, nv) in zip(sink_kv, new)] \
                 if sink_kv is not None else new
@@ -349,6 +351,36 @@ def export_parts(model, out_dir, meta, parts):
 
 
 # ----------------------------------------------------------------------------------------------
+def write_tiny_gguf(path, seed=0):
+    """A 2-layer random llama GGUF with the default model's vocabulary size (so real training tokens
+    fit): a device call's smoke test of this script before the real model has arrived."""
+    import gguf
+
+    rng = np.random.default_rng(seed)
+    V, D, Fd, L, H, KV = 49152, 32, 64, 2, 2, 1
+    w = gguf.GGUFWriter(path, "llama")
+    for key, val in (("block_count", L), ("context_length", 8192), ("embedding_length", D),
+                     ("feed_forward_length", Fd), ("attention.head_count", H), ("attention.head_count_kv", KV)):
+        w.add_uint32(f"llama.{key}", val)
+    w.add_float32("llama.rope.freq_base", 10000.0)
+    w.add_float32("llama.attention.layer_norm_rms_epsilon", 1e-5)
+    w.add_uint32("tokenizer.ggml.eos_token_id", 2)
+    rand = lambda *shape: (rng.standard_normal(shape) * 0.05).astype(np.float16)
+    w.add_tensor("token_embd.weight", rand(V, D))
+    w.add_tensor("output_norm.weight", np.ones(D, np.float32))
+    for i in range(L):
+        p, hd = f"blk.{i}.", D // H
+        for n in ("attn_norm", "ffn_norm"):
+            w.add_tensor(p + n + ".weight", np.ones(D, np.float32))
+        for n, shape in (("attn_q", (D, D)), ("attn_k", (KV * hd, D)), ("attn_v", (KV * hd, D)),
+                         ("attn_output", (D, D)), ("ffn_gate", (Fd, D)), ("ffn_up", (Fd, D)), ("ffn_down", (D, Fd))):
+            w.add_tensor(p + n + ".weight", rand(*shape))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
 HELD_OUT = ("pg28054", "pg6593", "pg3300", "pg4300", "pg4276", "pg6688", "pg2600", "pg1023")
 
 
@@ -585,7 +617,8 @@ def train(args):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--gguf")
+    ap.add_argument("--gguf", help="the backbone (llama GGUF)")
+    ap.add_argument("--write-tiny-gguf", help="write a tiny random llama GGUF here (smoke tests)")
     ap.add_argument("--pack-tokens", help="a Rust run's token-cache directory: write training tokens to --out")
     ap.add_argument("--eos", type=int, default=2, help="EOS id put after each document (--pack-tokens)")
     ap.add_argument("--pack-score", help="a Rust run's token-cache directory: write the score spans to --out")
@@ -625,7 +658,9 @@ def main():
     ap.add_argument("--facts-max", type=int, default=8)
     ap.add_argument("--memory-fraction", type=float, default=1.0, help="cap on this process's GPU memory")
     args = ap.parse_args()
-    if args.pack_score:
+    if args.write_tiny_gguf:
+        write_tiny_gguf(args.write_tiny_gguf)
+    elif args.pack_score:
         pack_score(args)
     elif args.score_only:
         cfg, t = load_gguf(args.gguf)

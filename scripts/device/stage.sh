@@ -15,6 +15,8 @@ mkdir -p .git/info .dev/p1 .dev/p2 .dev/tmp
 grep -qx "/.dev/" .git/info/exclude 2>/dev/null || echo "/.dev/" >> .git/info/exclude
 python3 scripts/train_gpu.py --pack-tokens "$CACHE" --out .dev/tmp/train.u16
 python3 scripts/train_gpu.py --pack-score "$CACHE" --out .dev/p2/score.u16
+python3 scripts/train_gpu.py --write-tiny-gguf .dev/p1/tiny.gguf
+python3 -c "import numpy as np; np.fromfile('.dev/tmp/train.u16', dtype=np.uint16)[:200000].tofile('.dev/p1/tiny.u16')"
 cargo run -q --release -p beacon-train --example recall_bank -- .dev/tmp/facts 20000
 python3 -m pip download -q --no-deps --only-binary=:all: -d .dev/tmp gguf==0.19.0
 xz -T0 -6 -c "$GGUF" > .dev/tmp/model.gguf.xz
