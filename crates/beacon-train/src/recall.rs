@@ -239,6 +239,24 @@ fn fact(d: &mut Draw) -> Fact {
     }
 }
 
+impl Fact {
+    /// The statement as planted in the text.
+    fn planted(&self) -> String {
+        format!(" {} ", self.statement)
+    }
+    /// The query block's text before the answer: `form` around the question, then the lead.
+    fn query_head(&self, form: &str) -> String {
+        format!("{}{}", form.replace("{q}", &self.question), self.lead)
+    }
+    /// The answer tokens' text (the only ones with loss).
+    fn answer_text(&self) -> String {
+        format!("{}.", self.answer)
+    }
+}
+
+/// What stands between the span's first 8 tokens and the tokens to repeat, in the copy task.
+const COPY_MID: &str = "\" and go on:";
+
 /// Every fixed phrase this module can emit (for the disjointness test with the evaluation).
 pub fn template_phrases() -> Vec<String> {
     let mut v = Vec::new();
@@ -259,17 +277,13 @@ pub fn training_fact_texts(seed: u64, i: u64) -> (String, String, String) {
     let mut d = RecallMix::draw_seeded(seed, i, 0, true);
     let f = fact(&mut d);
     let form = QUERY_FORMS[d.below(QUERY_FORMS.len())];
-    (
-        format!(" {} ", f.statement),
-        format!("{}{}", form.replace("{q}", &f.question), f.lead),
-        format!("{}.", f.answer),
-    )
+    (f.planted(), f.query_head(form), f.answer_text())
 }
 
 /// The copy task's phrases: the request forms and the text between the span's first 8 tokens and
 /// the tokens to repeat (as [`RecallMix::build`] lays them out).
 pub fn copy_texts() -> (Vec<&'static str>, &'static str) {
-    (COPY_FORMS.to_vec(), "\" and go on:")
+    (COPY_FORMS.to_vec(), COPY_MID)
 }
 
 /// Seed of the held-out recall samples (fixed across runs).
@@ -360,13 +374,12 @@ impl RecallMix {
         for &i in &order {
             let f = &facts[i];
             let form = QUERY_FORMS[d.below(QUERY_FORMS.len())];
-            let head = format!("{}{}", form.replace("{q}", &f.question), f.lead);
-            push((self.encode)(&head)?, false, &mut query);
-            push((self.encode)(&format!("{}.", f.answer))?, true, &mut query);
+            push((self.encode)(&f.query_head(form))?, false, &mut query);
+            push((self.encode)(&f.answer_text())?, true, &mut query);
         }
         let planted: Vec<Vec<u32>> = if decoy { &decoys } else { &facts }
             .iter()
-            .map(|f| (self.encode)(&format!(" {} ", f.statement)))
+            .map(|f| (self.encode)(&f.planted()))
             .collect::<Result<_>>()?;
         let planted_len: usize = planted.iter().map(|p| p.len()).sum();
         // A span to copy: 8 prompt tokens + 16..48 copied, chosen from the filler later.
@@ -374,7 +387,7 @@ impl RecallMix {
         let copy_len = 16 + d.below(33);
         let copy_form = COPY_FORMS[d.below(COPY_FORMS.len())];
         let copy_head = (self.encode)(copy_form)?;
-        let copy_mid = (self.encode)("\" and go on:")?;
+        let copy_mid = (self.encode)(COPY_MID)?;
         let copy_total = if copy {
             copy_head.len() + 8 + copy_mid.len() + copy_len
         } else {
