@@ -384,25 +384,33 @@ def write_tiny_gguf(path, seed=0):
 HELD_OUT = ("pg28054", "pg6593", "pg3300", "pg4300", "pg4276", "pg6688", "pg2600", "pg1023")
 
 
-def pack_tokens(args):
-    """Training tokens for a device run from a Rust trainer's token cache (`runs/X/token-cache/`,
-    `<key>.json` + `<key>.bin` u32): every document not held out (docs/TRAINING.md "Data"), each
-    followed by EOS, as u16 (the default model's vocabulary fits)."""
+def read_token_cache(cache_dir):
+    """A Rust trainer's token cache (`runs/X/token-cache/`: `<key>.json` lists documents and lengths,
+    `<key>.bin` holds their u32 ids): (name, ids) for every document, in file order."""
     import glob
 
-    parts, names = [], set()
-    for j in sorted(glob.glob(os.path.join(args.pack_tokens, "*.json"))):
-        docs = json.load(open(j))["docs"]
+    docs = []
+    for j in sorted(glob.glob(os.path.join(cache_dir, "*.json"))):
+        lens = json.load(open(j))["docs"]
         ids = np.fromfile(j[:-5] + ".bin", dtype=np.uint32)
-        if sum(n for _, n in docs) != len(ids):
+        if sum(n for _, n in lens) != len(ids):
             sys.exit(f"error: {j}: the documents' lengths do not add up to {j[:-5]}.bin's {len(ids)} ids")
         off = 0
-        for name, n in docs:
-            doc, off = ids[off:off + n], off + n
-            if name.split("/")[-1].split(".")[0] in HELD_OUT or name in names:
-                continue
-            names.add(name)
-            parts += [doc, np.array([args.eos], dtype=np.uint32)]
+        for name, n in lens:
+            docs.append((name, ids[off:off + n]))
+            off += n
+    return docs
+
+
+def pack_tokens(args):
+    """Training tokens for a device run from a Rust trainer's token cache: every document not held
+    out (docs/TRAINING.md "Data"), each followed by EOS, as u16 (the default model's vocabulary fits)."""
+    parts, names = [], set()
+    for name, doc in read_token_cache(args.pack_tokens):
+        if name.split("/")[-1].split(".")[0] in HELD_OUT or name in names:
+            continue
+        names.add(name)
+        parts += [doc, np.array([args.eos], dtype=np.uint32)]
     a = np.concatenate(parts)
     if a.max() >= 2**16:
         sys.exit(f"error: token id {a.max()} does not fit u16")
@@ -418,15 +426,7 @@ def pack_score(args):
     """The spans of the Rust trainer's checkpoint score (score.rs: 2 spans of 4,096 tokens per
     document, spread evenly inside it), as u16 rows, so a device run ranks its weights by the same
     quantity `beacon train --score-every` reports."""
-    import glob
-
-    docs = {}
-    for j in sorted(glob.glob(os.path.join(args.pack_score, "*.json"))):
-        ids = np.fromfile(j[:-5] + ".bin", dtype=np.uint32)
-        off = 0
-        for name, n in json.load(open(j))["docs"]:
-            docs[name] = ids[off:off + n]
-            off += n
+    docs = dict(read_token_cache(args.pack_score))
     rows = []
     for name in SCORE_DOCS:
         if name not in docs:
@@ -471,11 +471,18 @@ def merge(args):
     print(f"{args.out}: {len(st)} tensors from {len(parts)} parts, {meta}")
 
 
-def parity(args):
+def cpu_model(args):
+    """The backbone in f32 on the CPU with `--beacon`'s weights (else backbone copies): the
+    engine's numerics, for the checks against it."""
     cfg, t = load_gguf(args.gguf)
     model = BeaconModel(cfg, t, torch.float32, "cpu")
     if args.beacon:
         model.load_beacons(args.beacon)
+    return model
+
+
+def parity(args):
+    model = cpu_model(args)
     toks = np.fromfile(args.parity, dtype=np.uint32)[: args.len].astype(np.int64)
     tokens = torch.from_numpy(toks).reshape(1, -1)
     n_win = math.ceil(args.len / args.window)
@@ -663,10 +670,7 @@ def main():
     elif args.pack_score:
         pack_score(args)
     elif args.score_only:
-        cfg, t = load_gguf(args.gguf)
-        model = BeaconModel(cfg, t, torch.float32, "cpu")
-        if args.beacon:
-            model.load_beacons(args.beacon)
+        model = cpu_model(args)
         spans = torch.from_numpy(np.fromfile(args.score_only, dtype=np.uint16).astype(np.int64)).view(-1, args.len)
         print(json.dumps({"score_ppl": score(model, spans, args.ratio, args.window, args.sink, args.scored)}))
     elif args.pack_tokens:
