@@ -381,7 +381,7 @@ def write_tiny_gguf(path, seed=0):
     w.close()
 
 
-HELD_OUT = ("pg28054", "pg6593", "pg3300", "pg4300", "pg4276", "pg6688", "pg2600", "pg1023")
+HELD_OUT = ("pg28054", "pg6593", "pg3300", "pg4300", "pg4276", "pg6688", "pg2600", "pg1023")  # the Rust trainer's default --heldout (docs/TRAINING.md "Data")
 
 
 def read_token_cache(cache_dir):
