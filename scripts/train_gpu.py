@@ -542,7 +542,8 @@ def train(args):
         last_save = time.time()
 
     meta = {"recall_mix": args.recall_mix, "recall_weight": args.recall_weight, "ratios": args.ratios, "seq_lens": args.seq_lens, "lr": args.lr, "window": args.window,
-            "sink": args.sink, "tokens_per_step": args.tokens_per_step, "seed": args.seed}
+            "sink": args.sink, "tokens_per_step": args.tokens_per_step, "seed": args.seed,
+            "window_start_weight": args.window_start_weight, "window_start_span": args.window_start_span}
     if spans is not None:
         score_and_keep()
     while True:
@@ -557,6 +558,13 @@ def train(args):
         L = lens[int(rng.integers(len(lens)))]
         n_win = math.ceil(L / args.window)
         ratios = [ratios_all[int(rng.integers(len(ratios_all)))] for _ in range(n_win)]
+        # Plain text's per-position weights: the first --window-start-span positions of every window
+        # after the first (where the open window holds few raw tokens and the model leans on the
+        # beacons) count --window-start-weight times.
+        plain_weights = np.ones(L, np.float32)
+        if args.window_start_weight != 1.0:
+            offs = np.arange(L) % args.window
+            plain_weights[(offs < args.window_start_span) & (np.arange(L) >= args.window)] = args.window_start_weight
         while True:
             B = batch[L]
             starts = rng.integers(0, len(data) - L, size=B)
@@ -566,7 +574,7 @@ def train(args):
                 text = data[st:st + L]
                 tw = bank.build(text, rng, args.window) if j < n_recall else (text.astype(np.int64), None)
                 rows.append(tw[0])
-                wrows.append(tw[1] if tw[1] is not None else np.ones(L, np.float32))
+                wrows.append(tw[1] if tw[1] is not None else plain_weights)
             is_recall = torch.tensor([j < n_recall for j in range(B)], device=dev)
             tokens = torch.from_numpy(np.stack(rows)).to(dev)
             weights = torch.from_numpy(np.stack(wrows)).to(dev)
@@ -660,6 +668,9 @@ def main():
     ap.add_argument("--bf16", action="store_true", help="bf16 activations on the CPU too (as on a GPU)")
     ap.add_argument("--recall-mix", type=float, default=0.0, help="share of each batch made recall samples")
     ap.add_argument("--recall-weight", type=float, default=1.0, help="recall answers' loss beside the text's")
+    ap.add_argument("--window-start-weight", type=float, default=1.0,
+                    help="loss weight of plain text's first --window-start-span positions in each window after the first")
+    ap.add_argument("--window-start-span", type=int, default=128)
     ap.add_argument("--recall-bank", default=".dev/facts", help="prefix of examples/recall_bank.rs's output")
     ap.add_argument("--facts-min", type=int, default=2)
     ap.add_argument("--facts-max", type=int, default=8)
