@@ -469,6 +469,16 @@ def merge(args):
     save_file(st, args.out + ".tmp", metadata=meta)
     os.replace(args.out + ".tmp", args.out)
     print(f"{args.out}: {len(st)} tensors from {len(parts)} parts, {meta}")
+    if args.config:
+        # Record how the weights were made in the `training` section of the beacon_config.json
+        # that ships beside them (the engine's loader reads only the beacon_* keys).
+        with open(args.config) as f:
+            cfg = json.load(f)
+        cfg["training"] = {"trainer": "scripts/train_gpu.py", **{k: meta[k] for k in sorted(meta)}}
+        with open(args.config + ".tmp", "w") as f:
+            json.dump(cfg, f, indent=2)
+        os.replace(args.config + ".tmp", args.config)
+        print(f"{args.config}: training section written")
 
 
 def cpu_model(args):
@@ -543,7 +553,8 @@ def train(args):
 
     meta = {"recall_mix": args.recall_mix, "recall_weight": args.recall_weight, "ratios": args.ratios, "seq_lens": args.seq_lens, "lr": args.lr, "window": args.window,
             "sink": args.sink, "tokens_per_step": args.tokens_per_step, "seed": args.seed,
-            "window_start_weight": args.window_start_weight, "window_start_span": args.window_start_span}
+            "window_start_weight": args.window_start_weight, "window_start_span": args.window_start_span,
+            "init_beacons": args.init_beacons or "backbone copies"}
     if spans is not None:
         score_and_keep()
     while True:
@@ -641,6 +652,8 @@ def main():
     ap.add_argument("--score-tokens", help="score spans file: score during training, keep the best weights")
     ap.add_argument("--score-every-s", type=float, default=60)
     ap.add_argument("--merge", help="directory of beacon.part*.safetensors: join them into --out (a file)")
+    ap.add_argument("--config", help="with --merge: a beacon_config.json to record the run's settings in "
+                    "(its `training` section)")
     ap.add_argument("--window", type=int, default=512)
     ap.add_argument("--sink", type=int, default=1)
     ap.add_argument("--parity", help="u32 token file: print PPL of the last --scored tokens of --len")

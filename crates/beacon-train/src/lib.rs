@@ -80,13 +80,19 @@ pub struct TrainArgs {
     /// (against decoys) reading them through the beacons gets.
     #[arg(long, default_value_t = 0.0)]
     pub recall_mix: f64,
-    /// Label weighting of plain samples: none, or long-gain = min(exp(nll_window − nll_full), cap)
-    /// from the cached backbone targets.
+    /// Label weighting of plain samples: none, long-gain = min(exp(nll_window − nll_full), cap)
+    /// from the cached backbone targets, or window-start (each window's first labels count more).
     #[arg(long, value_enum, default_value_t = trainer::TokenWeights::None)]
     pub token_weights: trainer::TokenWeights,
     /// Largest long-gain weight.
     #[arg(long, default_value_t = 5.0)]
     pub weight_cap: f64,
+    /// With `--token-weights window-start`: the weight of each window's first labels.
+    #[arg(long, default_value_t = 3.0)]
+    pub window_start_weight: f64,
+    /// With `--token-weights window-start`: how many labels at each window's start are weighted.
+    #[arg(long, default_value_t = 128)]
+    pub window_start_span: usize,
     /// Directory of cached backbone targets (shared by runs; entries are keyed by tokens + settings).
     #[arg(long, default_value = "runs/targets")]
     pub target_cache: PathBuf,
@@ -389,7 +395,17 @@ pub fn run(args: TrainArgs) -> Result<()> {
         recall_mix: args.recall_mix,
         token_weights: args.token_weights,
         weight_cap: args.weight_cap,
+        window_start_weight: args.window_start_weight,
+        window_start_span: args.window_start_span,
     };
+    if args.token_weights == trainer::TokenWeights::WindowStart
+        && !(args.window_start_weight > 0.0 && args.window_start_weight.is_finite())
+    {
+        bail!(
+            "--window-start-weight: expected a positive number, got {}",
+            args.window_start_weight
+        );
+    }
     if !(0.0..=1.0).contains(&args.recall_mix) {
         bail!(
             "--recall-mix: expected a fraction in [0, 1], got {}",
@@ -400,7 +416,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
     trainer.score = score_set;
     trainer.export_dtype = export_dtype(&args.export_dtype)?;
     if args.objective == Objective::DistillCached
-        || args.token_weights != trainer::TokenWeights::None
+        || args.token_weights == trainer::TokenWeights::LongGain
     {
         let spec = targets::TargetSpec {
             model_id: tok_id.clone(),

@@ -95,6 +95,17 @@ pub fn plan_windows(cfg: &BeaconConfig, chooser: &mut RatioChooser, len: usize) 
         .collect()
 }
 
+/// Label weights that count the first `span` positions of every window after the first `weight`
+/// times (the first window has no memory to use, so it keeps weight 1).
+pub fn window_start_weights(windows: &[WindowPlan], span: usize, weight: f32) -> Vec<f32> {
+    let len = windows.last().map_or(0, |w| w.start + w.len);
+    let mut out = vec![1.0; len];
+    for w in windows.iter().filter(|w| w.start > 0) {
+        out[w.start..w.start + span.min(w.len)].fill(weight);
+    }
+    out
+}
+
 /// The target rows of one window, for [`SoftCrossEntropy`].
 #[derive(Clone)]
 pub enum Target {

@@ -58,10 +58,24 @@ pub struct Settings {
     /// Largest long-gain weight.
     #[serde(default = "default_weight_cap")]
     pub weight_cap: f64,
+    /// Weight of the first `window_start_span` labels of every window after the first
+    /// ([`TokenWeights::WindowStart`]).
+    #[serde(default = "default_window_start_weight")]
+    pub window_start_weight: f64,
+    #[serde(default = "default_window_start_span")]
+    pub window_start_span: usize,
 }
 
 fn default_weight_cap() -> f64 {
     5.0
+}
+
+fn default_window_start_weight() -> f64 {
+    3.0
+}
+
+fn default_window_start_span() -> usize {
+    128
 }
 
 /// Label weighting of plain text samples.
@@ -74,6 +88,10 @@ pub enum TokenWeights {
     /// `min(exp(nll_window − nll_full), cap)` from the cached backbone targets: tokens only the far
     /// context predicts dominate (the LongCE / LongPPL idea).
     LongGain,
+    /// The first `window_start_span` labels of every window after the first weigh
+    /// `window_start_weight`: there the open window holds few raw tokens and the model leans on the
+    /// beacons, and that is where compression loses most to truncation (docs/TRAINING.md).
+    WindowStart,
 }
 
 /// Everything besides tensors that a resumed run needs to continue identically.
@@ -275,6 +293,9 @@ impl Trainer {
             || a.objective != b.objective
             || a.recall_mix != b.recall_mix
             || a.token_weights != b.token_weights
+            || (a.token_weights == TokenWeights::WindowStart
+                && (a.window_start_weight != b.window_start_weight
+                    || a.window_start_span != b.window_start_span))
         {
             bail!(
                 "checkpoint was trained with seq_len {} / {:?} / recall mix {} / token weights {:?}; resume with the same settings",
@@ -369,6 +390,13 @@ impl Trainer {
                     c,
                     self.settings.weight_cap as f32,
                 )),
+                (_, TokenWeights::WindowStart) if sample.label_weights.is_none() => {
+                    Some(objective::window_start_weights(
+                        &windows,
+                        self.settings.window_start_span,
+                        self.settings.window_start_weight as f32,
+                    ))
+                }
                 _ => None,
             };
             let objective =
@@ -582,7 +610,17 @@ impl Trainer {
             ratio_mix: RatioMix::Adapt(1024),
             ..self.cfg.clone()
         };
-        let text = serde_json::to_string_pretty(&BeaconKeys::from_config(&cfg))?;
+        // The beacon keys the engine reads, plus a `training` section (ignored by the loader) that
+        // says how the weights were made.
+        let mut json = serde_json::to_value(BeaconKeys::from_config(&cfg))?;
+        json["training"] = serde_json::json!({
+            "trainer": "beacon-train",
+            "settings": &self.settings,
+            "updates": self.state.step,
+            "tokens_seen": self.state.tokens_seen,
+            "elapsed_s": self.state.elapsed_s,
+        });
+        let text = serde_json::to_string_pretty(&json)?;
         beacon::util::atomic_write(&dir.join("beacon_config.json"), text.as_bytes())?;
         Ok(())
     }

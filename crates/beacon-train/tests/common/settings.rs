@@ -34,6 +34,8 @@ pub fn tiny_settings(seq_len: usize, steps: u64, lr: f64) -> Settings {
         recall_mix: 0.0,
         token_weights: Default::default(),
         weight_cap: 5.0,
+        window_start_weight: 3.0,
+        window_start_span: 128,
     }
 }
 
