@@ -297,8 +297,16 @@ impl Trainer {
                 && (a.window_start_weight != b.window_start_weight
                     || a.window_start_span != b.window_start_span))
         {
+            let window_start = if a.token_weights == TokenWeights::WindowStart {
+                format!(
+                    " (weight {} over the first {} labels)",
+                    a.window_start_weight, a.window_start_span
+                )
+            } else {
+                String::new()
+            };
             bail!(
-                "checkpoint was trained with seq_len {} / {:?} / recall mix {} / token weights {:?}; resume with the same settings",
+                "checkpoint was trained with seq_len {} / {:?} / recall mix {} / token weights {:?}{window_start}; resume with the same settings",
                 a.seq_len,
                 a.objective,
                 a.recall_mix,
@@ -385,7 +393,8 @@ impl Trainer {
                 }
                 _ => None,
             };
-            let gain_weights = match (&cached, self.settings.token_weights) {
+            // Label weights of a plain sample (recall samples carry their own).
+            let plain_weights = match (&cached, self.settings.token_weights) {
                 (Some(c), TokenWeights::LongGain) => Some(targets::long_gain_weights(
                     c,
                     self.settings.weight_cap as f32,
@@ -407,7 +416,7 @@ impl Trainer {
                 };
             let view = SampleView {
                 tokens: &sample.tokens,
-                label_weights: sample.label_weights.as_deref().or(gain_weights.as_deref()),
+                label_weights: sample.label_weights.as_deref().or(plain_weights.as_deref()),
                 cached: cached.as_ref(),
             };
             let (res, grads) = objective::sample_gradients(
