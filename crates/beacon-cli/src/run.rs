@@ -231,7 +231,7 @@ pub fn run(args: RunArgs) -> Result<()> {
         Some(format!("{:?}", g.finish).to_lowercase()),
     );
     eprintln!(
-        "[{} ratio {}] {} tokens read in {:.2}s ({:.0} tok/s), {} generated at {:.1} tok/s (finish: {}) | {} K/V peak {} vs {} full ({:.1}x less) | memory sink {} + beacon {} + raw {} | peak RSS {}",
+        "[{} ratio {}] {} tokens read in {:.2}s ({:.0} tok/s), {} generated at {:.1} tok/s (finish: {}) | {} K/V peak {} vs {} full ({:.1}x less) | memory sink {} + beacon {}{} + raw {} | peak RSS {}",
         stats.mode,
         stats.ratio,
         stats.input_tokens,
@@ -246,6 +246,10 @@ pub fn run(args: RunArgs) -> Result<()> {
         stats.kv_bytes_full as f64 / stats.kv_bytes.max(1) as f64,
         stats.memory_entries.sink,
         stats.memory_entries.beacon,
+        match stats.memory_entries.tail {
+            0 => String::new(),
+            t => format!(" + tail {t}"),
+        },
         stats.memory_entries.raw,
         human_bytes(stats.peak_rss_bytes),
     );

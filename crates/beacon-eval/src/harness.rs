@@ -59,6 +59,11 @@ pub struct ModeArgs {
     /// Beacon window (raw tokens; also window-only's). Default: the model's beacon config.
     #[arg(long)]
     pub window: Option<usize>,
+    /// Raw tails (`beacon run --raw-tail`): each beacon ratio also runs with the last N raw tokens
+    /// of the previous window kept (several = several runs; 0 = none), labelled `beacon-x8+tail128`;
+    /// equal-memory baselines follow each. Default: the model's beacon config only.
+    #[arg(long = "raw-tail", value_delimiter = ',')]
+    pub raw_tails: Vec<usize>,
     /// Equal-memory baselines: for each integer beacon ratio r, also run truncate and streaming
     /// (those among --modes; both when neither is) keeping as many K/V entries as beacon ×r held at
     /// its peak at the same length (measured from the beacon run), labelled `truncate@xr` and
@@ -151,8 +156,11 @@ pub struct ModeSpec {
     /// K/V tokens kept (truncate/streaming only); None = native window.
     pub keep: Option<usize>,
     pub window: Option<usize>,
-    /// Equal-memory baseline (truncate/streaming): keep what beacon at this ratio held at its peak,
-    /// resolved per length by [`ModeSpec::with_memory`].
+    /// Raw tail of beacon runs (None = the model's beacon config).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub raw_tail: Option<usize>,
+    /// Equal-memory baseline (truncate/streaming): keep what the beacon configuration with this
+    /// [`ModeSpec::memory_key`] held at its peak, resolved per length by [`ModeSpec::with_memory`].
     #[serde(skip_serializing_if = "Option::is_none")]
     pub equal_memory: Option<String>,
 }
@@ -167,8 +175,29 @@ impl ModeSpec {
             ratio: ratio.map(String::from),
             keep,
             window: None,
+            raw_tail: None,
             equal_memory: None,
         }
+    }
+
+    /// `+tail128` for a beacon run with a raw tail, else empty.
+    fn tail_suffix(&self) -> String {
+        match self.raw_tail {
+            Some(t) if t > 0 && self.mode == EvalMode::Beacon => format!("+tail{t}"),
+            _ => String::new(),
+        }
+    }
+
+    /// What equal-memory baselines call a beacon run with an integer ratio r > 0: `8`,
+    /// `8+tail128` (the `r` of `truncate@xr`); None for other runs.
+    pub fn memory_key(&self) -> Option<String> {
+        if self.mode != EvalMode::Beacon {
+            return None;
+        }
+        let r = self.ratio.as_deref()?;
+        r.parse::<usize>()
+            .is_ok_and(|r| r > 0)
+            .then(|| format!("{r}{}", self.tail_suffix()))
     }
 
     /// An equal-memory baseline of `mode` (truncate/streaming) for beacon ratio `ratio`.
@@ -211,12 +240,13 @@ impl ModeSpec {
         }
         match self.mode {
             EvalMode::Beacon => format!(
-                "beacon-{}",
+                "beacon-{}{}",
                 match self.ratio.as_deref() {
                     Some(r) if r.chars().all(|c| c.is_ascii_digit()) => format!("x{r}"),
                     Some(r) => r.to_string(),
                     None => "default".into(),
-                }
+                },
+                self.tail_suffix()
             ),
             EvalMode::Truncate | EvalMode::Streaming => {
                 format!("{}-{}", self.mode, self.keep.unwrap_or(native))
@@ -232,6 +262,7 @@ impl ModeSpec {
             keep: self.keep,
             window: self.window,
             sink: None,
+            raw_tail: self.raw_tail.filter(|_| self.mode == EvalMode::Beacon),
             seed: Some(seed),
             // The tables in docs/RESULTS.md were measured with f32 K/V.
             kv_dtype: None,
@@ -329,10 +360,21 @@ pub fn expand_modes(args: &ModeArgs) -> Result<Vec<ModeSpec>> {
                 if args.ratios.is_empty() {
                     out.push(ModeSpec::new(m, None, None));
                 }
+                let tails: Vec<Option<usize>> = if args.raw_tails.is_empty() {
+                    vec![None]
+                } else {
+                    args.raw_tails.iter().map(|&t| Some(t)).collect()
+                };
                 for r in &args.ratios {
                     let r = r.trim();
-                    if !r.is_empty() {
-                        out.push(ModeSpec::new(m, Some(r), None));
+                    if r.is_empty() {
+                        continue;
+                    }
+                    for &t in &tails {
+                        out.push(ModeSpec {
+                            raw_tail: t,
+                            ..ModeSpec::new(m, Some(r), None)
+                        });
                     }
                 }
             }
@@ -358,12 +400,7 @@ pub fn with_equal_memory(
     flag: Option<bool>,
     default_on: bool,
 ) -> Result<Vec<ModeSpec>> {
-    let ratios: Vec<String> = specs
-        .iter()
-        .filter(|s| s.mode == EvalMode::Beacon)
-        .filter_map(|s| s.ratio.clone())
-        .filter(|r| r.parse::<usize>().is_ok_and(|r| r > 0))
-        .collect();
+    let ratios: Vec<String> = specs.iter().filter_map(ModeSpec::memory_key).collect();
     let mut baselines: Vec<EvalMode> = [EvalMode::Truncate, EvalMode::Streaming]
         .into_iter()
         .filter(|m| specs.iter().any(|s| s.mode == *m))
@@ -399,7 +436,7 @@ pub struct MemoryBudgets {
 impl MemoryBudgets {
     /// Note a finished run of `spec` (only beacon runs count).
     pub fn note(&mut self, spec: &ModeSpec, session: &Session) {
-        if let (true, Some(r)) = (spec.mode == EvalMode::Beacon, &spec.ratio) {
+        if let Some(r) = &spec.memory_key() {
             let entries = session.stats().peak_kv_bytes / session.bytes_per_entry().max(1);
             self.peaks.retain(|(q, _)| q != r);
             self.peaks.push((r.clone(), entries));

@@ -165,8 +165,8 @@ impl NativeModel {
     }
 
     /// A fresh session, with the engine flags of `beacon run` (`--mode`, `--ratio`, `--window`,
-    /// `--sink`, `--keep`, `--ratio-seed`, `--kv-dtype`).
-    #[pyo3(signature = (mode=None, ratio=None, window=None, sink=None, keep=None, ratio_seed=None, kv_dtype="f16".to_string()))]
+    /// `--sink`, `--keep`, `--ratio-seed`, `--kv-dtype`, `--raw-tail`).
+    #[pyo3(signature = (mode=None, ratio=None, window=None, sink=None, keep=None, ratio_seed=None, kv_dtype="f16".to_string(), raw_tail=None))]
     #[allow(clippy::too_many_arguments)]
     fn session(
         &self,
@@ -178,12 +178,14 @@ impl NativeModel {
         keep: Option<usize>,
         ratio_seed: Option<u64>,
         kv_dtype: String,
+        raw_tail: Option<usize>,
     ) -> PyResult<NativeSession> {
         let args = EngineArgs {
             mode,
             ratio,
             window,
             sink,
+            raw_tail,
             keep,
             ratio_seed,
             kv_dtype,

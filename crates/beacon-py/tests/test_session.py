@@ -79,7 +79,7 @@ def test_stats_fields_match_the_cli(tiny, ids):
     ]
     assert st["mode"] == "beacon" and st["ratio"] == "8" and st["input_tokens"] == 200
     assert st["windows"] == 7 and st["kv_dtype"] == "f32" and st["finish"] is None
-    assert st["memory_entries"] == {"sink": 0, "beacon": 24, "raw": 9}  # 8 raw + 1 beacon of the open window
+    assert st["memory_entries"] == {"sink": 0, "beacon": 24, "tail": 0, "raw": 9}  # 8 raw + 1 beacon of the open window
     s.reset()
     assert len(s) == 0 and s.stats()["input_tokens"] == 0
 

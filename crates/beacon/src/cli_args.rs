@@ -122,6 +122,11 @@ pub struct EngineArgs {
     /// Sink entries (beacon, window-only) or sink tokens (streaming).
     #[arg(long)]
     pub sink: Option<usize>,
+    /// Beacon mode: also keep the last N raw tokens of the most recently closed window (until the
+    /// next one closes), so a window's first tokens see the text just before them. Costs N K/V
+    /// entries. Default: the model's beacon settings (0 = the reference's rule).
+    #[arg(long = "raw-tail")]
+    pub raw_tail: Option<usize>,
     /// Tokens kept by truncate/streaming. Default: the model's native context.
     #[arg(long)]
     pub keep: Option<usize>,
@@ -142,6 +147,7 @@ impl Default for EngineArgs {
             ratio: None,
             window: None,
             sink: None,
+            raw_tail: None,
             keep: None,
             ratio_seed: None,
             kv_dtype: "f16".into(),
@@ -168,7 +174,7 @@ impl EngineArgs {
             "truncate" | "streaming" => tokens.min(keep + sink),
             "window-only" => tokens.min(sink + window),
             _ if ratio == 0 => tokens,
-            _ => tokens.min(sink + tokens / ratio + window),
+            _ => tokens.min(sink + tokens / ratio + window + self.raw_tail.unwrap_or(0)),
         };
         let dtype_bytes = if self.kv_dtype.trim() == "f32" { 4 } else { 2 };
         KvNeeds {
@@ -193,6 +199,7 @@ impl EngineArgs {
             ratio: self.ratio.clone(),
             window: self.window,
             sink: self.sink,
+            raw_tail: self.raw_tail,
             keep: self.keep,
             seed: self.ratio_seed,
             kv_dtype: Some(self.kv_dtype.clone()),

@@ -207,6 +207,11 @@ pub struct BeaconConfig {
     pub pos: BeaconPos,
     /// Seed of the `step-random`/`instance-random` draws (ours; the reference uses numpy seed 42).
     pub seed: u64,
+    /// Raw tail (ours, not in the reference): the last `raw_tail` raw entries of the most recently
+    /// closed window stay in memory after the beacons until the next window closes, so the first
+    /// tokens of a window still see the text just before them. Default 0 (the reference's rule).
+    #[serde(default)]
+    pub raw_tail: usize,
 }
 
 impl Default for BeaconConfig {
@@ -223,6 +228,7 @@ impl Default for BeaconConfig {
             attend_prev: true,
             pos: BeaconPos::Interleave,
             seed: 42,
+            raw_tail: 0,
         }
     }
 }
@@ -302,6 +308,13 @@ impl BeaconConfig {
         }
         if self.embed_init != "eos" && self.embed_init != "bos" {
             return err("beacon_embed_init", "eos or bos", self.embed_init.clone());
+        }
+        if self.raw_tail >= self.window {
+            return err(
+                "beacon_raw_tail",
+                &format!("fewer raw entries than the window ({})", self.window),
+                self.raw_tail.to_string(),
+            );
         }
         Ok(())
     }
@@ -474,6 +487,9 @@ pub struct BeaconKeys {
     pub beacon_attend_prev: Option<bool>,
     pub beacon_pos: Option<String>,
     pub beacon_parallel_window: Option<usize>,
+    /// Ours (see [`BeaconConfig::raw_tail`]); absent = 0.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub beacon_raw_tail: Option<usize>,
 }
 
 impl BeaconKeys {
@@ -511,6 +527,7 @@ impl BeaconKeys {
                 .into(),
             ),
             beacon_parallel_window: Some(1),
+            beacon_raw_tail: (c.raw_tail > 0).then_some(c.raw_tail),
         }
     }
 
@@ -577,6 +594,9 @@ impl BeaconKeys {
                     ))
                 }
             };
+        }
+        if let Some(t) = self.beacon_raw_tail {
+            c.raw_tail = t;
         }
         if let Some(pw) = self.beacon_parallel_window {
             if pw != 1 {

@@ -60,6 +60,9 @@ pub struct RunStats {
 pub struct MemoryEntries {
     pub sink: usize,
     pub beacon: usize,
+    /// Raw entries of the last closed window kept after the beacons (`--raw-tail`).
+    pub tail: usize,
+    /// Entries of the open window.
     pub raw: usize,
 }
 
@@ -83,6 +86,7 @@ impl RunStats {
             memory_entries: MemoryEntries {
                 sink: l.sink,
                 beacon: l.beacons,
+                tail: l.tail,
                 raw: l.window_flags.len(),
             },
             kv_dtype: session.kv_dtype().as_str().into(),

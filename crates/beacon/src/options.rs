@@ -18,6 +18,9 @@ pub struct EngineOptions {
     pub window: Option<usize>,
     /// Sink entries.
     pub sink: Option<usize>,
+    /// Raw entries of the last closed window kept beside the beacons (`BeaconConfig::raw_tail`).
+    #[serde(default)]
+    pub raw_tail: Option<usize>,
     /// Tokens kept by `truncate` and `streaming` (default: the model's native window).
     pub keep: Option<usize>,
     /// Seed of random ratio draws.
@@ -39,6 +42,9 @@ impl EngineOptions {
         }
         if let Some(s) = self.sink {
             c.sink_size = s;
+        }
+        if let Some(t) = self.raw_tail {
+            c.raw_tail = t;
         }
         if let Some(seed) = self.seed {
             c.seed = seed;

@@ -248,6 +248,7 @@ class Model:
         keep: Optional[int] = None,
         ratio_seed: Optional[int] = None,
         kv_dtype: Optional[str] = None,
+        raw_tail: Optional[int] = None,
     ) -> "Session":
         """A fresh session (a memory), with the engine flags of ``beacon run``.
 
@@ -262,6 +263,8 @@ class Model:
             keep: tokens kept by ``truncate``/``streaming`` (default: the native window).
             ratio_seed: seed of random ratio draws.
             kv_dtype: K/V cache dtype (default: the model's, ``f16`` unless loaded otherwise).
+            raw_tail: beacon mode: also keep the last ``raw_tail`` raw tokens of the most recently
+                closed window beside the beacons (default: the model's beacon settings).
         """
         if not isinstance(mode, str):
             raise BeaconValueError(f"mode: expected one of {', '.join(_MODES)}, found {mode!r}")
@@ -275,6 +278,7 @@ class Model:
             _count(keep, "keep", minimum=1),
             _count(ratio_seed, "ratio_seed"),
             kv_dtype or self.kv_dtype,
+            _count(raw_tail, "raw_tail"),
         )
         return Session(self, native)
 
@@ -426,7 +430,7 @@ class Session:
 
     def stats(self) -> Dict[str, Any]:
         """What the session cost, with the fields of ``beacon run --stats-json``: mode, ratio, window,
-        input_tokens, windows, memory_entries {sink, beacon, raw}, kv_dtype, kv_bytes (peak),
+        input_tokens, windows, memory_entries {sink, beacon, tail, raw}, kv_dtype, kv_bytes (peak),
         kv_bytes_full, prefill_seconds, prefill_tokens_per_second, decode_tokens, decode_seconds,
         decode_tokens_per_second, peak_rss_bytes, finish (of the last generation; None before one).
 
@@ -460,7 +464,7 @@ class Session:
         m = st["memory_entries"]
         return (
             f"<beacon.Session mode={st['mode']} ratio={st['ratio']} tokens={st['input_tokens']} "
-            f"memory=sink {m['sink']} + beacon {m['beacon']} + raw {m['raw']}>"
+            f"memory=sink {m['sink']} + beacon {m['beacon']} + tail {m['tail']} + raw {m['raw']}>"
         )
 
 

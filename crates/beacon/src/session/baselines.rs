@@ -74,7 +74,7 @@ impl Session {
     fn close_window_only(&mut self, sink: usize) -> Result<()> {
         // The close rule keeping nothing: the first window still gives its first entries, already
         // at positions 0..sink, to the sink.
-        let close = self.layout.close_window(&[], Keep::Nothing, sink);
+        let close = self.layout.close_window(&[], Keep::Nothing, sink, 0);
         for cache in self.caches.iter_mut() {
             cache.truncate(close.first_position)?;
         }

@@ -120,7 +120,8 @@ impl AttentionContext for BeaconContext<'_> {
             cache.truncate(0)?;
             cache.append(&sink_k, &sink_v)?;
         } else {
-            cache.truncate(mem)?;
+            // Drop the open window and the previous raw tail: the kept entries follow the beacons.
+            cache.truncate(close.first_position)?;
         }
         cache.append(&k_keep, &v_keep)
     }

@@ -1,4 +1,4 @@
-//! The memory layout `[sink | beacons | open window]` as plain values, and the two rules that move
+//! The memory layout `[sink | beacons | raw tail | open window]` as plain values, and the two rules that move
 //! it: how the next step is planned ([`plan_step`], SPEC §2.3–2.4) and what survives when a window
 //! closes ([`MemoryLayout::close_window`], SPEC §2.7). No tensors: the session applies these plans
 //! to the K/V caches, so the arithmetic is tested here without a model.
@@ -45,6 +45,10 @@ pub struct MemoryLayout {
     pub sink: usize,
     /// Beacon (compressed) entries of closed windows; for ratio 0, the window's raw entries.
     pub beacons: usize,
+    /// Raw entries of the last closed window kept after the beacons until the next window closes
+    /// (`BeaconConfig::raw_tail`; 0 under the reference's rule).
+    #[serde(default)]
+    pub tail: usize,
     /// Flags of the open window's cached entries (true = beacon), in order.
     pub window_flags: Vec<bool>,
     /// Raw tokens of the open window.
@@ -86,14 +90,17 @@ pub struct WindowClose {
     /// Entries captured as the sink from the front of this window (the first window to close only;
     /// they are at positions `0..new_sink` already).
     pub new_sink: usize,
-    /// Memory position of `keep[0]`; `keep[j]` goes to `first_position + j`.
+    /// Memory position of `keep[0]`; `keep[j]` goes to `first_position + j`. The previous raw tail
+    /// is dropped, so this is right after the sink and the beacons.
     pub first_position: usize,
+    /// The last `tail` entries of `keep` are the new raw tail (raw entries, not beacons).
+    pub tail: usize,
 }
 
 impl MemoryLayout {
     /// Entries before the open window.
     pub fn memory_len(&self) -> usize {
-        self.sink + self.beacons
+        self.sink + self.beacons + self.tail
     }
     pub fn context_len(&self) -> usize {
         self.memory_len() + self.window_flags.len()
@@ -105,29 +112,41 @@ impl MemoryLayout {
 
     /// The close rule — the one place that decides what survives a window (SPEC §2.7): the window is
     /// the open window's cached entries followed by the closing step's `chunk` flags; `keep` of them
-    /// stay, re-placed contiguously after the memory; the first window to close also gives its first
-    /// `sink_size` entries to the sink.
-    pub fn close_window(&self, chunk: &[bool], keep: Keep, sink_size: usize) -> WindowClose {
-        let flags = self.window_flags.iter().chain(chunk);
-        let n_window = self.window_flags.len() + chunk.len();
-        let keep: Vec<usize> = match keep {
-            Keep::Beacons => flags
-                .enumerate()
-                .filter(|(_, &b)| b)
-                .map(|(i, _)| i)
-                .collect(),
-            Keep::All => (0..n_window).collect(),
-            Keep::Nothing => Vec::new(),
-        };
-        let new_sink = if self.sink == 0 && self.beacons == 0 {
+    /// stay, re-placed contiguously after the sink and the beacons (the previous raw tail, if any, is
+    /// dropped); the first window to close also gives its first `sink_size` entries to the sink.
+    /// With `raw_tail` > 0 (ours), a beacon window also keeps its last `raw_tail` raw entries (never
+    /// its sink entries) after its beacons, as the new tail.
+    pub fn close_window(
+        &self,
+        chunk: &[bool],
+        keep: Keep,
+        sink_size: usize,
+        raw_tail: usize,
+    ) -> WindowClose {
+        let flags: Vec<bool> = self.window_flags.iter().chain(chunk).copied().collect();
+        let n_window = flags.len();
+        let new_sink = if self.sink == 0 && self.beacons == 0 && self.tail == 0 {
             sink_size.min(n_window)
         } else {
             0
         };
+        let (keep, tail) = match keep {
+            Keep::Beacons => {
+                let mut keep: Vec<usize> = (0..n_window).filter(|&i| flags[i]).collect();
+                let raw_after_sink: Vec<usize> =
+                    (new_sink..n_window).filter(|&i| !flags[i]).collect();
+                let tail = raw_tail.min(raw_after_sink.len());
+                keep.extend_from_slice(&raw_after_sink[raw_after_sink.len() - tail..]);
+                (keep, tail)
+            }
+            Keep::All => ((0..n_window).collect(), 0),
+            Keep::Nothing => (Vec::new(), 0),
+        };
         WindowClose {
             keep,
             new_sink,
-            first_position: self.memory_len() + new_sink,
+            first_position: self.sink + self.beacons + new_sink,
+            tail,
         }
     }
 
@@ -207,7 +226,8 @@ impl MemoryLayout {
     /// The window closed as `close` (from [`MemoryLayout::close_window`] on this layout) says.
     pub fn apply_close(&mut self, close: &WindowClose) {
         self.sink += close.new_sink;
-        self.beacons += close.keep.len();
+        self.beacons += close.keep.len() - close.tail;
+        self.tail = close.tail;
         self.window_flags.clear();
         self.window_raw = 0;
         self.remainder = 0;
@@ -281,9 +301,9 @@ mod tests {
         while n > 0 {
             let p = plan_step(layout, c, ratio, n, false);
             n -= p.n_raw;
-            let close = p
-                .closes_window
-                .then(|| layout.close_window(&p.slots, Keep::for_ratio(ratio), c.sink_size));
+            let close = p.closes_window.then(|| {
+                layout.close_window(&p.slots, Keep::for_ratio(ratio), c.sink_size, c.raw_tail)
+            });
             layout.advance(&p, close.as_ref());
             plans.push(p);
         }
@@ -320,7 +340,7 @@ mod tests {
             left -= p.n_raw;
             let close = p
                 .closes_window
-                .then(|| l.close_window(&p.slots, Keep::Beacons, 0));
+                .then(|| l.close_window(&p.slots, Keep::Beacons, 0, 0));
             l.advance(&p, close.as_ref());
         }
         assert_eq!(starts, vec![(0, 2303), (256, 2559), (512, 1528)]);
@@ -342,14 +362,15 @@ mod tests {
         l.advance(&p, None);
         let p = plan_step(&l, &c, 4, 3, false);
         assert!(p.closes_window);
-        let close = l.close_window(&p.slots, Keep::Beacons, c.sink_size);
+        let close = l.close_window(&p.slots, Keep::Beacons, c.sink_size, 0);
         // the first window gives its first entry to the sink; beacons go right after it
         assert_eq!(
             close,
             WindowClose {
                 keep: vec![4, 9],
                 new_sink: 1,
-                first_position: 1
+                first_position: 1,
+                tail: 0
             }
         );
         l.advance(&p, Some(&close));
@@ -359,7 +380,7 @@ mod tests {
         );
         // a later window captures no sink; ratio 0 keeps all of its entries
         let p = plan_step(&l, &c, 0, 8, false);
-        let close = l.close_window(&p.slots, Keep::for_ratio(0), c.sink_size);
+        let close = l.close_window(&p.slots, Keep::for_ratio(0), c.sink_size, 0);
         assert_eq!(
             (close.keep, close.new_sink, close.first_position),
             ((0..8).collect(), 0, 3)
@@ -370,8 +391,69 @@ mod tests {
             window_raw: 8,
             ..Default::default()
         };
-        let close = fresh.close_window(&[], Keep::Nothing, 2);
+        let close = fresh.close_window(&[], Keep::Nothing, 2, 0);
         assert_eq!((close.keep.len(), close.new_sink), (0, 2));
+    }
+
+    #[test]
+    fn raw_tail_keeps_the_last_raw_entries_until_the_next_close() {
+        // W=8, α=4, tail 3, sink 1: window entries `r r r r B r r r r B` (raw at 0-3, 5-8).
+        let c = BeaconConfig {
+            sink_size: 1,
+            raw_tail: 3,
+            ..cfg(8, BeaconPos::Interleave)
+        };
+        let mut l = MemoryLayout::default();
+        let p = plan_step(&l, &c, 4, 8, false);
+        let close = l.close_window(&p.slots, Keep::Beacons, c.sink_size, c.raw_tail);
+        // beacons first, then the last three raw entries; all after the new sink
+        assert_eq!(
+            close,
+            WindowClose {
+                keep: vec![4, 9, 6, 7, 8],
+                new_sink: 1,
+                first_position: 1,
+                tail: 3
+            }
+        );
+        l.advance(&p, Some(&close));
+        assert_eq!((l.sink, l.beacons, l.tail, l.memory_len()), (1, 2, 3, 6));
+        // the next close drops the old tail: new beacons go right after the old beacons
+        let p = plan_step(&l, &c, 4, 8, false);
+        let close = l.close_window(&p.slots, Keep::Beacons, c.sink_size, c.raw_tail);
+        assert_eq!(
+            (close.first_position, close.tail, close.keep.len()),
+            (3, 3, 5)
+        );
+        l.advance(&p, Some(&close));
+        assert_eq!((l.sink, l.beacons, l.tail, l.context_len()), (1, 4, 3, 8));
+        // ratio 0 keeps the whole window raw and no separate tail
+        let p = plan_step(&l, &c, 0, 8, false);
+        let close = l.close_window(&p.slots, Keep::All, c.sink_size, c.raw_tail);
+        l.advance(&p, Some(&close));
+        assert_eq!((l.beacons, l.tail), (12, 0));
+        // a tail never takes the sink's entries: a 2-entry first window with sink 1 keeps 1 raw
+        let tiny = MemoryLayout {
+            window_flags: vec![false, false],
+            window_raw: 2,
+            ..Default::default()
+        };
+        let close = tiny.close_window(&[], Keep::Beacons, 1, 5);
+        assert_eq!((close.keep, close.new_sink, close.tail), (vec![1], 1, 1));
+    }
+
+    #[test]
+    fn raw_tail_memory_in_the_steady_state() {
+        // 200 tokens, W=32, α=8, tail 16: memory = all beacons + one tail, open window as before.
+        let c = BeaconConfig {
+            ratios: vec![8],
+            raw_tail: 16,
+            ..cfg(32, BeaconPos::Interleave)
+        };
+        let mut l = MemoryLayout::default();
+        run(&mut l, &c, 8, 200);
+        assert_eq!((l.beacons, l.tail, l.window_raw), (24, 16, 8));
+        assert_eq!(l.context_len(), 24 + 16 + 9);
     }
 
     #[test]

@@ -513,8 +513,12 @@ impl Session {
         // The step that ends a training sample leaves its window open (it has no beacons).
         let closing = plan.closes_window && !(opts.training_final && n == remaining);
         let close = closing.then(|| {
-            self.layout
-                .close_window(&plan.slots, Keep::for_ratio(ratio), cfg.sink_size)
+            self.layout.close_window(
+                &plan.slots,
+                Keep::for_ratio(ratio),
+                cfg.sink_size,
+                cfg.raw_tail,
+            )
         });
         let mut ctx = BeaconContext {
             caches: &mut self.caches,

@@ -131,3 +131,110 @@ fn window_only_chunks_stop_at_window_boundaries() {
         "window-only"
     );
 }
+
+fn vec_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+/// Un-rotated keys and values of `layer`'s cache entries `at`.
+fn pre_rope_entries(s: &Session, m: &Model, layer: usize, at: &[usize]) -> Vec<f32> {
+    let (k, v) = s.caches[layer].view().unwrap().unwrap();
+    let (k, v) = (
+        k.to_dtype(DType::F32).unwrap(),
+        v.to_dtype(DType::F32).unwrap(),
+    );
+    let len = k.dim(1).unwrap();
+    let back: Vec<i64> = (0..len as i64).map(|p| -p).collect();
+    let (k, v) = (
+        rotate_by(m, &k, &back, false)
+            .unwrap()
+            .contiguous()
+            .unwrap(),
+        v.contiguous().unwrap(),
+    );
+    let idx: Vec<u32> = at.iter().map(|&i| i as u32).collect();
+    let idx = Tensor::new(idx.as_slice(), &Device::Cpu).unwrap();
+    let mut out: Vec<f32> = k
+        .index_select(&idx, 1)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    out.extend(
+        v.index_select(&idx, 1)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap(),
+    );
+    out
+}
+
+#[test]
+fn raw_tail_keeps_the_windows_last_raw_entries_after_the_beacons() {
+    let l = tiny();
+    let m = &l.model;
+    let (w, tail) = (l.beacon.window, 8);
+    let cfg = BeaconConfig {
+        ratios: vec![4],
+        sink_size: 1,
+        raw_tail: tail,
+        ..l.beacon.clone()
+    };
+    let x = ids(3 * w + 5, 41);
+    // One token short of the first close: the open window holds w − 1 raw entries + 7 beacons.
+    let mut s = Session::new(m, Mode::Beacon, cfg.clone());
+    s.feed(m, &x[..w - 1], Want::None).unwrap();
+    let raw_at: Vec<usize> = (0..s.layout.window_flags.len())
+        .filter(|&i| !s.layout.window_flags[i])
+        .collect();
+    let before: Vec<Vec<f32>> = (0..m.cfg.num_layers)
+        .map(|layer| {
+            // the last tail − 1 raw entries (the closing token is not fed yet), between beacons
+            pre_rope_entries(&s, m, layer, &raw_at[raw_at.len() - (tail - 1)..])
+        })
+        .collect();
+    s.feed(m, &x[w - 1..w], Want::None).unwrap();
+    let lay = &s.layout;
+    assert_eq!((lay.sink, lay.beacons, lay.tail), (1, w / 4, tail));
+    for (layer, want) in before.iter().enumerate() {
+        // the tail sits right after the beacons, re-rotated to its memory positions
+        let at: Vec<usize> = (1 + w / 4..1 + w / 4 + tail - 1).collect();
+        let got = pre_rope_entries(&s, m, layer, &at);
+        let diff = vec_diff(&got, want);
+        assert!(
+            diff < 1e-5,
+            "layer {layer}: tail differs from the window's raw entries by {diff}"
+        );
+    }
+    // The next close replaces the tail: memory = sink + two windows' beacons + one tail.
+    s.feed(m, &x[w..2 * w + 3], Want::None).unwrap();
+    let lay = s.layout.clone();
+    assert_eq!((lay.sink, lay.beacons, lay.tail), (1, 2 * (w / 4), tail));
+    assert_eq!(s.caches[0].len(), lay.context_len());
+    // The tail is what the next window's first tokens see: their logits differ from no tail's,
+    // and the logits before the first close do not.
+    let no_tail = BeaconConfig {
+        raw_tail: 0,
+        ..cfg.clone()
+    };
+    let first_of_next = |c: &BeaconConfig| {
+        let mut s = Session::new(m, Mode::Beacon, c.clone());
+        let a = s.feed(m, &x[..w - 1], Want::Last).unwrap().unwrap();
+        let b = s.feed(m, &x[w - 1..w + 2], Want::From(0)).unwrap().unwrap();
+        (
+            a.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            b.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        )
+    };
+    let (a_tail, b_tail) = first_of_next(&cfg);
+    let (a_none, b_none) = first_of_next(&no_tail);
+    assert_eq!(a_tail, a_none);
+    assert!(vec_diff(&b_tail, &b_none) > 1e-3);
+}
