@@ -204,14 +204,17 @@ def interleave_slots(n_raw, ratio):
     return slots[~is_b], slots[is_b], T
 
 
-def sequence_nll(model, tokens, ratios, window, sink, beacons_in_last, score_from=0, weights=None):
+def sequence_nll(model, tokens, ratios, window, sink, beacons_in_last, score_from=0, weights=None, raw_tail=0):
     """Per-sample weighted next-token NLL sums (f32, [B]) over raw tokens at positions ≥ score_from
     that have a label, and the per-sample weight sums. `tokens` [B, L] (device LongTensor); `ratios`
-    one per window; `weights` [B, L] (position p's weight for predicting token p+1; None = all 1)."""
+    one per window; `weights` [B, L] (position p's weight for predicting token p+1; None = all 1).
+    `raw_tail` > 0 keeps the last `raw_tail` raw entries of the most recently closed window after
+    the beacons until the next close (the engine's `beacon_raw_tail`); gradients flow through them."""
     B, Ltot = tokens.shape
     n_win = math.ceil(Ltot / window)
     assert len(ratios) == n_win
     mem, mem_len = None, 0
+    kept = None  # sink + every beacon so far (rotated), without the raw tail
     sink_kv = None
     total = torch.zeros(B, device=tokens.device, dtype=torch.float32)
     count = torch.zeros(B, device=tokens.device, dtype=torch.float32)
@@ -244,17 +247,28 @@ def sequence_nll(model, tokens, ratios, window, sink, beacons_in_last, score_fro
                     count = count + wt.sum(1)
         if last:
             break
-        # Close the window: memory = sink (first entry of the first window) + every beacon so far.
-        if sink_kv is None and sink > 0:
+        # Close the window: memory = sink (first entry of the first window) + every beacon so far
+        # (+ this window's last `raw_tail` raw entries after them, replacing the previous tail).
+        first_close = kept is None
+        if first_close and sink > 0:
             sink_kv = [(model.rope(k[:, :, :sink], 0, sink), v[:, :, :sink]) for k, v in kvs]
-        start = mem_len if mem is not None else (sink if sink_kv is not None else 0)
+        start = kept[0][0].shape[2] if kept is not None else (sink if sink_kv is not None else 0)
         nb = bslots.numel()
         new = [(model.rope(k.index_select(2, bslots), start, nb), v.index_select(2, bslots)) for k, v in kvs]
-        if mem is None:
-            mem = [(torch.cat((sk, nk), 2), torch.cat((sv, nv), 2)) for (sk, sv), (nk, nv) in zip(sink_kv, new)] \
+        if kept is None:
+            kept = [(torch.cat((sk, nk), 2), torch.cat((sv, nv), 2)) for (sk, sv), (nk, nv) in zip(sink_kv, new)] \
                 if sink_kv is not None else new
         else:
-            mem = [(torch.cat((mk, nk), 2), torch.cat((mv, nv), 2)) for (mk, mv), (nk, nv) in zip(mem, new)]
+            kept = [(torch.cat((mk, nk), 2), torch.cat((mv, nv), 2)) for (mk, mv), (nk, nv) in zip(kept, new)]
+        mem = kept
+        if raw_tail > 0:
+            # Raw slots hold window tokens 0.. in order; the first window's sink entries never join the tail.
+            own = raw_slots[sink:] if first_close and sink_kv is not None else raw_slots
+            tail = own[max(0, own.numel() - raw_tail):]
+            if tail.numel():
+                t0 = kept[0][0].shape[2]
+                mem = [(torch.cat((mk, model.rope(k.index_select(2, tail), t0, tail.numel())), 2),
+                        torch.cat((mv, v.index_select(2, tail)), 2)) for (mk, mv), (k, v) in zip(kept, kvs)]
         mem_len = mem[0][0].shape[2]
     return total, count
 
@@ -438,13 +452,13 @@ def pack_score(args):
     print(f"{args.out}: {len(rows)} spans of {args.len} tokens")
 
 
-def score(model, spans, ratio, window, sink, scored):
+def score(model, spans, ratio, window, sink, scored, raw_tail=0):
     """PPL of the last `scored` tokens of each span read at one ratio (inference layout: the open
     window holds beacons too), pooled over spans — the Rust trainer's checkpoint score."""
     with torch.no_grad():
         L = spans.shape[1]
         nll, n = sequence_nll(model, spans, [ratio] * math.ceil(L / window), window, sink,
-                              beacons_in_last=True, score_from=L - scored - 1)
+                              beacons_in_last=True, score_from=L - scored - 1, raw_tail=raw_tail)
     return math.exp(nll.sum().item() / n.sum().item())
 
 
@@ -498,7 +512,8 @@ def parity(args):
     n_win = math.ceil(args.len / args.window)
     with torch.no_grad():
         nll, n = sequence_nll(model, tokens, [args.ratio] * n_win, args.window, args.sink,
-                              beacons_in_last=True, score_from=args.len - args.scored - 1)
+                              beacons_in_last=True, score_from=args.len - args.scored - 1,
+                              raw_tail=args.raw_tail)
     nll, n = nll.sum().item(), n.sum().item()
     print(json.dumps({"ppl": math.exp(nll / n), "nll": nll, "tokens": n}))
 
@@ -539,7 +554,7 @@ def train(args):
     def score_and_keep(final=False):
         nonlocal best, last_save
         ts = time.time()
-        ppl = score(model, spans, args.ratio, args.window, args.sink, args.scored)
+        ppl = score(model, spans, args.ratio, args.window, args.sink, args.scored, args.raw_tail)
         kept = ppl < best
         if kept:
             best = ppl
@@ -554,7 +569,7 @@ def train(args):
     meta = {"recall_mix": args.recall_mix, "recall_weight": args.recall_weight, "ratios": args.ratios, "seq_lens": args.seq_lens, "lr": args.lr, "window": args.window,
             "sink": args.sink, "tokens_per_step": args.tokens_per_step, "seed": args.seed,
             "window_start_weight": args.window_start_weight, "window_start_span": args.window_start_span,
-            "init_beacons": args.init_beacons or "backbone copies"}
+            "raw_tail": args.raw_tail, "init_beacons": args.init_beacons or "backbone copies"}
     if spans is not None:
         score_and_keep()
     while True:
@@ -593,7 +608,7 @@ def train(args):
             try:
                 ts = time.time()
                 nll, n = sequence_nll(model, tokens, ratios, args.window, args.sink, beacons_in_last=False,
-                                      weights=weights)
+                                      weights=weights, raw_tail=args.raw_tail)
                 plain = nll[~is_recall].sum() / n[~is_recall].sum().clamp(min=1)
                 recall = nll[is_recall].sum() / n[is_recall].sum().clamp(min=1)
                 loss = plain + args.recall_weight * recall if n_recall else plain
@@ -656,6 +671,8 @@ def main():
                     "(its `training` section)")
     ap.add_argument("--window", type=int, default=512)
     ap.add_argument("--sink", type=int, default=1)
+    ap.add_argument("--raw-tail", type=int, default=0,
+                    help="keep the last N raw entries of the closed window after the beacons (beacon_raw_tail)")
     ap.add_argument("--parity", help="u32 token file: print PPL of the last --scored tokens of --len")
     ap.add_argument("--beacon", help="beacon.safetensors for --parity")
     ap.add_argument("--ratio", type=int, default=8)
@@ -696,7 +713,8 @@ def main():
     elif args.score_only:
         model = cpu_model(args)
         spans = torch.from_numpy(np.fromfile(args.score_only, dtype=np.uint16).astype(np.int64)).view(-1, args.len)
-        print(json.dumps({"score_ppl": score(model, spans, args.ratio, args.window, args.sink, args.scored)}))
+        print(json.dumps({"score_ppl": score(model, spans, args.ratio, args.window, args.sink, args.scored,
+                                             args.raw_tail)}))
     elif args.pack_tokens:
         pack_tokens(args)
     elif args.merge:

@@ -424,6 +424,13 @@ fn run_sample(
     if label_weights.is_some_and(|w| w.len() != tokens.len()) {
         bail!("label weights must cover every token of the sample");
     }
+    if cfg.raw_tail > 0 {
+        bail!(
+            "beacon_raw_tail {} in training: the two-pass gradient needs a memory that only grows \
+             (train with scripts/train_gpu.py --raw-tail, or set the tail to 0)",
+            cfg.raw_tail
+        );
+    }
     let first_labels = first_window_trained(cfg);
     let (mut valid, mut weight_sum) = (0usize, 0f64);
     for w in windows {

@@ -301,3 +301,25 @@ fn finite_differences_with_o_projection() {
 fn finite_differences_low_rank() {
     check_fd("llama-tiny", Some(4), false, "rank4");
 }
+
+/// A raw tail (`beacon_raw_tail`) is replaced at every close, so a window's memory is no longer a
+/// prefix of the final one, which the two-pass gradient assumes: the objective refuses it by name
+/// instead of returning a wrong gradient (scripts/train_gpu.py trains with a tail).
+#[test]
+fn objective_refuses_a_raw_tail_by_name() {
+    let (tm, cfg) = setup("llama-tiny", vec![4], 1, None);
+    let cfg = BeaconConfig { raw_tail: 2, ..cfg };
+    let tokens = common::random_tokens(150, tm.plain.cfg.vocab_size, 11);
+    let mut chooser = RatioChooser::new(&cfg, position_budget(&tm.plain.cfg));
+    let windows = plan_windows(&cfg, &mut chooser, tokens.len());
+    assert!(windows.len() > 1, "the sample must close a window");
+    let models = Models {
+        train: &tm.train,
+        plain: &tm.plain,
+    };
+    let Err(err) = sample_loss(&models, &cfg, &tokens, &windows, Objective::Lm) else {
+        panic!("a raw tail must be refused");
+    };
+    let msg = format!("{err:#}");
+    assert!(msg.contains("beacon_raw_tail 2"), "{msg}");
+}
