@@ -27,11 +27,12 @@ pub fn inspect(args: ModelArgs) -> Result<()> {
     );
     let b = &loaded.beacon;
     println!(
-        "beacon         window {}  ratios {:?} ({})  sink {}  params {:?}  pos {:?}  attn {:?}",
+        "beacon         window {}  ratios {:?} ({})  sink {}  raw tail {}  params {:?}  pos {:?}  attn {:?}",
         b.window,
         b.ratios,
         b.ratio_mix.name(),
         b.sink_size,
+        b.raw_tail,
         b.params.names(),
         b.pos,
         b.attn

@@ -923,6 +923,39 @@ mod tests {
             labels(args("beacon,streaming", "8"), Some(false)),
             ["beacon-x8", "streaming-8192"]
         );
+        // a tail from the model's config is named like one from --raw-tail; an explicit 0 stays 0
+        let tailed = |raw_tails: Vec<usize>| -> Vec<String> {
+            let mut specs = expand_modes(&ModeArgs {
+                raw_tails,
+                ..args("beacon", "8")
+            })
+            .unwrap();
+            crate::harness::name_config_tail(&mut specs, 256);
+            with_equal_memory(specs, Some(true), true)
+                .unwrap()
+                .iter()
+                .map(|s| s.label(8192))
+                .collect()
+        };
+        assert_eq!(
+            tailed(vec![]),
+            [
+                "beacon-x8+tail256",
+                "truncate@x8+tail256",
+                "streaming@x8+tail256"
+            ]
+        );
+        assert_eq!(
+            tailed(vec![0, 128]),
+            [
+                "beacon-x8",
+                "beacon-x8+tail128",
+                "truncate@x8",
+                "streaming@x8",
+                "truncate@x8+tail128",
+                "streaming@x8+tail128"
+            ]
+        );
         // forced without an integer ratio: an error
         let specs = expand_modes(&args("beacon,truncate", "adapt")).unwrap();
         assert!(with_equal_memory(specs, Some(true), true).is_err());
