@@ -329,18 +329,24 @@ pub fn load_with_modes(
 ) -> Result<(Evaluator, Vec<ModeSpec>)> {
     let ev = Evaluator::load(common)?;
     let mut specs = expand_modes(&with_defaults(modes, default_modes, common.quick))?;
-    name_config_tail(&mut specs, ev.loaded.beacon.raw_tail);
+    name_config_tail(&mut specs, &ev.loaded.beacon)?;
     Ok((ev, specs))
 }
 
-/// A beacon run without `--raw-tail` takes the model's `beacon_raw_tail`: name it, so the label
-/// (`beacon-x8+tail256`) and the equal-memory baselines say what ran. `--raw-tail 0` stays 0.
-pub fn name_config_tail(specs: &mut [ModeSpec], config_tail: usize) {
+/// A beacon run without `--raw-tail` takes the model's `beacon_raw_tail` (scaled to a `--window`
+/// override as the engine scales it): name it, so the label (`beacon-x8+tail256`) and the
+/// equal-memory baselines say what ran. `--raw-tail 0` stays 0.
+pub fn name_config_tail(specs: &mut [ModeSpec], base: &beacon::BeaconConfig) -> Result<()> {
     for s in specs.iter_mut().filter(|s| s.mode == EvalMode::Beacon) {
-        if s.raw_tail.is_none() && config_tail > 0 {
-            s.raw_tail = Some(config_tail);
+        if s.raw_tail.is_none() && base.raw_tail > 0 {
+            let engine = EngineOptions {
+                window: s.window,
+                ..Default::default()
+            };
+            s.raw_tail = Some(engine.beacon_config(base)?.raw_tail);
         }
     }
+    Ok(())
 }
 
 pub fn expand_modes(args: &ModeArgs) -> Result<Vec<ModeSpec>> {

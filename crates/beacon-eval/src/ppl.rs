@@ -930,7 +930,13 @@ mod tests {
                 ..args("beacon", "8")
             })
             .unwrap();
-            crate::harness::name_config_tail(&mut specs, 256);
+            let base = beacon::BeaconConfig {
+                window: 512,
+                stride: 512,
+                raw_tail: 256,
+                ..Default::default()
+            };
+            crate::harness::name_config_tail(&mut specs, &base).unwrap();
             with_equal_memory(specs, Some(true), true)
                 .unwrap()
                 .iter()
@@ -945,6 +951,20 @@ mod tests {
                 "streaming@x8+tail256"
             ]
         );
+        // a --window override scales the model's tail as the engine does (256 of 512 -> 64 of 128)
+        let mut specs = expand_modes(&ModeArgs {
+            window: Some(128),
+            ..args("beacon", "8")
+        })
+        .unwrap();
+        let base = beacon::BeaconConfig {
+            window: 512,
+            stride: 512,
+            raw_tail: 256,
+            ..Default::default()
+        };
+        crate::harness::name_config_tail(&mut specs, &base).unwrap();
+        assert_eq!(specs[0].label(8192), "beacon-x8+tail64");
         assert_eq!(
             tailed(vec![0, 128]),
             [

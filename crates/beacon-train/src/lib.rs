@@ -290,17 +290,17 @@ pub fn run(args: TrainArgs) -> Result<()> {
     };
     let mut keys = keys;
     keys.beacon_stride = keys.beacon_window;
-    let mut cfg = keys.resolve(loaded.beacon.clone(), "beacon train arguments")?;
-    if cfg.raw_tail > 0 {
+    if loaded.beacon.raw_tail > 0 {
         // The two-pass gradient (objective.rs) reads each window's memory as a prefix of the final
         // one, which a raw tail (replaced at every close) breaks; scripts/train_gpu.py trains with it.
         eprintln!(
-            "note: beacon_raw_tail {} is not used in training here (the Rust trainer's memory only \
-             grows); scripts/train_gpu.py --raw-tail trains with it",
-            cfg.raw_tail
+            "note: the model's beacon_raw_tail {} is not used in training here (the Rust trainer's \
+             memory only grows); scripts/train_gpu.py --raw-tail trains with it",
+            loaded.beacon.raw_tail
         );
-        cfg.raw_tail = 0;
     }
+    keys.beacon_raw_tail = Some(0);
+    let cfg = keys.resolve(loaded.beacon.clone(), "beacon train arguments")?;
     let params = BeaconParams::parse(&param_names, "--beacon-param")?;
     let mut model = loaded.model.clone();
     let init_cfg = beacon::BeaconConfig {

@@ -39,6 +39,10 @@ impl EngineOptions {
         if let Some(w) = self.window {
             c.window = w;
             c.stride = w;
+            // The model's raw tail is a share of its window: a new window keeps the share.
+            if self.raw_tail.is_none() && base.raw_tail > 0 {
+                c.raw_tail = base.raw_tail * w / base.window.max(1);
+            }
         }
         if let Some(s) = self.sink {
             c.sink_size = s;
@@ -165,6 +169,32 @@ impl EngineOptions {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The model's raw tail follows a --window override as a share of the window (a tail of 256
+    /// with a window of 64 would be refused); an explicit --raw-tail wins and is validated.
+    #[test]
+    fn raw_tail_follows_a_window_override() {
+        let base = BeaconConfig {
+            window: 512,
+            stride: 512,
+            raw_tail: 256,
+            ..Default::default()
+        };
+        let with = |window: Option<usize>, raw_tail: Option<usize>| {
+            EngineOptions {
+                window,
+                raw_tail,
+                ..Default::default()
+            }
+            .beacon_config(&base)
+        };
+        assert_eq!(with(None, None).unwrap().raw_tail, 256);
+        assert_eq!(with(Some(64), None).unwrap().raw_tail, 32);
+        assert_eq!(with(Some(64), Some(0)).unwrap().raw_tail, 0);
+        assert_eq!(with(None, Some(100)).unwrap().raw_tail, 100);
+        let e = with(Some(64), Some(64)).unwrap_err().to_string();
+        assert!(e.contains("beacon_raw_tail") && e.contains("64"), "{e}");
+    }
 
     #[test]
     fn ratio_flags() {
