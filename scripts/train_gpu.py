@@ -566,7 +566,7 @@ def train(args):
         print(json.dumps(rec), flush=True)
         last_save = time.time()
 
-    meta = {"recall_mix": args.recall_mix, "recall_weight": args.recall_weight, "ratios": args.ratios, "seq_lens": args.seq_lens, "lr": args.lr, "window": args.window,
+    meta = {"recall_mix": args.recall_mix, "recall_weight": args.recall_weight, "ratios": args.ratios, "fixed_ratio_frac": args.fixed_ratio_frac, "seq_lens": args.seq_lens, "lr": args.lr, "window": args.window,
             "sink": args.sink, "tokens_per_step": args.tokens_per_step, "seed": args.seed,
             "window_start_weight": args.window_start_weight, "window_start_span": args.window_start_span,
             "raw_tail": args.raw_tail, "init_beacons": args.init_beacons or "backbone copies"}
@@ -583,7 +583,12 @@ def train(args):
             g["lr"] = args.lr * lr_scale
         L = lens[int(rng.integers(len(lens)))]
         n_win = math.ceil(L / args.window)
-        ratios = [ratios_all[int(rng.integers(len(ratios_all)))] for _ in range(n_win)]
+        # Inference reads a whole document at one ratio; a per-window draw almost never builds such a
+        # stack (all-×2 over 15 windows: p = 5^-15), so --fixed-ratio-frac of the samples use one ratio.
+        if args.fixed_ratio_frac > 0 and rng.random() < args.fixed_ratio_frac:
+            ratios = [ratios_all[int(rng.integers(len(ratios_all)))]] * n_win
+        else:
+            ratios = [ratios_all[int(rng.integers(len(ratios_all)))] for _ in range(n_win)]
         # Plain text's per-position weights: the first --window-start-span positions of every window
         # after the first (where the open window holds few raw tokens and the model leans on the
         # beacons) count --window-start-weight times.
@@ -683,6 +688,8 @@ def main():
     ap.add_argument("--out", default="runs/gpu")
     ap.add_argument("--ratios", default="2,4,8,16,32")
     ap.add_argument("--seq-lens", default="8192")
+    ap.add_argument("--fixed-ratio-frac", type=float, default=0.0,
+                    help="share of samples read at one ratio drawn for the whole sample (else one per window)")
     ap.add_argument("--tokens-per-step", type=int, default=65536)
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--warmup-frac", type=float, default=0.03)
