@@ -924,19 +924,22 @@ mod tests {
             ["beacon-x8", "streaming-8192"]
         );
         // a tail from the model's config is named like one from --raw-tail; an explicit 0 stays 0
-        let tailed = |raw_tails: Vec<usize>| -> Vec<String> {
-            let mut specs = expand_modes(&ModeArgs {
-                raw_tails,
-                ..args("beacon", "8")
-            })
-            .unwrap();
-            let base = beacon::BeaconConfig {
+        let with_model_tail = |mode_args: ModeArgs| {
+            let mut specs = expand_modes(&mode_args).unwrap();
+            let model_config = beacon::BeaconConfig {
                 window: 512,
                 stride: 512,
                 raw_tail: 256,
                 ..Default::default()
             };
-            crate::harness::name_config_tail(&mut specs, &base).unwrap();
+            crate::harness::name_config_tail(&mut specs, &model_config).unwrap();
+            specs
+        };
+        let tailed = |raw_tails: Vec<usize>| -> Vec<String> {
+            let specs = with_model_tail(ModeArgs {
+                raw_tails,
+                ..args("beacon", "8")
+            });
             with_equal_memory(specs, Some(true), true)
                 .unwrap()
                 .iter()
@@ -952,18 +955,10 @@ mod tests {
             ]
         );
         // a --window override scales the model's tail as the engine does (256 of 512 -> 64 of 128)
-        let mut specs = expand_modes(&ModeArgs {
+        let specs = with_model_tail(ModeArgs {
             window: Some(128),
             ..args("beacon", "8")
-        })
-        .unwrap();
-        let base = beacon::BeaconConfig {
-            window: 512,
-            stride: 512,
-            raw_tail: 256,
-            ..Default::default()
-        };
-        crate::harness::name_config_tail(&mut specs, &base).unwrap();
+        });
         assert_eq!(specs[0].label(8192), "beacon-x8+tail64");
         assert_eq!(
             tailed(vec![0, 128]),
