@@ -26,6 +26,7 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 TRAINABLE = ("q", "k", "v", "o")
 
@@ -204,12 +205,16 @@ def interleave_slots(n_raw, ratio):
     return slots[~is_b], slots[is_b], T
 
 
-def sequence_nll(model, tokens, ratios, window, sink, beacons_in_last, score_from=0, weights=None, raw_tail=0):
+def sequence_nll(model, tokens, ratios, window, sink, beacons_in_last, score_from=0, weights=None, raw_tail=0,
+                 checkpoint_windows=False):
     """Per-sample weighted next-token NLL sums (f32, [B]) over raw tokens at positions ≥ score_from
     that have a label, and the per-sample weight sums. `tokens` [B, L] (device LongTensor); `ratios`
     one per window; `weights` [B, L] (position p's weight for predicting token p+1; None = all 1).
     `raw_tail` > 0 keeps the last `raw_tail` raw entries of the most recently closed window after
-    the beacons until the next close (the engine's `beacon_raw_tail`); gradients flow through them."""
+    the beacons until the next close (the engine's `beacon_raw_tail`); gradients flow through them.
+    `checkpoint_windows` keeps only each window's inputs (its memory) for the backward and recomputes
+    the window there: one window's activations alive instead of the whole sample's (a 12K-token
+    sample at ×2 needs more than 24 GiB without it), for one more forward per window."""
     B, Ltot = tokens.shape
     n_win = math.ceil(Ltot / window)
     assert len(ratios) == n_win
@@ -227,24 +232,36 @@ def sequence_nll(model, tokens, ratios, window, sink, beacons_in_last, score_fro
         raw_slots, bslots = raw_slots.to(dev), bslots.to(dev)
         ids = torch.zeros((B, T), dtype=torch.long, device=dev)
         ids[:, raw_slots] = tokens[:, s:e]
-        x, kvs = model.window(ids, bslots, mem, mem_len)
         # Labels: raw token t predicts t+1; the sample's last token has none.
         lo = max(s, score_from)
         hi = min(e, Ltot - 1)
+        rows = tgt = wt = None
         if hi > lo:
-            rows = raw_slots[lo - s:hi - s]
             wt = weights[:, lo:hi] if weights is not None else None
             if wt is None or bool((wt > 0).any()):
-                lg = model.logits(x.index_select(1, rows)).float()
-                tgt = tokens[:, lo + 1:hi + 1]
-                ce = F.cross_entropy(lg.reshape(-1, lg.shape[-1]), tgt.reshape(-1), reduction="none")
-                ce = ce.view(B, -1)
-                if wt is None:
-                    total = total + ce.sum(1)
-                    count = count + ce.shape[1]
-                else:
-                    total = total + (ce * wt).sum(1)
-                    count = count + wt.sum(1)
+                rows, tgt = raw_slots[lo - s:hi - s], tokens[:, lo + 1:hi + 1]
+
+        # Everything the window reads is an argument: a checkpoint reruns it after the loop has moved on.
+        def window_ce(ids, bslots, mem, mem_len, rows, tgt):
+            x, kvs = model.window(ids, bslots, mem, mem_len)
+            if rows is None:
+                return None, kvs
+            lg = model.logits(x.index_select(1, rows)).float()
+            ce = F.cross_entropy(lg.reshape(-1, lg.shape[-1]), tgt.reshape(-1), reduction="none")
+            return ce.view(B, -1), kvs
+
+        if checkpoint_windows and torch.is_grad_enabled():
+            ce, kvs = torch.utils.checkpoint.checkpoint(window_ce, ids, bslots, mem, mem_len, rows, tgt,
+                                                        use_reentrant=False)
+        else:
+            ce, kvs = window_ce(ids, bslots, mem, mem_len, rows, tgt)
+        if ce is not None:
+            if wt is None:
+                total = total + ce.sum(1)
+                count = count + ce.shape[1]
+            else:
+                total = total + (ce * wt).sum(1)
+                count = count + wt.sum(1)
         if last:
             break
         # Close the window: memory = sink (first entry of the first window) + every beacon so far
@@ -566,7 +583,7 @@ def train(args):
         print(json.dumps(rec), flush=True)
         last_save = time.time()
 
-    meta = {"recall_mix": args.recall_mix, "recall_weight": args.recall_weight, "ratios": args.ratios, "fixed_ratio_frac": args.fixed_ratio_frac, "seq_lens": args.seq_lens, "lr": args.lr, "window": args.window,
+    meta = {"recall_mix": args.recall_mix, "recall_weight": args.recall_weight, "ratios": args.ratios, "fixed_ratio_frac": args.fixed_ratio_frac, "checkpoint_windows": args.checkpoint_windows, "seq_lens": args.seq_lens, "lr": args.lr, "window": args.window,
             "sink": args.sink, "tokens_per_step": args.tokens_per_step, "seed": args.seed,
             "window_start_weight": args.window_start_weight, "window_start_span": args.window_start_span,
             "raw_tail": args.raw_tail, "init_beacons": args.init_beacons or "backbone copies"}
@@ -613,7 +630,8 @@ def train(args):
             try:
                 ts = time.time()
                 nll, n = sequence_nll(model, tokens, ratios, args.window, args.sink, beacons_in_last=False,
-                                      weights=weights, raw_tail=args.raw_tail)
+                                      weights=weights, raw_tail=args.raw_tail,
+                                      checkpoint_windows=args.checkpoint_windows)
                 plain = nll[~is_recall].sum() / n[~is_recall].sum().clamp(min=1)
                 recall = nll[is_recall].sum() / n[is_recall].sum().clamp(min=1)
                 loss = plain + args.recall_weight * recall if n_recall else plain
@@ -661,6 +679,44 @@ def train(args):
           flush=True)
 
 
+def check_checkpoint():
+    """--check-checkpoint: on a tiny random backbone, the gradients of a sample read with
+    --checkpoint-windows equal those of one graph over the whole sample (mixed ratios, a raw tail,
+    per-token weights, a partial last window)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "tiny.gguf")
+        write_tiny_gguf(path)
+        cfg, t = load_gguf(path)
+    model = BeaconModel(cfg, t, torch.float32, "cpu")
+    torch.manual_seed(0)
+    with torch.no_grad():  # move off the backbone copies, where some gradients vanish by symmetry
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    L, window = 250, 32
+    tokens = torch.randint(0, model.embed.shape[0], (2, L))
+    weights = torch.rand(2, L)
+    ratios = [2, 8, 4, 2, 16, 8, 2, 4]
+    grads = {}
+    for ck in (False, True):
+        model.zero_grad(set_to_none=True)
+        nll, n = sequence_nll(model, tokens, ratios, window, 1, False, weights=weights, raw_tail=window // 4,
+                              checkpoint_windows=ck)
+        (nll.sum() / n.sum()).backward()
+        grads[ck] = {name: p.grad.clone() for name, p in model.named_parameters()}
+    worst = 0.0
+    for name, g in grads[True].items():
+        ref = grads[False][name]
+        # The last layer's beacon q and o feed only the beacons' final states, which nothing reads.
+        if ref.norm() == 0 and not name.endswith(f".{cfg['layers'] - 1}"):
+            sys.exit(f"error: --check-checkpoint: {name} has no gradient")
+        worst = max(worst, ((g - ref).abs().max() / ref.abs().max().clamp(min=1e-30)).item())
+    print(json.dumps({"check": "checkpoint-windows", "params": len(grads[True]), "worst_rel_diff": worst}))
+    if worst > 1e-5:
+        sys.exit(f"error: --check-checkpoint: gradients differ by {worst:.2e} (relative), bound 1e-5")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--gguf", help="the backbone (llama GGUF)")
@@ -688,6 +744,10 @@ def main():
     ap.add_argument("--out", default="runs/gpu")
     ap.add_argument("--ratios", default="2,4,8,16,32")
     ap.add_argument("--seq-lens", default="8192")
+    ap.add_argument("--check-checkpoint", action="store_true",
+                    help="check on a tiny random model that --checkpoint-windows leaves the gradients unchanged")
+    ap.add_argument("--checkpoint-windows", action="store_true",
+                    help="recompute each window in the backward: memory of one window's graph, not the sample's")
     ap.add_argument("--fixed-ratio-frac", type=float, default=0.0,
                     help="share of samples read at one ratio drawn for the whole sample (else one per window)")
     ap.add_argument("--tokens-per-step", type=int, default=65536)
@@ -713,7 +773,9 @@ def main():
     ap.add_argument("--facts-max", type=int, default=8)
     ap.add_argument("--memory-fraction", type=float, default=1.0, help="cap on this process's GPU memory")
     args = ap.parse_args()
-    if args.write_tiny_gguf:
+    if args.check_checkpoint:
+        check_checkpoint()
+    elif args.write_tiny_gguf:
         write_tiny_gguf(args.write_tiny_gguf)
     elif args.pack_score:
         pack_score(args)
