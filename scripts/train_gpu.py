@@ -362,6 +362,7 @@ class RecallBank:
 def export(model, path, meta):
     from safetensors.torch import save_file
 
+    os.makedirs(out_dir, exist_ok=True)
     st = {k: v.detach().to(torch.bfloat16).cpu().contiguous() for k, v in model.beacon_state().items()}
     tmp = path + ".tmp"
     save_file(st, tmp, metadata={k: str(v) for k, v in meta.items()})
@@ -372,6 +373,7 @@ def export_parts(model, out_dir, meta, parts):
     """The same tensors split over `parts` files (a device machine returns files of ≤ 16 MiB)."""
     from safetensors.torch import save_file
 
+    os.makedirs(out_dir, exist_ok=True)
     st = {k: v.detach().to(torch.bfloat16).cpu().contiguous() for k, v in model.beacon_state().items()}
     layer = lambda n: int(n.split(".")[2]) if n.startswith("model.layers.") else 0
     for p in range(parts):
@@ -576,6 +578,10 @@ def train(args):
         if kept:
             best = ppl
             export_parts(model, args.out, {**meta, "step": step, "tokens": seen, "score_ppl": ppl}, args.parts)
+        # The latest weights too, under last/: the score reads 4K tokens, and a run aimed at longer
+        # contexts is judged on held-out books at 16K+ whatever the score says.
+        export_parts(model, os.path.join(args.out, "last"), {**meta, "step": step, "tokens": seen, "score_ppl": ppl},
+                     args.parts)
         rec = {"step": step, "tokens": seen, "score_ppl": ppl, "kept": kept, "score_s": round(time.time() - ts, 1),
                "elapsed_s": round(time.time() - t_start, 1)}
         log.write(json.dumps(rec) + "\n")
