@@ -224,6 +224,17 @@ def sequence_nll(model, tokens, ratios, window, sink, beacons_in_last, score_fro
     total = torch.zeros(B, device=tokens.device, dtype=torch.float32)
     count = torch.zeros(B, device=tokens.device, dtype=torch.float32)
     dev = tokens.device
+
+    # Defined outside the loop and reading only its arguments: a checkpoint reruns it in the
+    # backward, after the loop has moved on to later windows.
+    def window_ce(ids, bslots, mem, mem_len, rows, tgt):
+        x, kvs = model.window(ids, bslots, mem, mem_len)
+        if rows is None:
+            return None, kvs
+        lg = model.logits(x.index_select(1, rows)).float()
+        ce = F.cross_entropy(lg.reshape(-1, lg.shape[-1]), tgt.reshape(-1), reduction="none")
+        return ce.view(tgt.shape[0], -1), kvs
+
     for w in range(n_win):
         s, e = w * window, min((w + 1) * window, Ltot)
         last = w == n_win - 1
@@ -240,16 +251,6 @@ def sequence_nll(model, tokens, ratios, window, sink, beacons_in_last, score_fro
             wt = weights[:, lo:hi] if weights is not None else None
             if wt is None or bool((wt > 0).any()):
                 rows, tgt = raw_slots[lo - s:hi - s], tokens[:, lo + 1:hi + 1]
-
-        # Everything the window reads is an argument: a checkpoint reruns it after the loop has moved on.
-        def window_ce(ids, bslots, mem, mem_len, rows, tgt):
-            x, kvs = model.window(ids, bslots, mem, mem_len)
-            if rows is None:
-                return None, kvs
-            lg = model.logits(x.index_select(1, rows)).float()
-            ce = F.cross_entropy(lg.reshape(-1, lg.shape[-1]), tgt.reshape(-1), reduction="none")
-            return ce.view(B, -1), kvs
-
         if checkpoint_windows and torch.is_grad_enabled():
             ce, kvs = torch.utils.checkpoint.checkpoint(window_ce, ids, bslots, mem, mem_len, rows, tgt,
                                                         use_reentrant=False)
@@ -362,7 +363,6 @@ class RecallBank:
 def export(model, path, meta):
     from safetensors.torch import save_file
 
-    os.makedirs(out_dir, exist_ok=True)
     st = {k: v.detach().to(torch.bfloat16).cpu().contiguous() for k, v in model.beacon_state().items()}
     tmp = path + ".tmp"
     save_file(st, tmp, metadata={k: str(v) for k, v in meta.items()})
