@@ -360,15 +360,6 @@ class RecallBank:
 # ----------------------------------------------------------------------------------------------
 # Export (atomic: temp file + rename), matching models/*/beacon.safetensors (bf16, SPEC §1.1 names)
 # ----------------------------------------------------------------------------------------------
-def export(model, path, meta):
-    from safetensors.torch import save_file
-
-    st = {k: v.detach().to(torch.bfloat16).cpu().contiguous() for k, v in model.beacon_state().items()}
-    tmp = path + ".tmp"
-    save_file(st, tmp, metadata={k: str(v) for k, v in meta.items()})
-    os.replace(tmp, path)
-
-
 def export_parts(model, out_dir, meta, parts):
     """The same tensors split over `parts` files (a device machine returns files of ≤ 16 MiB)."""
     from safetensors.torch import save_file
